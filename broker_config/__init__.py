@@ -1,0 +1,1 @@
+"""The plumbing: settings, the deployments/routes config, and the one Celery app."""

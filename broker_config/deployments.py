@@ -1,0 +1,174 @@
+"""The deployments file: which provider endpoints exist and which routes producers may ask for.
+
+```toml
+[[deployments]]
+name = "openai-mini"
+provider = "openai"                 # openai (any OpenAI-compatible base_url) | anthropic
+model = "gpt-4o-mini"
+base_url = "http://127.0.0.1:9100/v1"
+api_key_env = "OPENAI_API_KEY"
+rpm = 500
+tpm = 200000
+
+[[routes]]
+name = "fast"
+deployments = ["openai-mini", "claude-haiku"]
+```
+
+A bad file fails at load with a `ConfigError` naming the file, the entry and the field.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from decimal import Decimal
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Provider = Literal["openai", "anthropic"]
+
+
+class ConfigError(Exception):
+    """The deployments file is missing or wrong; the message says where."""
+
+
+class Deployment(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._:-]+$")
+    provider: Provider
+    model: str = Field(min_length=1)
+    base_url: str | None = None
+    api_key_env: str | None = None
+    rpm: int = Field(default=500, gt=0)
+    tpm: int = Field(default=200_000, gt=0)
+    itpm: int | None = Field(default=None, gt=0)
+    otpm: int | None = Field(default=None, gt=0)
+    input_price_per_mtok: Decimal | None = Field(default=None, ge=0)
+    output_price_per_mtok: Decimal | None = Field(default=None, ge=0)
+    timeout_s: float | None = Field(default=None, gt=0)
+    connect_timeout_s: float | None = Field(default=None, gt=0)
+    max_output_tokens: int | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _prices_come_in_pairs(self) -> Deployment:
+        if (self.input_price_per_mtok is None) != (self.output_price_per_mtok is None):
+            raise ValueError("input_price_per_mtok and output_price_per_mtok must be given together")
+        return self
+
+    def api_key(self) -> str:
+        """The key from the environment; the file only names the variable."""
+        if self.api_key_env is None:
+            return os.environ.get(f"{self.provider.upper()}_API_KEY", "")
+        return os.environ.get(self.api_key_env, "")
+
+
+class Route(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    deployments: tuple[str, ...] = Field(min_length=1)
+    max_attempts_per_deployment: int | None = Field(default=None, ge=1)
+
+
+class DeploymentsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    deployments: tuple[Deployment, ...] = Field(min_length=1)
+    routes: tuple[Route, ...] = ()
+
+    @model_validator(mode="after")
+    def _names_resolve(self) -> DeploymentsConfig:
+        seen: set[str] = set()
+        for i, dep in enumerate(self.deployments):
+            if dep.name in seen:
+                raise _EntryError(f"deployments[{i}] (name={dep.name!r})", "name", "duplicate name")
+            seen.add(dep.name)
+        route_names: set[str] = set()
+        for i, route in enumerate(self.routes):
+            where = f"routes[{i}] (name={route.name!r})"
+            if route.name in route_names:
+                raise _EntryError(where, "name", "duplicate name")
+            route_names.add(route.name)
+            for dep_name in route.deployments:
+                if dep_name not in seen:
+                    raise _EntryError(where, "deployments", f"unknown deployment {dep_name!r}")
+        return self
+
+    def deployment(self, name: str) -> Deployment:
+        for dep in self.deployments:
+            if dep.name == name:
+                return dep
+        raise KeyError(name)
+
+    def resolve(self, model: str) -> Route | None:
+        """The chain serving ``model``: a route by name, else the deployments named or serving it."""
+        for route in self.routes:
+            if route.name == model:
+                return route
+        chain = tuple(d.name for d in self.deployments if model in (d.name, d.model))
+        return Route(name=model, deployments=chain) if chain else None
+
+    def model_names(self) -> list[str]:
+        """Every name a producer may put in ``model``."""
+        names = [r.name for r in self.routes]
+        for dep in self.deployments:
+            names.extend(n for n in (dep.name, dep.model) if n not in names)
+        return names
+
+
+class _EntryError(ValueError):
+    def __init__(self, entry: str, field: str, message: str) -> None:
+        super().__init__(f"{entry}: field {field!r}: {message}")
+
+
+def _format_validation_error(path: Path, raw: dict[str, object], exc: ValidationError) -> str:
+    lines = [f"{path}: invalid deployments file"]
+    errors = exc.errors()
+    deep = {e["loc"][0] for e in errors if len(e["loc"]) > 1}
+    for err in errors:
+        loc = list(err["loc"])
+        if err["type"] == "too_short" and len(loc) == 1 and loc[0] in deep:
+            continue  # a consequence of an entry's own error, which is reported instead
+        where = ""
+        if len(loc) >= 2 and isinstance(loc[1], int) and isinstance(loc[0], str):
+            section, index = loc[0], loc[1]
+            entries = raw.get(section)
+            name = None
+            if isinstance(entries, list) and index < len(entries) and isinstance(entries[index], dict):
+                name = entries[index].get("name")
+            where = f"{section}[{index}]" + (f" (name={name!r})" if name else "")
+            field = ".".join(str(p) for p in loc[2:]) or "(entry)"
+            lines.append(f"  {where}: field {field!r}: {err['msg']}")
+        else:
+            ctx_err = err.get("ctx", {}).get("error")
+            if isinstance(ctx_err, _EntryError):
+                lines.append(f"  {ctx_err}")
+            else:
+                field = ".".join(str(p) for p in loc) or "(file)"
+                lines.append(f"  field {field!r}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(text: str, path: Path) -> DeploymentsConfig:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    try:
+        return DeploymentsConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(path, raw, exc)) from None
+
+
+def load_config(path: Path) -> DeploymentsConfig:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: deployments file not found (set HEADRACE_CONFIG to its path)"
+        ) from None
+    return parse_config(text, path)

@@ -1,0 +1,51 @@
+"""One settings object for every process (API, workers, CLI), read from ``HEADRACE_*`` variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_HOME = Path(".headrace")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HEADRACE_", extra="ignore")
+
+    database_url: str = Field(
+        default=f"sqlite:///{DEFAULT_HOME / 'headrace.db'}",
+        description="SQLAlchemy URL of the ledger; postgresql+psycopg://... in production.",
+    )
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="Broker and bucket Redis.")
+    config: Path = Field(default=Path("headrace.toml"), description="The deployments/routes TOML file.")
+
+    # API
+    max_batch_lines: int = Field(default=50_000, ge=1)
+    max_batch_bytes: int = Field(default=200 * 1024 * 1024, ge=1)
+    default_completion_window_s: int = Field(default=24 * 3600, ge=60)
+    public_base_url: str | None = Field(default=None, description="Externally visible API URL.")
+
+    # Workers
+    worker_concurrency: int = Field(default=8, ge=1)
+    call_timeout_s: float = Field(default=60.0, gt=0)
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    max_attempts_per_deployment: int = Field(default=3, ge=1)
+    backoff_base_s: float = Field(default=0.5, gt=0)
+    backoff_max_s: float = Field(default=8.0, gt=0)
+    # kombu redelivers anything unacked for longer than this; it must exceed the longest
+    # fetch-to-ack time (all attempts and backoffs of one request). Same on every process.
+    visibility_timeout_s: int = Field(default=1800, ge=10)
+    sweep_interval_s: float = Field(default=5.0, gt=0)
+    publish_grace_s: float = Field(default=10.0, ge=0)
+    default_max_tokens: int = Field(default=1024, ge=1)
+    log_prompts: bool = False
+
+    # Flower
+    flower_basic_auth: str | None = None
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,102 @@
+"""What every provider adapter is: one method that makes one call, and a closed error set.
+
+An adapter builds its SDK client with ``max_retries=0``, translates the canonical request (an
+OpenAI Chat Completions body) to its provider's wire format, and the reply back. It does no
+retries, touches no bucket and no database.
+
+Errors: an adapter raises only ``CallFailed``; it carries the facts (HTTP status, provider error
+type, what kind of failure, the provider's retry-after). Deciding what to do about it is the
+policy's job (``workers.policy``), in one place::
+
+    CallFailed
+     ├─ kind="status"       the provider answered 4xx/5xx (status, error_type, error_code)
+     ├─ kind="timeout"      connect or read timeout
+     ├─ kind="connection"   refused, reset, DNS
+     ├─ kind="translation"  the request cannot be expressed for this provider (request's fault)
+     └─ kind="invalid_reply" the provider answered 2xx with something we cannot read
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from broker_config.deployments import Deployment
+
+FailureKind = Literal["status", "timeout", "connection", "translation", "invalid_reply"]
+
+
+@dataclass(frozen=True)
+class ProviderCall:
+    """One call to make: the canonical body, the deployment it goes to, and its limits."""
+
+    deployment: Deployment
+    body: dict[str, Any]
+    timeout_s: float
+    connect_timeout_s: float
+    default_max_tokens: int
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Tokens as the provider billed them (Anthropic's input excludes cache reads and writes)."""
+
+    input_tokens: int
+    output_tokens: int
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class ProviderReply:
+    body: dict[str, Any]  # a canonical chat.completion object, whatever the provider
+    usage: Usage
+    http_status: int
+    headers: dict[str, str] = field(default_factory=dict)  # lower-cased; rate-limit headers etc.
+    provider_request_id: str | None = None
+
+
+class CallFailed(Exception):
+    """The one exception an adapter raises; the policy classifies it."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        kind: FailureKind,
+        status: int | None = None,
+        error_type: str | None = None,
+        error_code: str | None = None,
+        retry_after_s: float | None = None,
+        headers: dict[str, str] | None = None,
+        provider_request_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.kind: FailureKind = kind
+        self.status = status
+        self.error_type = error_type
+        self.error_code = error_code
+        self.retry_after_s = retry_after_s
+        self.headers = headers or {}
+        self.provider_request_id = provider_request_id
+
+    def as_error(self) -> dict[str, Any]:
+        """The error as it is stored in the ledger and shown in result lines."""
+        return {
+            "kind": self.kind,
+            "status": self.status,
+            "type": self.error_type,
+            "code": self.error_code,
+            "message": self.message,
+        }
+
+
+class TranslationError(ValueError):
+    """The canonical request cannot be expressed in a provider's format (the request's fault)."""
+
+
+class ProviderAdapter(Protocol):
+    name: str
+
+    def complete(self, call: ProviderCall) -> ProviderReply: ...
