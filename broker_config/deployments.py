@@ -168,7 +168,5 @@ def load_config(path: Path) -> DeploymentsConfig:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(
-            f"{path}: deployments file not found (set HEADRACE_CONFIG to its path)"
-        ) from None
+        raise ConfigError(f"{path}: deployments file not found (set HEADRACE_CONFIG to its path)") from None
     return parse_config(text, path)

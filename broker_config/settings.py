@@ -34,11 +34,12 @@ class Settings(BaseSettings):
     max_attempts_per_deployment: int = Field(default=3, ge=1)
     backoff_base_s: float = Field(default=0.5, gt=0)
     backoff_max_s: float = Field(default=8.0, gt=0)
+    max_inline_wait_s: float = Field(default=20.0, ge=0, description="Longest backoff held in a slot.")
     # kombu redelivers anything unacked for longer than this; it must exceed the longest
     # fetch-to-ack time (all attempts and backoffs of one request). Same on every process.
     visibility_timeout_s: int = Field(default=1800, ge=10)
     sweep_interval_s: float = Field(default=5.0, gt=0)
-    publish_grace_s: float = Field(default=10.0, ge=0)
+    publish_grace_s: float = Field(default=30.0, ge=0)
     default_max_tokens: int = Field(default=1024, ge=1)
     log_prompts: bool = False
 

@@ -1,0 +1,1 @@
+"""The ledger: typed models, sessions, migrations. Postgres in production, SQLite embedded."""

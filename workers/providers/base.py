@@ -13,7 +13,8 @@ policy's job (``workers.policy``), in one place::
      ├─ kind="timeout"      connect or read timeout
      ├─ kind="connection"   refused, reset, DNS
      ├─ kind="translation"  the request cannot be expressed for this provider (request's fault)
-     └─ kind="invalid_reply" the provider answered 2xx with something we cannot read
+     ├─ kind="invalid_reply" the provider answered 2xx with something we cannot read
+     └─ kind="unavailable"  the deployment cannot be called at all (its key is not set)
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any, Literal, Protocol
 
 from broker_config.deployments import Deployment
 
-FailureKind = Literal["status", "timeout", "connection", "translation", "invalid_reply"]
+FailureKind = Literal["status", "timeout", "connection", "translation", "invalid_reply", "unavailable"]
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,12 @@ class ProviderCall:
 
 @dataclass(frozen=True)
 class Usage:
-    """Tokens as the provider billed them (Anthropic's input excludes cache reads and writes)."""
+    """Tokens as the provider billed them.
+
+    ``input_tokens`` counts every prompt token, cache reads and writes included (OpenAI's
+    ``prompt_tokens``; for Anthropic, input + cache_creation + cache_read), which is also what
+    genai-prices expects.
+    """
 
     input_tokens: int
     output_tokens: int

@@ -1,0 +1,55 @@
+"""The one Celery app. Its configuration is built from the settings on first use, not at import."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from kombu.entity import Queue
+
+from broker_config.queues import ALL_QUEUES, PRIORITY_STEPS
+from broker_config.settings import Settings, get_settings
+
+app = Celery("headrace", include=["workers.tasks"])
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    visibility = settings.visibility_timeout_s
+    return {
+        "broker_url": settings.redis_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        "broker_transport_options": {
+            "visibility_timeout": visibility,
+            "priority_steps": PRIORITY_STEPS,
+            "queue_order_strategy": "priority",
+            "socket_timeout": 10,
+            "socket_connect_timeout": 5,
+            "health_check_interval": 25,
+            "retry_on_timeout": True,
+        },
+        "task_queues": [Queue(name) for name in ALL_QUEUES],
+        "task_default_queue": "default",
+        "task_default_priority": 3,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        # Results live in the ledger; a result backend would fill the broker's Redis.
+        "task_ignore_result": True,
+        "task_acks_late": True,
+        # A worker process lost mid-task gives its message back instead of acking it away.
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "worker_soft_shutdown_timeout": 30.0,
+        "worker_enable_soft_shutdown_on_idle": True,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_hijack_root_logger": False,
+        "broker_pool_limit": 20,
+    }
+
+
+@app.on_configure.connect
+def _configure(sender: Celery, **_: Any) -> None:
+    sender.conf.update(celery_config(get_settings()))

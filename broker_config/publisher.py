@@ -1,0 +1,32 @@
+"""Publishing requests to their priority queues, by task name (the API never imports workers)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from broker_config.celery_app import app
+from broker_config.queues import RUN_REQUEST_TASK, queue_for
+
+
+def publish_requests(requests: Iterable[tuple[str, str]]) -> int:
+    """Publish ``(request_id, priority)`` pairs on one connection; returns how many were sent.
+
+    Raises kombu's ``OperationalError`` when the broker is unreachable; the caller leaves the
+    rest unmarked for the publisher sweep.
+    """
+    sent = 0
+    with app.producer_or_acquire() as producer:
+        for request_id, priority in requests:
+            queue, level = queue_for(priority)
+            app.send_task(
+                RUN_REQUEST_TASK,
+                args=[request_id],
+                queue=queue,
+                priority=level,
+                producer=producer,
+                # The message carries only the id: prompts and outputs live in the ledger.
+                retry=True,
+                retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.5},
+            )
+            sent += 1
+    return sent

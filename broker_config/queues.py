@@ -1,0 +1,29 @@
+"""Priorities as queues plus message priorities, shared by the publisher and the workers.
+
+Each priority has its own queue (for Flower and for dedicated workers) *and* its own kombu
+priority step. On the Redis transport a worker BRPOPs every queue's step-0 list before any
+lower step, so an interactive message overtakes queued bulk work whatever the queue order
+(kombu#801 makes queue order unreliable on released kombu). On Redis, 0 is the highest.
+"""
+
+from __future__ import annotations
+
+from db.states import Priority
+
+QUEUE_PRIORITY: dict[Priority, int] = {
+    Priority.INTERACTIVE: 0,
+    Priority.DEFAULT: 3,
+    Priority.BULK: 9,
+}
+# kombu's default steps are [0, 3, 6, 9]; spelled out because producer, workers and Flower
+# must agree on them exactly, or messages land in lists nobody polls.
+PRIORITY_STEPS = [0, 3, 6, 9]
+ALL_QUEUES = [p.value for p in Priority]
+
+RUN_REQUEST_TASK = "headrace.run_request"
+
+
+def queue_for(priority: str) -> tuple[str, int]:
+    """The (queue name, message priority) a request of this priority is published with."""
+    level = Priority(priority)
+    return level.value, QUEUE_PRIORITY[level]

@@ -1,0 +1,41 @@
+"""Alembic environment: the ledger's metadata, batch mode for SQLite's limited ALTER."""
+
+from __future__ import annotations
+
+from alembic import context
+from sqlalchemy import pool
+
+from db.engine import Database
+from db.models import Base
+
+config = context.config
+url = config.get_main_option("sqlalchemy.url") or ""
+assert url, "sqlalchemy.url must be set (db.migrate.alembic_config does it)"
+
+
+def run_offline() -> None:
+    context.configure(url=url, target_metadata=Base.metadata, literal_binds=True, render_as_batch=True)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_online() -> None:
+    # The write engine: on SQLite its BEGIN IMMEDIATE keeps two migrators from interleaving.
+    engine = Database(url).write_engine.execution_options()
+    with engine.connect() as connection:
+        context.configure(
+            connection=connection,
+            target_metadata=Base.metadata,
+            render_as_batch=True,
+            transaction_per_migration=True,
+        )
+        with context.begin_transaction():
+            context.run_migrations()
+    engine.dispose()
+
+
+_ = pool  # imported for Alembic templates that expect it
+if context.is_offline_mode():
+    run_offline()
+else:
+    run_online()

@@ -1,0 +1,147 @@
+"""The ledger's tables. Same schema on PostgreSQL and SQLite (see db/migrations)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from db.types import JsonDoc, Money, UTCDateTime
+
+# Named constraints, so Alembic's batch mode (SQLite) can drop and recreate them.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# Integer on SQLite: only INTEGER PRIMARY KEY autoincrements there.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    # SHA-256 of the whole key. Keys carry 256 random bits, so a fast hash is enough: there
+    # is nothing to brute-force, and lookups stay one indexed equality.
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class Batch(Base):
+    __tablename__ = "batches"
+    __table_args__ = (Index("ix_batches_tenant_id_id", "tenant_id", "id"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    status: Mapped[str] = mapped_column(String(20))
+    priority: Mapped[str] = mapped_column(String(20))
+    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JsonDoc)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    cancelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Counters kept in the same transaction as each request's end, so reading a batch of
+    # 50,000 lines never scans its requests.
+    total_count: Mapped[int] = mapped_column(Integer)
+    succeeded_count: Mapped[int] = mapped_column(Integer, default=0)
+    failed_count: Mapped[int] = mapped_column(Integer, default=0)
+    cancelled_count: Mapped[int] = mapped_column(Integer, default=0)
+    expired_count: Mapped[int] = mapped_column(Integer, default=0)
+    input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cost_usd: Mapped[Decimal] = mapped_column(Money, default=Decimal(0))
+    unpriced_attempts: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Request(Base):
+    __tablename__ = "requests"
+    __table_args__ = (
+        UniqueConstraint("batch_id", "custom_id", name="uq_requests_batch_id_custom_id"),
+        Index("ix_requests_batch_id_line_no", "batch_id", "line_no"),
+        # The publisher sweep looks for committed-but-unpublished requests.
+        Index("ix_requests_status_published_at", "status", "published_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id"))
+    line_no: Mapped[int] = mapped_column(Integer)
+    custom_id: Mapped[str] = mapped_column(String(512))
+    model: Mapped[str] = mapped_column(String(200))
+    body: Mapped[dict[str, Any]] = mapped_column(JsonDoc)
+    priority: Mapped[str] = mapped_column(String(20))
+    status: Mapped[str] = mapped_column(String(20))
+    response: Mapped[dict[str, Any] | None] = mapped_column(JsonDoc)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JsonDoc)
+    deployment: Mapped[str | None] = mapped_column(String(200))
+    attempt_count: Mapped[int] = mapped_column(Integer, default=0)
+    deliveries: Mapped[int] = mapped_column(Integer, default=0)
+    input_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    output_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cost_usd: Mapped[Decimal] = mapped_column(Money, default=Decimal(0))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class Attempt(Base):
+    """One provider call, and its cost: exactly one row per call, even when it failed."""
+
+    __tablename__ = "attempts"
+    __table_args__ = (
+        UniqueConstraint("request_id", "attempt_no", name="uq_attempts_request_id_attempt_no"),
+        Index("ix_attempts_deployment_started_at", "deployment", "started_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(ForeignKey("requests.id"))
+    attempt_no: Mapped[int] = mapped_column(Integer)
+    deployment: Mapped[str] = mapped_column(String(200))
+    provider: Mapped[str] = mapped_column(String(40))
+    model: Mapped[str] = mapped_column(String(200))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    http_status: Mapped[int | None] = mapped_column(Integer)
+    outcome: Mapped[str] = mapped_column(String(20))
+    error: Mapped[dict[str, Any] | None] = mapped_column(JsonDoc)
+    latency_ms: Mapped[int | None] = mapped_column(Integer)
+    input_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    output_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    # NULL when no price is known for the model (recorded with a warning, never a crash).
+    cost_usd: Mapped[Decimal | None] = mapped_column(Money)
+    cost_estimated: Mapped[bool] = mapped_column(Boolean, default=False)
+    estimated_input_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    provider_request_id: Mapped[str | None] = mapped_column(String(200))
+    worker: Mapped[str | None] = mapped_column(Text)

@@ -1,0 +1,97 @@
+"""OpenAI Chat Completions, and any OpenAI-compatible endpoint given as ``base_url``."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import openai
+from pydantic import ValidationError
+
+from workers.providers.base import CallFailed, ProviderCall, ProviderReply, Usage
+from workers.providers.headers import rate_limit_headers, retry_after_s
+
+# Keys sent as typed arguments; everything else in the canonical body rides in extra_body, so
+# fields this SDK version does not know yet still reach the endpoint unchanged.
+_TYPED = ("model", "messages")
+
+
+class OpenAIAdapter:
+    name = "openai"
+
+    def __init__(self) -> None:
+        self._clients: dict[tuple[str | None, str, float, float], openai.OpenAI] = {}
+        self._lock = threading.Lock()
+
+    def _client(self, call: ProviderCall) -> openai.OpenAI:
+        dep = call.deployment
+        api_key = dep.api_key()
+        if not api_key:
+            raise CallFailed(
+                f"deployment {dep.name!r}: no API key (set ${dep.api_key_env or 'OPENAI_API_KEY'})",
+                kind="unavailable",
+            )
+        key = (dep.base_url, api_key, call.timeout_s, call.connect_timeout_s)
+        with self._lock:
+            client = self._clients.get(key)
+            if client is None:
+                # One client per endpoint and key, shared by the worker's threads (thread-safe).
+                client = openai.OpenAI(
+                    api_key=api_key,
+                    base_url=dep.base_url,
+                    max_retries=0,  # our policy owns every retry, so every attempt is seen and costed
+                    timeout=openai.Timeout(call.timeout_s, connect=call.connect_timeout_s),
+                )
+                self._clients[key] = client
+            return client
+
+    def complete(self, call: ProviderCall) -> ProviderReply:
+        client = self._client(call)
+        extra = {k: v for k, v in call.body.items() if k not in _TYPED}
+        try:
+            raw = client.chat.completions.with_raw_response.create(
+                model=call.deployment.model,
+                messages=call.body["messages"],
+                extra_body=extra,
+            )
+            completion = raw.parse()
+            # Keep the provider's own JSON, not a re-serialisation: fields the SDK does not
+            # model yet survive, and the result line is what the provider said.
+            body: dict[str, Any] = raw.http_response.json()
+        except openai.APIStatusError as exc:
+            raise _status_failure(exc) from exc
+        except openai.APITimeoutError as exc:
+            raise CallFailed(f"timed out: {exc}", kind="timeout") from exc
+        except openai.APIConnectionError as exc:
+            raise CallFailed(f"connection failed: {exc}", kind="connection") from exc
+        except (openai.APIResponseValidationError, ValidationError, ValueError) as exc:
+            raise CallFailed(f"unreadable reply: {exc}", kind="invalid_reply") from exc
+        usage = completion.usage
+        if usage is None:
+            raise CallFailed("reply has no usage", kind="invalid_reply")
+        cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else None
+        return ProviderReply(
+            body=body,
+            usage=Usage(
+                input_tokens=usage.prompt_tokens,
+                output_tokens=usage.completion_tokens,
+                cache_read_tokens=cached or 0,
+            ),
+            http_status=raw.status_code,
+            headers=rate_limit_headers(raw.headers),
+            provider_request_id=raw.request_id,
+        )
+
+
+def _status_failure(exc: openai.APIStatusError) -> CallFailed:
+    headers = dict(exc.response.headers)
+    return CallFailed(
+        exc.message,
+        kind="status",
+        status=exc.status_code,
+        error_type=exc.type,
+        error_code=exc.code if isinstance(exc.code, str) else None,
+        retry_after_s=retry_after_s(headers),
+        headers=rate_limit_headers(headers),
+        provider_request_id=exc.request_id,
+    )
