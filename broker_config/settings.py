@@ -43,8 +43,12 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(default=1024, ge=1)
     log_prompts: bool = False
 
-    # Flower
+    # Flower: "user:password[,user2:password2]"; without it Flower's API answers only on loopback.
     flower_basic_auth: str | None = None
+
+    # The CLI as a client of a running API (submit, status, results)
+    api_url: str = "http://127.0.0.1:8000"
+    api_key: str | None = None
 
 
 @lru_cache

@@ -1,0 +1,33 @@
+"""The FastAPI app: the front door. Built by ``create_app``; ``headrace api`` serves it."""
+
+from __future__ import annotations
+
+import redis
+from fastapi import FastAPI
+
+from api.context import AppContext
+from api.errors import install_error_handlers
+from api.routes import batches, health
+from broker_config.deployments import load_config
+from broker_config.settings import Settings, get_settings
+from db.engine import get_database
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The API for ``settings``; a bad deployments file fails here, at start, with its location."""
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="Headrace",
+        summary="Batches of LLM requests, run at the rate each provider can bear, every cent accounted for.",
+        version="0.1.0",
+    )
+    app.state.headrace = AppContext(
+        settings=settings,
+        db=get_database(settings.database_url),
+        config=load_config(settings.config),
+        redis=redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2),
+    )
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(batches.router)
+    return app

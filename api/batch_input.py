@@ -1,0 +1,176 @@
+"""Reading and checking a batch's lines, from a JSON array or a streamed JSONL upload.
+
+Every bad line is reported (up to ``MAX_REPORTED_ERRORS``) with its line number, custom_id
+and the field at fault, so a producer fixes a file in one round trip, not one per error.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from api.errors import ApiError
+from broker_config.deployments import DeploymentsConfig
+
+MAX_REPORTED_ERRORS = 100
+MAX_CUSTOM_ID_CHARS = 512
+_LINE_KEYS = frozenset({"custom_id", "body", "method", "url"})
+_CHAT_URLS = frozenset({"/v1/chat/completions", "/chat/completions"})
+
+
+@dataclass(frozen=True)
+class BatchLine:
+    line_no: int
+    custom_id: str
+    model: str
+    body: dict[str, Any]
+
+
+@dataclass
+class BatchValidator:
+    """Accumulates valid lines and located errors; ``finish()`` returns the lines or raises 400."""
+
+    config: DeploymentsConfig
+    max_lines: int
+    where: str = "line"  # how positions are named in messages: "line" (JSONL) or "requests[i]"
+    lines: list[BatchLine] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    error_count: int = 0
+    _first_seen: dict[str, int] = field(default_factory=dict)
+    _seen_lines: int = 0
+
+    def _position(self, line_no: int) -> str:
+        return f"line {line_no}" if self.where == "line" else f"requests[{line_no - 1}]"
+
+    def _error(self, line_no: int, custom_id: str | None, param: str | None, message: str) -> None:
+        self.error_count += 1
+        if len(self.errors) < MAX_REPORTED_ERRORS:
+            self.errors.append({"line": line_no, "custom_id": custom_id, "param": param, "message": message})
+
+    def _count(self) -> None:
+        self._seen_lines += 1
+        if self._seen_lines > self.max_lines:
+            raise ApiError(
+                413,
+                "batch_too_large",
+                f"a batch holds at most {self.max_lines} requests; this one has more (stopped reading at "
+                f"{self._position(self._seen_lines)})",
+            )
+
+    def add_json_line(self, line_no: int, raw: bytes) -> None:
+        """One JSONL line; blank lines are skipped."""
+        if not raw.strip():
+            return
+        self._count()
+        try:
+            obj = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            self._error(line_no, None, None, f"malformed JSON: {exc}")
+            return
+        self._check(line_no, obj)
+
+    def add_object(self, line_no: int, obj: Any) -> None:
+        self._count()
+        self._check(line_no, obj)
+
+    def _check(self, line_no: int, obj: Any) -> None:
+        if not isinstance(obj, dict):
+            self._error(line_no, None, None, f"each request must be a JSON object, not {_kind(obj)}")
+            return
+        custom_id = obj.get("custom_id")
+        cid = custom_id if isinstance(custom_id, str) else None
+        if custom_id is None:
+            self._error(line_no, None, "custom_id", "custom_id is missing")
+        elif not isinstance(custom_id, str) or not custom_id:
+            self._error(line_no, None, "custom_id", "custom_id must be a non-empty string")
+            cid = None
+        elif len(custom_id) > MAX_CUSTOM_ID_CHARS:
+            self._error(
+                line_no, None, "custom_id", f"custom_id is longer than {MAX_CUSTOM_ID_CHARS} characters"
+            )
+            cid = None
+        elif custom_id in self._first_seen:
+            first = self._position(self._first_seen[custom_id])
+            self._error(
+                line_no, custom_id, "custom_id", f"duplicate custom_id {custom_id!r} (first at {first})"
+            )
+            cid = None
+        else:
+            self._first_seen[custom_id] = line_no
+        unknown = sorted(set(obj) - _LINE_KEYS)
+        if unknown:
+            self._error(line_no, cid, unknown[0], f"unknown field(s) {', '.join(map(repr, unknown))}")
+        if obj.get("method", "POST") != "POST" or obj.get("url", "/v1/chat/completions") not in _CHAT_URLS:
+            self._error(line_no, cid, "url", "only POST /v1/chat/completions requests can be batched")
+        model = self._check_body(line_no, cid, obj.get("body"))
+        if cid is not None and model is not None and self.error_count == 0:
+            self.lines.append(BatchLine(line_no, cid, model, obj["body"]))
+
+    def _check_body(self, line_no: int, cid: str | None, body: Any) -> str | None:
+        if not isinstance(body, dict):
+            message = "body is missing" if body is None else f"body must be a JSON object, not {_kind(body)}"
+            self._error(line_no, cid, "body", message)
+            return None
+        model = body.get("model")
+        ok = True
+        if not isinstance(model, str) or not model:
+            self._error(line_no, cid, "body.model", "body.model must name a route (a non-empty string)")
+            ok = False
+        elif self.config.resolve(model) is None:
+            known = ", ".join(self.config.model_names())
+            self._error(line_no, cid, "body.model", f"unknown route {model!r}; known: {known}")
+            ok = False
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            self._error(line_no, cid, "body.messages", "body.messages must be a non-empty array")
+            ok = False
+        elif not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
+            self._error(line_no, cid, "body.messages", "every message must be an object with a role")
+            ok = False
+        if body.get("stream"):
+            self._error(line_no, cid, "body.stream", "streaming is not available in batches")
+            ok = False
+        return model if ok and isinstance(model, str) else None
+
+    def finish(self) -> list[BatchLine]:
+        if self.error_count:
+            first = self.errors[0]
+            where = self._position(first["line"])
+            raise ApiError(
+                400,
+                "invalid_batch",
+                f"{self.error_count} invalid request(s); first at {where}: {first['message']}",
+                errors=self.errors,
+            )
+        if not self.lines:
+            raise ApiError(400, "empty_batch", "the batch has no requests")
+        return self.lines
+
+
+def _kind(value: Any) -> str:
+    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number" if isinstance(value, int | float) else type(value).__name__
+    )
+
+
+class LineSplitter:
+    """Splits a byte stream into numbered lines as chunks arrive, without holding the whole upload."""
+
+    def __init__(self) -> None:
+        self._tail = b""
+        self._line_no = 0
+
+    def feed(self, chunk: bytes) -> Iterable[tuple[int, bytes]]:
+        data = self._tail + chunk
+        *complete, self._tail = data.split(b"\n")
+        for raw in complete:
+            self._line_no += 1
+            yield self._line_no, raw
+
+    def close(self) -> Iterable[tuple[int, bytes]]:
+        if self._tail:
+            self._line_no += 1
+            yield self._line_no, self._tail
+            self._tail = b""

@@ -1,0 +1,72 @@
+"""What every route needs, built once per API process and reached through ``Annotated`` aliases."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated
+
+import redis
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from api.errors import ApiError
+from broker_config.deployments import DeploymentsConfig
+from broker_config.settings import Settings
+from db.engine import Database
+from db.models import Tenant
+from db.tenants import tenant_for_key
+
+
+@dataclass(frozen=True)
+class AppContext:
+    settings: Settings
+    db: Database
+    config: DeploymentsConfig
+    redis: redis.Redis
+
+
+def _context(request: Request) -> AppContext:
+    context: AppContext = request.app.state.headrace
+    return context
+
+
+Context = Annotated[AppContext, Depends(_context)]
+
+
+def _api_key(request: Request) -> str | None:
+    auth = request.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    # The Anthropic SDKs before 2.0 send the key as x-api-key.
+    return request.headers.get("x-api-key") or None
+
+
+def _tenant(request: Request, context: Context) -> Tenant:
+    key = _api_key(request)
+    if key is None:
+        raise ApiError(
+            401,
+            "authentication_error",
+            "missing API key: send 'Authorization: Bearer <key>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    with context.db.session() as session:
+        tenant = tenant_for_key(session, key)
+    if tenant is None:
+        raise ApiError(
+            401, "authentication_error", "invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"}
+        )
+    return tenant
+
+
+CurrentTenant = Annotated[Tenant, Depends(_tenant)]
+
+
+def _read_session(context: Context) -> Iterator[Session]:
+    with context.db.session() as session:
+        yield session
+
+
+ReadSession = Annotated[Session, Depends(_read_session)]

@@ -1,0 +1,164 @@
+"""Native batch routes: parse, call the batch service, answer a response model."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request, UploadFile
+from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from api import batch_service
+from api.batch_input import BatchLine, BatchValidator, LineSplitter
+from api.context import AppContext, Context, CurrentTenant, ReadSession
+from api.errors import ApiError
+from api.schemas import BatchList, BatchOut, CreateBatchIn
+from db.states import Priority
+
+router = APIRouter(prefix="/v1", tags=["batches"])
+JSONL_TYPES = ("application/jsonl", "application/x-ndjson", "application/x-jsonlines", "text/plain")
+READ_CHUNK = 1 << 16
+
+
+def _priority(value: str | None) -> Priority:
+    try:
+        return Priority(value or Priority.DEFAULT)
+    except ValueError:
+        raise ApiError(
+            400,
+            "invalid_request",
+            f"priority must be one of {', '.join(p.value for p in Priority)}, not {value!r}",
+        ) from None
+
+
+def _metadata(value: Any) -> dict[str, Any] | None:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value else None
+        except json.JSONDecodeError as exc:
+            raise ApiError(400, "invalid_request", f"metadata is not valid JSON: {exc}") from None
+    if value is not None and not isinstance(value, dict):
+        raise ApiError(400, "invalid_request", "metadata must be a JSON object")
+    if value is not None and len(json.dumps(value)) > 16_384:
+        raise ApiError(400, "invalid_request", "metadata is larger than 16 KiB")
+    return value
+
+
+def _window(context: AppContext, value: Any) -> int:
+    if value in (None, ""):
+        return context.settings.default_completion_window_s
+    try:
+        seconds = int(value)
+    except (TypeError, ValueError):
+        raise ApiError(400, "invalid_request", "completion_window_s must be an integer") from None
+    if not 60 <= seconds <= 7 * 24 * 3600:
+        raise ApiError(400, "invalid_request", "completion_window_s must be between 60 and 604800")
+    return seconds
+
+
+async def _lines_from_stream(chunks: Any, validator: BatchValidator, max_bytes: int) -> list[BatchLine]:
+    splitter = LineSplitter()
+    size = 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > max_bytes:
+            raise ApiError(413, "batch_too_large", f"the upload is larger than {max_bytes} bytes")
+        for line_no, raw in splitter.feed(chunk):
+            validator.add_json_line(line_no, raw)
+    for line_no, raw in splitter.close():
+        validator.add_json_line(line_no, raw)
+    return validator.finish()
+
+
+async def _upload_chunks(upload: UploadFile) -> Any:
+    while chunk := await upload.read(READ_CHUNK):
+        yield chunk
+
+
+@router.post("/batches", status_code=201, response_model=BatchOut)
+async def create_batch(request: Request, context: Context, tenant: CurrentTenant) -> BatchOut:
+    """Submit a batch as JSON ``{requests, priority, metadata}``, or as JSONL (a raw body, or a
+    multipart ``file`` field; priority and metadata then come as query or form fields)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    settings = context.settings
+    params: dict[str, Any] = dict(request.query_params)
+    if content_type == "application/json":
+        try:
+            payload = CreateBatchIn.model_validate_json(await request.body())
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "body"
+            raise ApiError(400, "invalid_request", f"{where}: {err['msg']}") from None
+        validator = BatchValidator(context.config, settings.max_batch_lines, where="requests")
+        for index, obj in enumerate(payload.requests, start=1):
+            validator.add_object(index, obj)
+        lines = validator.finish()
+        priority, metadata = payload.priority, payload.metadata
+        params["completion_window_s"] = payload.completion_window_s
+    elif content_type == "multipart/form-data":
+        form = await request.form()
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile) and not hasattr(upload, "read"):
+            raise ApiError(400, "invalid_request", "multipart upload needs a 'file' field holding the JSONL")
+        params.update({k: v for k, v in form.items() if isinstance(v, str)})
+        validator = BatchValidator(context.config, settings.max_batch_lines)
+        lines = await _lines_from_stream(_upload_chunks(upload), validator, settings.max_batch_bytes)  # type: ignore[arg-type]
+        priority, metadata = _priority(params.get("priority")), _metadata(params.get("metadata"))
+    elif content_type in JSONL_TYPES:
+        validator = BatchValidator(context.config, settings.max_batch_lines)
+        lines = await _lines_from_stream(request.stream(), validator, settings.max_batch_bytes)
+        priority, metadata = _priority(params.get("priority")), _metadata(params.get("metadata"))
+    else:
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"send application/json, application/jsonl or multipart/form-data, not {content_type or 'none'}",
+        )
+    batch = await run_in_threadpool(
+        batch_service.create_batch,
+        context.db,
+        tenant_id=tenant.id,
+        lines=lines,
+        priority=priority,
+        metadata=metadata,
+        completion_window_s=_window(context, params.get("completion_window_s")),
+    )
+    return BatchOut.of(batch)
+
+
+@router.get("/batches", response_model=BatchList)
+def list_batches(
+    session: ReadSession,
+    tenant: CurrentTenant,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: str | None = None,
+) -> BatchList:
+    """The tenant's batches, newest first; pass the last id you saw as ``after`` for the next page."""
+    batches, has_more = batch_service.list_batches(session, tenant.id, limit=limit, after=after)
+    data = [BatchOut.of(b) for b in batches]
+    return BatchList(
+        data=data,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+        has_more=has_more,
+    )
+
+
+@router.get("/batches/{batch_id}", response_model=BatchOut)
+def get_batch(batch_id: str, session: ReadSession, tenant: CurrentTenant) -> BatchOut:
+    return BatchOut.of(batch_service.get_batch(session, tenant.id, batch_id))
+
+
+@router.get("/batches/{batch_id}/results")
+def batch_results(
+    batch_id: str, session: ReadSession, context: Context, tenant: CurrentTenant
+) -> StreamingResponse:
+    """One JSONL line per request, in input order (partial while the batch runs)."""
+    batch_service.get_batch(session, tenant.id, batch_id)
+    return StreamingResponse(
+        batch_service.iter_results(context.db, batch_id),
+        media_type="application/jsonl",
+        headers={"Content-Disposition": f'attachment; filename="{batch_id}.jsonl"'},
+    )

@@ -1,0 +1,87 @@
+"""Response and request shapes of the native API."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from db.models import Batch
+from db.states import Priority
+
+
+class BatchRequestIn(BaseModel):
+    custom_id: Any = None
+    body: Any = None
+
+
+class CreateBatchIn(BaseModel):
+    """A batch as JSON. Lines are checked by hand (not here) so errors carry line numbers."""
+
+    requests: list[Any] = Field(description="[{custom_id, body}], body a Chat Completions request")
+    priority: Priority = Priority.DEFAULT
+    metadata: dict[str, Any] | None = None
+    completion_window_s: int | None = Field(default=None, ge=60, le=7 * 24 * 3600)
+
+
+class RequestCounts(BaseModel):
+    total: int
+    completed: int
+    failed: int
+    cancelled: int
+    expired: int
+    in_progress: int
+
+
+class TokenUsage(BaseModel):
+    input_tokens: int
+    output_tokens: int
+
+
+class BatchOut(BaseModel):
+    id: str
+    object: Literal["batch"] = "batch"
+    status: str
+    priority: str
+    metadata: dict[str, Any] | None
+    created_at: int
+    expires_at: int
+    ended_at: int | None
+    cancelled_at: int | None
+    request_counts: RequestCounts
+    usage: TokenUsage
+    cost_usd: str = Field(description="Exact decimal string: the sum of every attempt's cost.")
+    unpriced_attempts: int = Field(description="Calls whose price is unknown (not in cost_usd).")
+
+    @classmethod
+    def of(cls, batch: Batch) -> BatchOut:
+        ended = batch.succeeded_count + batch.failed_count + batch.cancelled_count + batch.expired_count
+        return cls(
+            id=batch.id,
+            status=batch.status,
+            priority=batch.priority,
+            metadata=batch.metadata_,
+            created_at=int(batch.created_at.timestamp()),
+            expires_at=int(batch.expires_at.timestamp()),
+            ended_at=int(batch.ended_at.timestamp()) if batch.ended_at else None,
+            cancelled_at=int(batch.cancelled_at.timestamp()) if batch.cancelled_at else None,
+            request_counts=RequestCounts(
+                total=batch.total_count,
+                completed=batch.succeeded_count,
+                failed=batch.failed_count,
+                cancelled=batch.cancelled_count,
+                expired=batch.expired_count,
+                in_progress=batch.total_count - ended,
+            ),
+            usage=TokenUsage(input_tokens=batch.input_tokens, output_tokens=batch.output_tokens),
+            cost_usd=format(batch.cost_usd.normalize(), "f") if batch.cost_usd else "0",
+            unpriced_attempts=batch.unpriced_attempts,
+        )
+
+
+class BatchList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[BatchOut]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool

@@ -1,0 +1,61 @@
+"""Tenants and their API keys. A key is shown once, at creation; the ledger keeps its hash."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db.engine import Database
+from db.ids import new_id
+from db.models import ApiKey, Tenant
+from db.types import utcnow
+
+KEY_PREFIX = "hr_"
+
+
+@dataclass(frozen=True)
+class NewKey:
+    tenant_id: str
+    tenant_name: str
+    key: str  # the only time the clear key exists
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def create_api_key(db: Database, tenant_name: str) -> NewKey:
+    """A new key for ``tenant_name``, creating the tenant on first use."""
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+
+    def unit(session: Session) -> NewKey:
+        tenant = session.scalars(select(Tenant).where(Tenant.name == tenant_name)).one_or_none()
+        if tenant is None:
+            tenant = Tenant(id=new_id("ten"), name=tenant_name, created_at=utcnow())
+            session.add(tenant)
+            session.flush()
+        session.add(
+            ApiKey(
+                id=new_id("key"),
+                tenant_id=tenant.id,
+                key_hash=hash_key(key),
+                prefix=key[:10],
+                created_at=utcnow(),
+            )
+        )
+        return NewKey(tenant_id=tenant.id, tenant_name=tenant.name, key=key)
+
+    return db.transact(unit)
+
+
+def tenant_for_key(session: Session, key: str) -> Tenant | None:
+    """The tenant a live key belongs to, or None (unknown or revoked)."""
+    return session.scalars(
+        select(Tenant)
+        .join(ApiKey, ApiKey.tenant_id == Tenant.id)
+        .where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None))
+    ).one_or_none()

@@ -1,0 +1,3 @@
+from headrace.cli.main import app
+
+app(prog_name="headrace")

@@ -1,0 +1,158 @@
+"""``headrace``: run the stack's processes, manage keys, and talk to a running API."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from broker_config.deployments import ConfigError, load_config
+from broker_config.settings import get_settings
+from headrace.cli import client
+from headrace.cli.demo import demo
+
+app = typer.Typer(
+    name="headrace",
+    no_args_is_help=True,
+    add_completion=False,
+    help="A self-hosted worker pool for LLM jobs. Settings come from HEADRACE_* variables.",
+)
+keys_app = typer.Typer(no_args_is_help=True, help="Tenants' API keys.")
+app.add_typer(keys_app, name="keys")
+app.command()(demo)
+app.command()(client.submit)
+app.command()(client.status)
+app.command()(client.results)
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _check_config() -> None:
+    try:
+        load_config(get_settings().config)
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def migrate() -> None:
+    """Create or upgrade the ledger's schema (HEADRACE_DATABASE_URL)."""
+    from db.migrate import upgrade
+
+    url = get_settings().database_url
+    upgrade(url)
+    typer.echo(f"ledger schema is up to date ({url.split('@')[-1]})", err=True)
+
+
+@keys_app.command("create")
+def keys_create(tenant: Annotated[str, typer.Option(help="Tenant name; created on first use.")]) -> None:
+    """Create an API key for TENANT and print it alone on stdout (it is shown only once)."""
+    from db.engine import get_database
+    from db.tenants import create_api_key
+
+    new = create_api_key(get_database(get_settings().database_url), tenant)
+    typer.echo(new.key)
+
+
+@app.command()
+def api(
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    workers: Annotated[int, typer.Option(help="API processes.")] = 1,
+) -> None:
+    """Serve the HTTP API (docs at /docs)."""
+    import uvicorn
+
+    _check_config()
+    uvicorn.run("api.app:create_app", factory=True, host=host, port=port, workers=workers, log_level="info")
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[
+        int | None, typer.Option(help="Threads (concurrent calls) in this process.")
+    ] = None,
+    queues: Annotated[
+        str, typer.Option(help="Queues to consume, comma-separated.")
+    ] = "interactive,default,bulk",
+    name: Annotated[str | None, typer.Option(help="Worker node name (default: headrace-PID@host).")] = None,
+    loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO",
+) -> None:
+    """Run a worker: takes requests from the queues and calls the providers."""
+    from broker_config.celery_app import app as celery_app
+
+    _check_config()
+    threads = concurrency or get_settings().worker_concurrency
+    celery_app.worker_main(
+        [
+            "worker",
+            "--pool",
+            "threads",
+            "--concurrency",
+            str(threads),
+            "--queues",
+            queues,
+            "--hostname",
+            name or f"headrace-{os.getpid()}@%h",
+            "--without-mingle",
+            "--without-gossip",
+            "--task-events",
+            "--loglevel",
+            loglevel,
+        ]
+    )
+
+
+@app.command()
+def flower(
+    address: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 5555,
+) -> None:
+    """Serve Flower for the worker pool (queues, workers, tasks)."""
+    from broker_config.celery_app import app as celery_app
+
+    settings = get_settings()
+    argv = ["flower", f"--address={address}", f"--port={port}", "--purge_offline_workers=60"]
+    if settings.flower_basic_auth:
+        argv.append(f"--basic_auth={settings.flower_basic_auth}")
+    elif _is_loopback(address):
+        # Flower refuses its HTTP API without auth unless told; on loopback only, we tell it.
+        os.environ.setdefault("FLOWER_UNAUTHENTICATED_API", "true")
+    else:
+        _fail("set HEADRACE_FLOWER_BASIC_AUTH=user:password to serve Flower beyond loopback")
+    celery_app.start(argv)
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address == "localhost"
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False
+)
+def simulate(ctx: typer.Context) -> None:
+    """Run the provider simulator (OpenAI and Anthropic dialects); --help lists its options."""
+    from headrace.simulator.__main__ import main as simulator_main
+
+    simulator_main(list(ctx.args))
+
+
+@app.command()
+def check_config(path: Annotated[Path | None, typer.Argument(help="Deployments file.")] = None) -> None:
+    """Check a deployments file and list its routes."""
+    try:
+        config = load_config(path or get_settings().config)
+    except ConfigError as exc:
+        _fail(str(exc))
+        return
+    for route in config.routes:
+        typer.echo(f"{route.name}: {' -> '.join(route.deployments)}")

@@ -1,0 +1,149 @@
+"""The whole embedded stack on loopback: Redis, the simulator, the API and workers.
+
+``headrace demo`` runs it; the end-to-end tests run it too, with their own database URL.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from db.engine import get_database
+from db.migrate import upgrade
+from db.tenants import create_api_key
+from headrace.embedded import ManagedProcess, free_port, headrace_command, start_redis
+
+SIM_KEY_ENV = "HEADRACE_SIM_API_KEY"
+
+DEFAULT_CONFIG = """\
+# Written by headrace for the embedded stack: every deployment points at the local simulator.
+[[deployments]]
+name = "openai-mini"
+provider = "openai"
+model = "gpt-4o-mini"
+base_url = "{sim}/v1"
+api_key_env = "{key_env}"
+rpm = 5000
+tpm = 2000000
+
+[[deployments]]
+name = "openai-4o"
+provider = "openai"
+model = "gpt-4o"
+base_url = "{sim}/v1"
+api_key_env = "{key_env}"
+rpm = 5000
+tpm = 2000000
+
+[[deployments]]
+name = "claude-haiku"
+provider = "anthropic"
+model = "claude-3-5-haiku-latest"
+base_url = "{sim}"
+api_key_env = "{key_env}"
+rpm = 4000
+itpm = 400000
+otpm = 80000
+
+[[deployments]]
+name = "claude-sonnet"
+provider = "anthropic"
+model = "claude-sonnet-4-5"
+base_url = "{sim}"
+api_key_env = "{key_env}"
+rpm = 4000
+itpm = 400000
+otpm = 80000
+
+[[routes]]
+name = "fast"
+deployments = ["openai-mini", "claude-haiku"]
+
+[[routes]]
+name = "smart"
+deployments = ["claude-sonnet", "openai-4o"]
+"""
+
+
+@dataclass
+class EmbeddedStack:
+    home: Path
+    database_url: str | None = None
+    config_template: str = DEFAULT_CONFIG
+    # A little weather: 3% of calls fail with 500/503/529, so retries show in the bill.
+    simulator_args: tuple[str, ...] = (
+        "--latency-ms",
+        "40",
+        "--latency-jitter-ms",
+        "30",
+        "--fault-rate",
+        "0.03",
+        "--faults",
+        "500,503,529",
+    )
+    worker_concurrency: int = 16
+    workers: int = 1
+    with_flower: bool = False
+    processes: list[ManagedProcess] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    api_url: str = ""
+    simulator_url: str = ""
+    flower_url: str = ""
+    api_key: str = ""
+
+    def start(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        logs = self.home / "logs"
+        redis_proc, redis_url = start_redis(self.home / "redis")
+        self.processes.append(redis_proc)
+
+        sim_port = free_port()
+        self.simulator_url = f"http://127.0.0.1:{sim_port}"
+        sim = self._spawn("simulator", ["simulate", "--port", str(sim_port), *self.simulator_args], logs)
+        sim.wait_http(f"{self.simulator_url}/_sim/health")
+
+        config_path = self.home / "headrace.toml"
+        config_path.write_text(self.config_template.format(sim=self.simulator_url, key_env=SIM_KEY_ENV))
+        database_url = self.database_url or f"sqlite:///{self.home / 'headrace.db'}"
+        self.env = {
+            "HEADRACE_DATABASE_URL": database_url,
+            "HEADRACE_REDIS_URL": redis_url,
+            "HEADRACE_CONFIG": str(config_path),
+            SIM_KEY_ENV: "sk-simulated",
+            "PYTHONUNBUFFERED": "1",
+        }
+        upgrade(database_url)
+        self.api_key = create_api_key(get_database(database_url), "demo").key
+
+        api_port = free_port()
+        self.api_url = f"http://127.0.0.1:{api_port}"
+        api = self._spawn("api", ["api", "--port", str(api_port)], logs)
+        for index in range(self.workers):
+            self.start_worker(f"worker{index + 1}")
+        if self.with_flower:
+            flower_port = free_port()
+            self.flower_url = f"http://127.0.0.1:{flower_port}"
+            flower = self._spawn("flower", ["flower", "--port", str(flower_port)], logs)
+            flower.wait_http(f"{self.flower_url}/healthcheck", timeout_s=60)
+        api.wait_http(f"{self.api_url}/readyz", timeout_s=60)
+
+    def start_worker(self, name: str, *, concurrency: int | None = None, wait: bool = True) -> ManagedProcess:
+        proc = self._spawn(
+            name,
+            ["worker", "--concurrency", str(concurrency or self.worker_concurrency), "--name", f"{name}@%h"],
+            self.home / "logs",
+        )
+        if wait:
+            proc.wait_until(lambda: " ready." in proc.log_tail(200), timeout_s=60, what="ready")
+        return proc
+
+    def _spawn(self, name: str, args: list[str], logs: Path) -> ManagedProcess:
+        proc = ManagedProcess(name, headrace_command(*args), log_dir=logs, env={**os.environ, **self.env})
+        self.processes.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        """Stop everything started, newest first (workers before the broker they need)."""
+        while self.processes:
+            self.processes.pop().stop()
