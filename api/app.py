@@ -8,6 +8,7 @@ from fastapi import FastAPI
 from api.context import AppContext
 from api.errors import install_error_handlers
 from api.routes import batches, health
+from broker_config.celery_app import configure as configure_broker
 from broker_config.deployments import load_config
 from broker_config.settings import Settings, get_settings
 from db.engine import get_database
@@ -27,6 +28,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         config=load_config(settings.config),
         redis=redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2),
     )
+    configure_broker(settings)
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(batches.router)

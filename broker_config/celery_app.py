@@ -50,6 +50,20 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+_explicit: list[Settings] = []
+
+
+def configure(settings: Settings) -> None:
+    """Point this process's app at ``settings`` (the API does, for the settings it was built with)."""
+    _explicit[:] = [settings]
+    if app.configured:
+        app.conf.update(celery_config(settings))
+        # Celery caches its broker pools; kombu keeps one per broker URL, so dropping the
+        # cached references makes the next publish use the new broker's pool.
+        app._pool = None
+        app.amqp._producer_pool = None
+
+
 @app.on_configure.connect
 def _configure(sender: Celery, **_: Any) -> None:
-    sender.conf.update(celery_config(get_settings()))
+    sender.conf.update(celery_config(_explicit[0] if _explicit else get_settings()))

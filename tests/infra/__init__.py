@@ -1,0 +1,1 @@
+"""Real servers for the test suite, started on free loopback ports."""
