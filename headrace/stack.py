@@ -85,6 +85,7 @@ class EmbeddedStack:
     worker_concurrency: int = 16
     workers: int = 1
     with_flower: bool = False
+    extra_env: dict[str, str] = field(default_factory=dict)
     processes: list[ManagedProcess] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     api_url: str = ""
@@ -112,6 +113,7 @@ class EmbeddedStack:
             "HEADRACE_CONFIG": str(config_path),
             SIM_KEY_ENV: "sk-simulated",
             "PYTHONUNBUFFERED": "1",
+            **self.extra_env,
         }
         upgrade(database_url)
         self.api_key = create_api_key(get_database(database_url), "demo").key

@@ -95,3 +95,28 @@ def db(database_url: str) -> Iterator[Database]:
     database = Database(database_url)
     yield database
     database.dispose()
+
+
+@pytest.fixture
+def run_cli() -> Callable[..., str]:
+    """Run ``headrace ARGS`` as a user would; returns stdout, fails the test with stderr on error."""
+    import subprocess
+
+    from headrace.embedded import headrace_command
+
+    def run(
+        *args: str, env: dict[str, str] | None = None, expect_code: int = 0, timeout_s: float = 120
+    ) -> str:
+        done = subprocess.run(
+            headrace_command(*args),
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env={**os.environ, **(env or {})},
+        )
+        assert done.returncode == expect_code, (
+            f"exit {done.returncode}\nstdout: {done.stdout}\nstderr: {done.stderr}"
+        )
+        return done.stdout if expect_code == 0 else done.stderr
+
+    return run
