@@ -1,0 +1,209 @@
+"""Anthropic Messages: request validation, bodies, errors and anthropic-ratelimit-* headers."""
+
+from __future__ import annotations
+
+import math
+import secrets
+import string
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from headrace.simulator.answers import Answer
+from headrace.simulator.buckets import BucketState, Denial
+from headrace.simulator.config import SimConfig
+from headrace.simulator.dialect import (
+    CallSpec,
+    FieldError,
+    SimError,
+    bearer_or_api_key,
+    check_number,
+    positive_int,
+    string_list,
+    text_of_last_user_message,
+)
+from headrace.simulator.tokens import estimate_prompt_tokens
+
+CONTEXT_WINDOW_TOKENS = 200_000
+_ALPHABET = string.ascii_letters + string.digits
+_LIMITS_HINT = (
+    "For details, refer to: https://docs.claude.com/en/api/rate-limits. You can see the response "
+    "headers for current usage. Please reduce the prompt length or the maximum tokens requested, "
+    "or try again later."
+)
+# status -> (error.type, message)
+_STATUS_ERRORS: dict[int, tuple[str, str]] = {
+    400: ("invalid_request_error", "Invalid request (simulated)."),
+    401: ("authentication_error", "invalid x-api-key"),
+    402: ("billing_error", "Your credit balance is too low to access the Anthropic API (simulated)."),
+    403: ("permission_error", "Your API key does not have permission to use the specified resource."),
+    404: ("not_found_error", "model: {model}"),
+    408: ("timeout_error", "Request timed out (simulated)."),
+    409: ("conflict_error", "Conflict (simulated)."),
+    413: ("request_too_large", "Request exceeds the maximum allowed number of bytes."),
+    429: ("rate_limit_error", "Number of requests has exceeded your rate limit (simulated)."),
+    500: ("api_error", "Internal server error"),
+    503: ("api_error", "Service unavailable: the simulated upstream is overloaded."),
+    504: ("timeout_error", "Request timed out while waiting for the model."),
+    529: ("overloaded_error", "Overloaded"),
+}
+_BUCKET_WORDS = {
+    "requests": "requests",
+    "input_tokens": "input tokens",
+    "output_tokens": "output tokens",
+}
+
+
+def _random_id(prefix: str, length: int = 24) -> str:
+    return prefix + "".join(secrets.choice(_ALPHABET) for _ in range(length))
+
+
+def rfc3339_after(seconds: float) -> str:
+    # Rounded up to a whole second so the timestamp never promises capacity too early.
+    moment = datetime.now(UTC) + timedelta(seconds=seconds)
+    if moment.microsecond:
+        moment = moment.replace(microsecond=0) + timedelta(seconds=1)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class AnthropicDialect:
+    name = "anthropic"
+    output_bucket = "output_tokens"
+
+    def new_request_id(self) -> str:
+        return _random_id("req_011C")
+
+    def authenticate(self, headers: Mapping[str, str], require_key: bool) -> str:
+        # SDK 0.x/1.x send x-api-key, 2.x sends Authorization: Bearer; accept both.
+        key = bearer_or_api_key(headers, allow_x_api_key=True)
+        if require_key and not key:
+            raise SimError(401, "x-api-key header is required", "authentication_error")
+        if not headers.get("anthropic-version"):
+            raise self.invalid("anthropic-version: header is required")
+        return key
+
+    def parse(self, payload: Any) -> CallSpec:
+        try:
+            return self._parse(payload)
+        except FieldError as error:
+            raise self.invalid(error.message, error.param) from None
+
+    def _parse(self, payload: Any) -> CallSpec:
+        if not isinstance(payload, dict):
+            raise FieldError("There was an issue with your request body: expected a JSON object", None)
+        model = payload.get("model")
+        if not isinstance(model, str) or not model:
+            raise FieldError("model: Field required", "model")
+        max_tokens = positive_int(payload, "max_tokens")
+        if max_tokens is None:
+            raise FieldError("max_tokens: Field required", "max_tokens")
+        messages = payload.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise FieldError("messages: Field required (a non-empty array)", "messages")
+        for index, message in enumerate(messages):
+            if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
+                raise FieldError(f"messages.{index}.role: Input should be 'user' or 'assistant'", "messages")
+            if not isinstance(message.get("content"), str | list):
+                raise FieldError(f"messages.{index}.content: Field required", "messages")
+        system = payload.get("system")
+        if system is not None and not _valid_system(system):
+            raise FieldError("system: Input should be a string or a list of text blocks", "system")
+        if payload.get("stream"):
+            raise FieldError("stream: streaming is not supported by the Headrace simulator", "stream")
+        check_number(payload, "temperature", 0.0, 1.0)
+        return CallSpec(
+            model=model,
+            prompt={"system": system, "messages": messages},
+            prompt_tokens=estimate_prompt_tokens(messages, system=system),
+            max_tokens=max_tokens,
+            stops=string_list(payload.get("stop_sequences"), "stop_sequences", 8191),
+            last_user_text=text_of_last_user_message(messages),
+        )
+
+    def limits(self, config: SimConfig) -> dict[str, int | None]:
+        return {"requests": config.anthropic_rpm, "input_tokens": config.itpm, "output_tokens": config.otpm}
+
+    def charges(self, spec: CallSpec, output_reserve: int) -> dict[str, int]:
+        # Anthropic meters input and output separately and reserves max_tokens of output up front.
+        return {"requests": 1, "input_tokens": spec.prompt_tokens, "output_tokens": output_reserve}
+
+    def invalid(self, message: str, param: str | None = None) -> SimError:
+        return SimError(400, message, "invalid_request_error", param=param)
+
+    def status_error(self, status: int, model: str | None) -> SimError:
+        default_type = "api_error" if status >= 500 else "invalid_request_error"
+        kind, message = _STATUS_ERRORS.get(status, (default_type, f"Simulated error {status}."))
+        return SimError(status, message.format(model=model or "unknown"), kind)
+
+    def context_length_error(self, spec: CallSpec) -> SimError:
+        asked = max(spec.prompt_tokens, CONTEXT_WINDOW_TOKENS + 1)
+        message = f"prompt is too long: {asked} tokens > {CONTEXT_WINDOW_TOKENS} maximum"
+        return SimError(400, message, "invalid_request_error")
+
+    def retry_headers(self, wait_s: float) -> dict[str, str]:
+        # Anthropic sends whole seconds only.
+        return {"retry-after": str(math.ceil(wait_s))}
+
+    def rate_limited(self, denial: Denial, model: str) -> SimError:
+        words = _BUCKET_WORDS.get(denial.bucket, denial.bucket)
+        message = (
+            f"This request would exceed the rate limit for your organization of {denial.limit:,} "
+            f"{words} per minute. {_LIMITS_HINT}"
+        )
+        headers = {} if denial.wait_s is None else self.retry_headers(denial.wait_s)
+        return SimError(429, message, "rate_limit_error", headers=headers)
+
+    def error_body(self, error: SimError, request_id: str) -> dict[str, Any]:
+        return {
+            "type": "error",
+            "error": {"type": error.type, "message": error.message},
+            "request_id": request_id,
+        }
+
+    def success_body(self, spec: CallSpec, answer: Answer) -> dict[str, Any]:
+        stop_reason = {"end": "end_turn", "length": "max_tokens", "stop": "stop_sequence"}[answer.finish]
+        return {
+            "id": _random_id("msg_01"),
+            "type": "message",
+            "role": "assistant",
+            "model": spec.model,
+            "content": [{"type": "text", "text": answer.text}],
+            "stop_reason": stop_reason,
+            "stop_sequence": answer.stop_sequence,
+            "usage": {
+                "input_tokens": spec.prompt_tokens,
+                "output_tokens": answer.output_tokens,
+                "cache_creation_input_tokens": 0,
+                "cache_read_input_tokens": 0,
+                "service_tier": "standard",
+            },
+        }
+
+    def response_headers(self, request_id: str, processing_ms: int) -> dict[str, str]:
+        return {"request-id": request_id, "anthropic-organization-id": "org-headrace-sim"}
+
+    def limit_headers(self, states: list[BucketState]) -> dict[str, str]:
+        # Remaining counts are exact, not rounded to thousands as the real API does, so small
+        # test limits stay readable.
+        headers: dict[str, str] = {}
+        for state in states:
+            _put(headers, state.bucket.replace("_", "-"), state)
+        token_states = [s for s in states if s.bucket != "requests"]
+        if token_states:
+            _put(headers, "tokens", min(token_states, key=lambda s: s.remaining))
+        return headers
+
+
+def _put(headers: dict[str, str], name: str, state: BucketState) -> None:
+    headers[f"anthropic-ratelimit-{name}-limit"] = str(state.limit)
+    headers[f"anthropic-ratelimit-{name}-remaining"] = str(state.remaining)
+    headers[f"anthropic-ratelimit-{name}-reset"] = rfc3339_after(state.seconds_to_full)
+
+
+def _valid_system(system: Any) -> bool:
+    if isinstance(system, str):
+        return True
+    return isinstance(system, list) and all(
+        isinstance(block, dict) and block.get("type") == "text" and isinstance(block.get("text"), str)
+        for block in system
+    )

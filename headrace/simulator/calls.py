@@ -1,0 +1,220 @@
+"""One model call, top to bottom: authenticate, parse, admit, wait, decide the outcome, settle."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+
+from headrace.simulator.answers import Answer, build_answer
+from headrace.simulator.buckets import BucketScope, Limiter
+from headrace.simulator.config import SimConfig
+from headrace.simulator.dialect import CallSpec, Dialect, SimError
+from headrace.simulator.faults import DirectiveError, Directives, FaultDice, parse_directives
+from headrace.simulator.stats import CallRecord, Stats
+
+logger = logging.getLogger(__name__)
+
+CLIENT_CLOSED_STATUS = 499  # nginx's convention, used only in stats: nobody receives it
+
+
+class SimState:
+    """Everything that changes while the simulator runs."""
+
+    def __init__(self, config: SimConfig) -> None:
+        self.config = config
+        self.limiter = Limiter()
+        self.stats = Stats()
+        self.dice = FaultDice(config.seed)
+
+    def reconfigure(self, patch: dict[str, Any]) -> SimConfig:
+        config = SimConfig.model_validate({**self.config.model_dump(), **patch})
+        if config.seed != self.config.seed:
+            self.dice = FaultDice(config.seed)
+        self.config = config
+        return config
+
+    def reset(self) -> None:
+        self.limiter.clear()
+        self.stats = Stats()
+        self.dice = FaultDice(self.config.seed)
+
+
+class ClientGone(Exception):
+    pass
+
+
+@dataclass
+class _Trace:
+    """What the stats record says about a call, filled in as the call goes."""
+
+    t: float
+    api_key: str = ""
+    model: str | None = None
+    outcome: str = "invalid"
+    admitted: bool = False
+    input_tokens: int = 0
+    output_tokens: int = 0
+    reserved_tokens: int = 0
+
+    def scope(self, dialect: str) -> BucketScope | None:
+        return None if self.model is None else (dialect, self.api_key, self.model)
+
+
+async def handle_call(dialect: Dialect, state: SimState, request: Request) -> Response:
+    started = time.monotonic()
+    request_id = dialect.new_request_id()
+    stats = state.stats  # a reset mid-call must not mix this call into the fresh counters
+    stats.receive(dialect.name)
+    trace = _Trace(t=time.time())
+    status, extra_headers = 200, {}
+    try:
+        body = await _serve(dialect, state, stats, request, trace)
+    except SimError as error:
+        status, body, extra_headers = error.status, dialect.error_body(error, request_id), error.headers
+    except ClientGone:
+        trace.outcome = "client_closed"
+        status, body = CLIENT_CLOSED_STATUS, {}
+    except Exception:
+        # A simulator bug must still answer in the provider's shape, never as a bare traceback.
+        logger.exception("simulator failed on request %s", request_id)
+        trace.outcome = "crash"
+        crash = dialect.status_error(500, trace.model)
+        status, body = 500, dialect.error_body(crash, request_id)
+    headers = dialect.response_headers(request_id, round((time.monotonic() - started) * 1000))
+    scope = trace.scope(dialect.name)
+    if scope is not None:
+        states = state.limiter.states(scope, dialect.limits(state.config), time.monotonic())
+        headers.update(dialect.limit_headers(states))
+    headers.update(extra_headers)
+    stats.finish(_record(dialect.name, trace, status))
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def _serve(
+    dialect: Dialect, state: SimState, stats: Stats, request: Request, trace: _Trace
+) -> dict[str, Any]:
+    config = state.config
+    trace.api_key = dialect.authenticate(request.headers, config.require_api_key)
+    spec = dialect.parse(await _read_json(dialect, request))
+    trace.model, trace.input_tokens = spec.model, spec.prompt_tokens
+    try:
+        directives = parse_directives(spec.last_user_text)
+    except DirectiveError as error:
+        raise dialect.invalid(str(error)) from None
+    answer = build_answer(
+        seed=config.seed,
+        model=spec.model,
+        prompt=spec.prompt,
+        min_tokens=config.min_output_tokens,
+        max_tokens=config.max_output_tokens,
+        forced_tokens=directives.output_tokens,
+        cap_tokens=spec.max_tokens,
+        stops=spec.stops,
+    )
+    # Without max_tokens the admission charge is the answer's real length (known up front here).
+    reserve = spec.max_tokens if spec.max_tokens is not None else answer.output_tokens
+    scope = (dialect.name, trace.api_key, spec.model)
+    denial = state.limiter.admit(
+        scope, dialect.charges(spec, reserve), dialect.limits(config), time.monotonic()
+    )
+    trace.t = time.time()
+    if denial is not None:
+        trace.outcome = "rate_limited"
+        raise dialect.rate_limited(denial, spec.model)
+    trace.admitted, trace.reserved_tokens = True, reserve
+    stats.admit(dialect.name, spec.prompt_tokens, reserve)
+    try:
+        return await _answer(dialect, state, request, spec, answer, directives, trace)
+    finally:
+        # Settle the output reservation to what was actually produced (nothing, on any error).
+        unused = reserve - trace.output_tokens
+        limits = dialect.limits(state.config)
+        state.limiter.refund(scope, dialect.output_bucket, unused, limits, time.monotonic())
+
+
+async def _answer(
+    dialect: Dialect,
+    state: SimState,
+    request: Request,
+    spec: CallSpec,
+    answer: Answer,
+    directives: Directives,
+    trace: _Trace,
+) -> dict[str, Any]:
+    config = state.config
+    # A directive decides the outcome by itself and must not consume a fault roll, so the
+    # fault sequence of the other calls stays the same.
+    fault = None if directives.forces_outcome else state.dice.roll(config.fault_rate, config.faults)
+    trace.outcome = "directive" if directives.forces_outcome else "fault" if fault else "ok"
+    if directives.hang or fault == "hang":
+        await _pause(request, config.hang_s if directives.hang_s is None else directives.hang_s)
+        raise dialect.status_error(504, spec.model)
+    if directives.latency_ms is not None:
+        latency_s = directives.latency_ms / 1000
+    else:
+        latency_s = state.dice.latency_s(config.latency_ms, config.latency_jitter_ms)
+    await _pause(request, latency_s)
+    if directives.context_length:
+        raise dialect.context_length_error(spec)
+    if directives.status is not None:
+        error = dialect.status_error(directives.status, spec.model)
+        if directives.retry_after_s is not None:
+            error.headers.update(dialect.retry_headers(directives.retry_after_s))
+        raise error
+    if fault is not None:
+        raise dialect.status_error(int(fault), spec.model)
+    trace.output_tokens = answer.output_tokens
+    return dialect.success_body(spec, answer)
+
+
+async def _read_json(dialect: Dialect, request: Request) -> Any:
+    try:
+        raw = await request.body()
+    except ClientDisconnect:
+        raise ClientGone from None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise dialect.invalid("The request body is not valid JSON.") from None
+
+
+async def _pause(request: Request, seconds: float) -> None:
+    """Sleep without blocking other calls; stop early if the client disconnects."""
+    if seconds <= 0:
+        return
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({watcher}, timeout=seconds)
+    finally:
+        watcher.cancel()
+    if done:
+        raise ClientGone
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    # The body is already read, so the server's next message is the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        await asyncio.sleep(0.05)
+
+
+def _record(dialect: str, trace: _Trace, status: int) -> CallRecord:
+    return CallRecord(
+        t=trace.t,
+        t_done=time.time(),
+        dialect=dialect,
+        model=trace.model,
+        api_key=trace.api_key,
+        status=status,
+        outcome=trace.outcome,
+        admitted=trace.admitted,
+        input_tokens=trace.input_tokens,
+        output_tokens=trace.output_tokens,
+        reserved_tokens=trace.reserved_tokens,
+    )

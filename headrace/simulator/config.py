@@ -1,0 +1,41 @@
+"""Settings of the provider simulator; every field can change at runtime via POST /_sim/config."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+FaultKind = Literal["500", "503", "529", "hang"]
+
+
+class SimConfig(BaseModel):
+    """How the simulated providers behave. Limits of None mean unlimited."""
+
+    # Typos in a runtime patch must fail loudly rather than silently do nothing.
+    model_config = ConfigDict(extra="forbid")
+
+    latency_ms: float = Field(20.0, ge=0, description="mean added latency per call, ms")
+    latency_jitter_ms: float = Field(0.0, ge=0, description="uniform +/- jitter around latency_ms, ms")
+    seed: int = Field(0, description="seed for answers, faults and jitter")
+    rpm: int | None = Field(None, ge=1, description="OpenAI dialect: requests per minute")
+    tpm: int | None = Field(None, ge=1, description="OpenAI dialect: tokens per minute")
+    anthropic_rpm: int | None = Field(None, ge=1, description="Anthropic dialect: requests per minute")
+    itpm: int | None = Field(None, ge=1, description="Anthropic dialect: input tokens per minute")
+    otpm: int | None = Field(None, ge=1, description="Anthropic dialect: output tokens per minute")
+    fault_rate: float = Field(0.0, ge=0, le=1, description="probability that an admitted call faults")
+    faults: list[FaultKind] = Field(
+        ["500", "503", "529"],
+        min_length=1,
+        description="fault kinds, chosen uniformly (comma-separated on the CLI)",
+    )
+    hang_s: float = Field(300.0, ge=0, description="how long a hang holds the connection before a 504, s")
+    min_output_tokens: int = Field(5, ge=1, description="shortest natural answer, tokens")
+    max_output_tokens: int = Field(60, ge=1, description="longest natural answer, tokens")
+    require_api_key: bool = Field(True, description="answer 401 when no API key is sent")
+
+    @model_validator(mode="after")
+    def _check_output_range(self) -> SimConfig:
+        if self.min_output_tokens > self.max_output_tokens:
+            raise ValueError("min_output_tokens must not exceed max_output_tokens")
+        return self
