@@ -16,6 +16,8 @@ from db.migrate import upgrade
 from headrace.embedded import start_redis
 from tests.infra.postgres import running_postgres
 
+pytest_plugins = ["tests.simulator_fixture"]  # the session's simulator: `sim`, `sim_url`
+
 PROVIDER_ENV = (
     "OPENAI_API_KEY",
     "OPENAI_BASE_URL",

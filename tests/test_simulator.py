@@ -22,8 +22,6 @@ from headrace.simulator.tokens import estimate_prompt_tokens
 if TYPE_CHECKING:
     from tests.simulator_fixture import SimControl
 
-# A plugin rather than an import, so the fixtures are not redefinitions and still get assert rewriting.
-pytest_plugins = ["tests.simulator_fixture"]
 
 GPT = "gpt-4o-mini"
 CLAUDE = "claude-sonnet-4-5"
