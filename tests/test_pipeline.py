@@ -1,0 +1,256 @@
+"""The call pipeline in-process, on both databases, against real HTTP endpoints: retries,
+fallbacks, failures, deadlines, redeliveries, and an OpenAI-compatible server that is not ours."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from sqlalchemy import select
+
+from api.batch_input import BatchLine
+from api.batch_service import create_batch
+from broker_config.celery_app import configure
+from broker_config.deployments import parse_config
+from broker_config.settings import Settings
+from db.engine import Database
+from db.models import Attempt, Batch, Request
+from db.states import Priority
+from db.tenants import create_api_key
+from headrace.embedded import free_port
+from tests.simulator_fixture import SimControl
+from workers.pipeline import Deps, run_request
+from workers.providers import default_adapters
+
+KEY_ENV = "HEADRACE_TEST_SIM_KEY"
+
+
+def _config(sim: str, compat: str = "http://127.0.0.1:9") -> str:
+    dead = f"http://127.0.0.1:{free_port()}"
+    return f"""
+[[deployments]]
+name = "down"
+provider = "openai"
+model = "gpt-4o-mini"
+base_url = "{dead}/v1"
+api_key_env = "{KEY_ENV}"
+
+[[deployments]]
+name = "oa"
+provider = "openai"
+model = "gpt-4o-mini"
+base_url = "{sim}/v1"
+api_key_env = "{KEY_ENV}"
+
+[[deployments]]
+name = "an"
+provider = "anthropic"
+model = "claude-3-5-haiku-latest"
+base_url = "{sim}"
+api_key_env = "{KEY_ENV}"
+
+[[deployments]]
+name = "compat"
+provider = "openai"
+model = "local-model"
+base_url = "{compat}"
+api_key_env = "{KEY_ENV}"
+input_price_per_mtok = 1
+output_price_per_mtok = 2
+
+[[routes]]
+name = "chain"
+deployments = ["down", "oa"]
+
+[[routes]]
+name = "cross"
+deployments = ["oa", "an"]
+
+[[routes]]
+name = "to-anthropic"
+deployments = ["down", "an"]
+
+[[routes]]
+name = "single"
+deployments = ["oa"]
+max_attempts_per_deployment = 2
+"""
+
+
+@pytest.fixture
+def deps(db: Database, sim: SimControl, monkeypatch: pytest.MonkeyPatch, compat_url: str) -> Deps:
+    monkeypatch.setenv(KEY_ENV, "sk-test")
+    configure(Settings(redis_url="redis://127.0.0.1:1/0"))  # publishing is not under test here
+    settings = Settings(database_url=db.url, max_attempts_per_deployment=3, call_timeout_s=2)
+    from pathlib import Path
+
+    return Deps(
+        db=db,
+        config=parse_config(_config(sim.url, compat_url), Path("t.toml")),
+        settings=settings,
+        adapters=default_adapters(),
+        worker="test",
+        sleep=lambda _s: None,
+    )
+
+
+def _submit(deps: Deps, route: str, text: str = "hello", n: int = 1) -> list[str]:
+    tenant = create_api_key(deps.db, "t").tenant_id
+    body = {"model": route, "messages": [{"role": "user", "content": text}], "max_tokens": 20}
+    batch = create_batch(
+        deps.db,
+        tenant_id=tenant,
+        lines=[BatchLine(i + 1, f"c{i}", route, body) for i in range(n)],
+        priority=Priority.DEFAULT,
+        metadata=None,
+        completion_window_s=3600,
+    )
+    with deps.db.session() as session:
+        return list(session.scalars(select(Request.id).where(Request.batch_id == batch.id)))
+
+
+def _state(deps: Deps, request_id: str) -> tuple[Request, list[Attempt], Batch]:
+    with deps.db.session() as session:
+        request = session.get(Request, request_id)
+        attempts = list(
+            session.scalars(
+                select(Attempt).where(Attempt.request_id == request_id).order_by(Attempt.attempt_no)
+            )
+        )
+        batch = session.get(Batch, request.batch_id)  # type: ignore[union-attr]
+    return request, attempts, batch  # type: ignore[return-value]
+
+
+def test_a_dead_deployment_is_retried_then_the_chain_falls_back(deps: Deps) -> None:
+    """3 refused connections on the primary (each an attempt row, costing nothing), then the
+    secondary answers; the request says which deployment answered."""
+    (rid,) = _submit(deps, "chain")
+    run_request(rid, deps)
+    request, attempts, batch = _state(deps, rid)
+    assert request.status == "succeeded" and request.deployment == "oa" and request.attempt_count == 4
+    assert [(a.deployment, a.outcome) for a in attempts] == [("down", "retry")] * 3 + [("oa", "success")]
+    assert all(a.cost_usd == 0 for a in attempts[:3]) and attempts[3].cost_usd > 0
+    assert batch.status == "completed" and batch.cost_usd == request.cost_usd == attempts[3].cost_usd
+
+
+def test_a_chain_can_cross_providers(deps: Deps) -> None:
+    """OpenAI unreachable, Anthropic answers the same canonical request, translated both ways."""
+    (rid,) = _submit(deps, "to-anthropic")
+    run_request(rid, deps)
+    request, attempts, _ = _state(deps, rid)
+    assert request.status == "succeeded" and request.deployment == "an"
+    assert [a.deployment for a in attempts] == ["down"] * 3 + ["an"]
+    assert request.response["object"] == "chat.completion"  # type: ignore[index]
+
+
+def test_an_exhausted_chain_reports_the_last_error_of_each_deployment(deps: Deps) -> None:
+    """Overloaded everywhere: every attempt recorded, then failed with each deployment's error."""
+    (rid,) = _submit(deps, "cross", "[[sim:status=503]] hi")
+    run_request(rid, deps)
+    _, attempts, _ = _state(deps, rid)
+    assert [a.deployment for a in attempts] == ["oa"] * 3 + ["an"] * 3
+    request, _, batch = _state(deps, rid)
+    assert request.status == "failed" and batch.failed_count == 1
+    assert [d["deployment"] for d in request.error["deployments"]] == ["oa", "an"]  # type: ignore[index]
+    assert request.error["deployments"][0]["status"] == 503  # type: ignore[index]
+
+
+def test_a_request_fault_fails_at_once_without_trying_the_rest_of_the_chain(deps: Deps) -> None:
+    (rid,) = _submit(deps, "cross", "[[sim:status=400]] hi")
+    run_request(rid, deps)
+    request, attempts, _ = _state(deps, rid)
+    assert request.status == "failed" and [(a.deployment, a.outcome) for a in attempts] == [("oa", "fatal")]
+    assert request.error["status"] == 400  # type: ignore[index]
+
+
+def test_attempts_per_deployment_come_from_the_route(deps: Deps) -> None:
+    (rid,) = _submit(deps, "single", "[[sim:status=500]] hi")
+    run_request(rid, deps)
+    request, attempts, _ = _state(deps, rid)
+    assert request.status == "failed" and len(attempts) == 2
+
+
+def test_a_redelivered_finished_request_makes_no_call(deps: Deps, sim: SimControl) -> None:
+    (rid,) = _submit(deps, "single")
+    run_request(rid, deps)
+    run_request(rid, deps)
+    _, attempts, batch = _state(deps, rid)
+    assert len(attempts) == 1 and sum(sim.stats()["received"].values()) == 1 and batch.succeeded_count == 1
+
+
+def test_a_request_past_its_batch_window_expires_without_a_call(deps: Deps, sim: SimControl) -> None:
+    (rid,) = _submit(deps, "single")
+    with deps.db.write() as session:
+        batch = session.get(Batch, session.get(Request, rid).batch_id)  # type: ignore[union-attr]
+        batch.expires_at = batch.created_at - timedelta(seconds=1)  # type: ignore[union-attr]
+    run_request(rid, deps)
+    request, attempts, batch = _state(deps, rid)
+    assert request.status == "expired" and attempts == [] and batch.status == "expired"
+    assert sum(sim.stats()["received"].values()) == 0
+
+
+def test_long_retry_after_falls_back_instead_of_holding_the_slot(deps: Deps) -> None:
+    """A provider asking for a minute's wait: the next deployment is tried now instead."""
+    deps = replace(deps, settings=deps.settings.model_copy(update={"max_inline_wait_s": 5}))
+    (rid,) = _submit(deps, "cross", "[[sim:status=429]] [[sim:retry_after=60]] hi")
+    slept: list[float] = []
+    run_request(rid, replace(deps, sleep=slept.append))
+    _, attempts, _ = _state(deps, rid)
+    assert [a.deployment for a in attempts] == ["oa", "an"] and slept == []
+
+
+@pytest.fixture(scope="module")
+def compat_url() -> Iterator[str]:
+    """A minimal OpenAI-compatible server under its own path prefix, in the style of local model
+    servers: no rate-limit headers, bare usage, extra fields."""
+    app = FastAPI()
+    seen: list[dict[str, Any]] = []
+
+    @app.post("/serving/openai/v1/chat/completions")
+    def complete(body: dict[str, Any]) -> dict[str, Any]:
+        seen.append(body)
+        return {
+            "id": "cmpl-local-1",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body["model"],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "local answer"},
+                    "finish_reason": "stop",
+                    "stop_reason": None,
+                }
+            ],
+            "usage": {"prompt_tokens": 11, "completion_tokens": 2, "total_tokens": 13},
+            "kv_cache_usage": 0.1,
+        }
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}/serving/openai/v1"
+    server.should_exit = True
+    thread.join(5)
+
+
+def test_any_openai_compatible_base_url_works(deps: Deps) -> None:
+    """A producer naming a deployment's model reaches that deployment; price from the override."""
+    (rid,) = _submit(deps, "local-model")
+    run_request(rid, deps)
+    request, attempts, _ = _state(deps, rid)
+    assert request.status == "succeeded" and request.deployment == "compat"
+    assert request.response["choices"][0]["message"]["content"] == "local answer"  # type: ignore[index]
+    assert request.response["kv_cache_usage"] == 0.1  # the provider's own JSON is kept  # type: ignore[index]
+    assert attempts[0].cost_usd == Decimal("0.000015")  # 11 * 1/1M + 2 * 2/1M
