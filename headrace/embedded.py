@@ -126,7 +126,7 @@ class ManagedProcess:
 
 
 def start_redis(
-    data_dir: Path, *, port: int | None = None, appendonly: bool = True
+    data_dir: Path, *, port: int | None = None, appendonly: bool = True, env: Mapping[str, str] | None = None
 ) -> tuple[ManagedProcess, str]:
     """A redis-server on loopback, configured as a broker should be (AOF, no eviction)."""
     port = port or free_port()
@@ -152,7 +152,7 @@ def start_redis(
         "--protected-mode",
         "yes",
     ]
-    proc = ManagedProcess(f"redis-{port}", argv, log_dir=data_dir)
+    proc = ManagedProcess(f"redis-{port}", argv, log_dir=data_dir, env=env)
     url = f"redis://127.0.0.1:{port}/0"
     proc.wait_until(
         lambda: redis.Redis.from_url(url, socket_timeout=1).ping(), timeout_s=15, what="reachable"

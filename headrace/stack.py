@@ -96,7 +96,10 @@ class EmbeddedStack:
     def start(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
         logs = self.home / "logs"
-        redis_proc, redis_url = start_redis(self.home / "redis")
+        config_path = self.home / "headrace.toml"
+        # Every process of the stack carries its config path, so it can be told from others.
+        self.env = {"HEADRACE_CONFIG": str(config_path), "PYTHONUNBUFFERED": "1"}
+        redis_proc, redis_url = start_redis(self.home / "redis", env=self.env)
         self.processes.append(redis_proc)
 
         sim_port = free_port()
@@ -104,17 +107,16 @@ class EmbeddedStack:
         sim = self._spawn("simulator", ["simulate", "--port", str(sim_port), *self.simulator_args], logs)
         sim.wait_http(f"{self.simulator_url}/_sim/health")
 
-        config_path = self.home / "headrace.toml"
         config_path.write_text(self.config_template.format(sim=self.simulator_url, key_env=SIM_KEY_ENV))
         database_url = self.database_url or f"sqlite:///{self.home / 'headrace.db'}"
-        self.env = {
-            "HEADRACE_DATABASE_URL": database_url,
-            "HEADRACE_REDIS_URL": redis_url,
-            "HEADRACE_CONFIG": str(config_path),
-            SIM_KEY_ENV: "sk-simulated",
-            "PYTHONUNBUFFERED": "1",
-            **self.extra_env,
-        }
+        self.env.update(
+            {
+                "HEADRACE_DATABASE_URL": database_url,
+                "HEADRACE_REDIS_URL": redis_url,
+                SIM_KEY_ENV: "sk-simulated",
+                **self.extra_env,
+            }
+        )
         upgrade(database_url)
         self.api_key = create_api_key(get_database(database_url), "demo").key
 
