@@ -21,7 +21,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from headrace.stack import EmbeddedStack  # noqa: E402
+from headrace.stack import EmbeddedStack
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -46,7 +46,9 @@ def workload(n: int) -> bytes:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--workers", type=int, default=1, help="worker processes")
     parser.add_argument("--concurrency", type=int, default=32, help="threads per worker process")
@@ -57,7 +59,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="headrace-bench-") as home:
         stack = EmbeddedStack(
-            Path(home), database_url=args.database_url, workers=args.workers, worker_concurrency=args.concurrency,
+            Path(home),
+            database_url=args.database_url,
+            workers=args.workers,
+            worker_concurrency=args.concurrency,
             simulator_args=("--latency-ms", str(args.latency_ms)),
         )
         try:
@@ -65,10 +70,13 @@ def main() -> None:
             workers = [p for p in stack.processes if p.name.startswith("worker")]
             cpu_before = sum(cpu_seconds(p.pid) for p in workers)
             body = workload(args.requests)
-            with httpx.Client(base_url=stack.api_url, headers={"Authorization": f"Bearer {stack.api_key}"},
-                              timeout=300) as http:
+            with httpx.Client(
+                base_url=stack.api_url, headers={"Authorization": f"Bearer {stack.api_key}"}, timeout=300
+            ) as http:
                 started = time.monotonic()
-                response = http.post("/v1/batches", content=body, headers={"Content-Type": "application/jsonl"})
+                response = http.post(
+                    "/v1/batches", content=body, headers={"Content-Type": "application/jsonl"}
+                )
                 response.raise_for_status()
                 accepted_s = time.monotonic() - started
                 batch_id = response.json()["id"]
@@ -87,12 +95,16 @@ def main() -> None:
             stack.stop()
     done = view["request_counts"]["completed"]
     ledger = "PostgreSQL" if args.database_url else "SQLite"
-    print("| ledger | requests | workers x threads | provider latency | accept | wall | req/s | calls "
-          "| worker CPU | CPU/request | results download |")
+    print(
+        "| ledger | requests | workers x threads | provider latency | accept | wall | req/s | calls "
+        "| worker CPU | CPU/request | results download |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| {ledger} | {done}/{args.requests} ({lines} lines) | {args.workers} x {args.concurrency} "
-          f"| {args.latency_ms:.0f} ms | {accepted_s:.2f} s | {wall_s:.1f} s | {done / wall_s:.0f} | {calls} "
-          f"| {cpu_s:.1f} s | {cpu_s / max(done, 1) * 1000:.1f} ms | {download_s:.2f} s |")
+    print(
+        f"| {ledger} | {done}/{args.requests} ({lines} lines) | {args.workers} x {args.concurrency} "
+        f"| {args.latency_ms:.0f} ms | {accepted_s:.2f} s | {wall_s:.1f} s | {done / wall_s:.0f} | {calls} "
+        f"| {cpu_s:.1f} s | {cpu_s / max(done, 1) * 1000:.1f} ms | {download_s:.2f} s |"
+    )
 
 
 if __name__ == "__main__":
