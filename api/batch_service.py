@@ -18,10 +18,10 @@ from api.batch_input import BatchLine
 from api.errors import not_found
 from db.engine import Database
 from db.ids import new_id
-from db.models import Attempt, Batch, Request
+from db.models import Batch, Request
 from db.outbox import publish_pending
 from db.states import BatchStatus, Priority, RequestStatus
-from db.types import utcnow
+from db.types import format_usd, utcnow
 
 log = logging.getLogger(__name__)
 INSERT_CHUNK = 1000
@@ -116,7 +116,6 @@ def list_batches(
 
 
 def result_line(request: Request) -> dict[str, Any]:
-    ended = request.status in (RequestStatus.SUCCEEDED, RequestStatus.FAILED)
     return {
         "id": request.id,
         "custom_id": request.custom_id,
@@ -126,7 +125,7 @@ def result_line(request: Request) -> dict[str, Any]:
         "deployment": request.deployment,
         "attempts": request.attempt_count,
         "usage": {"input_tokens": request.input_tokens, "output_tokens": request.output_tokens},
-        "cost_usd": format(request.cost_usd.normalize(), "f") if ended or request.cost_usd else "0",
+        "cost_usd": format_usd(request.cost_usd),
     }
 
 
@@ -147,9 +146,3 @@ def iter_results(db: Database, batch_id: str) -> Iterator[bytes]:
             return
         yield b"".join(json.dumps(result_line(r), separators=(",", ":")).encode() + b"\n" for r in chunk)
         last_line = chunk[-1].line_no
-
-
-def attempts_of(session: Session, request_id: str) -> list[Attempt]:
-    return list(
-        session.scalars(select(Attempt).where(Attempt.request_id == request_id).order_by(Attempt.attempt_no))
-    )

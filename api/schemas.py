@@ -8,11 +8,7 @@ from pydantic import BaseModel, Field
 
 from db.models import Batch
 from db.states import Priority
-
-
-class BatchRequestIn(BaseModel):
-    custom_id: Any = None
-    body: Any = None
+from db.types import format_usd
 
 
 class CreateBatchIn(BaseModel):
@@ -74,7 +70,7 @@ class BatchOut(BaseModel):
                 in_progress=batch.total_count - ended,
             ),
             usage=TokenUsage(input_tokens=batch.input_tokens, output_tokens=batch.output_tokens),
-            cost_usd=format(batch.cost_usd.normalize(), "f") if batch.cost_usd else "0",
+            cost_usd=format_usd(batch.cost_usd),
             unpriced_attempts=batch.unpriced_attempts,
         )
 

@@ -59,11 +59,14 @@ class Deployment(BaseModel):
             raise ValueError("input_price_per_mtok and output_price_per_mtok must be given together")
         return self
 
+    @property
+    def key_env(self) -> str:
+        """The variable holding this deployment's key (the provider's usual one by default)."""
+        return self.api_key_env or f"{self.provider.upper()}_API_KEY"
+
     def api_key(self) -> str:
         """The key from the environment; the file only names the variable."""
-        if self.api_key_env is None:
-            return os.environ.get(f"{self.provider.upper()}_API_KEY", "")
-        return os.environ.get(self.api_key_env, "")
+        return os.environ.get(self.key_env, "")
 
 
 class Route(BaseModel):

@@ -31,7 +31,6 @@ class RequestStatus(StrEnum):
 TERMINAL_REQUEST_STATUSES = frozenset(
     {RequestStatus.SUCCEEDED, RequestStatus.FAILED, RequestStatus.CANCELLED, RequestStatus.EXPIRED}
 )
-OPEN_REQUEST_STATUSES = frozenset({RequestStatus.QUEUED, RequestStatus.RUNNING})
 
 
 class AttemptOutcome(StrEnum):

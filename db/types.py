@@ -42,5 +42,6 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def to_decimal(value: Decimal | int | str | None) -> Decimal | None:
-    return None if value is None else Decimal(value)
+def format_usd(value: Decimal) -> str:
+    """An exact amount as a plain decimal string, without exponent or trailing zeros."""
+    return format(value.normalize(), "f") if value else "0"

@@ -12,8 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import httpx
@@ -118,12 +117,6 @@ class ManagedProcess:
         finally:
             self._log.close()
 
-    def kill(self) -> None:
-        """SIGKILL, as a crash would: no cleanup runs."""
-        with suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(5)
-
 
 def start_redis(
     data_dir: Path, *, port: int | None = None, appendonly: bool = True, env: Mapping[str, str] | None = None
@@ -158,15 +151,6 @@ def start_redis(
         lambda: redis.Redis.from_url(url, socket_timeout=1).ping(), timeout_s=15, what="reachable"
     )
     return proc, url
-
-
-@contextmanager
-def running_redis(data_dir: Path, *, port: int | None = None, appendonly: bool = True) -> Iterator[str]:
-    proc, url = start_redis(data_dir, port=port, appendonly=appendonly)
-    try:
-        yield url
-    finally:
-        proc.stop()
 
 
 def headrace_command(*args: str) -> list[str]:

@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 import redis as redis_lib
@@ -14,6 +15,7 @@ import redis as redis_lib
 from db.engine import Database
 from db.migrate import upgrade
 from headrace.embedded import start_redis
+from headrace.stack import EmbeddedStack
 from tests.infra.postgres import running_postgres
 
 pytest_plugins = ["tests.simulator_fixture"]  # the session's simulator: `sim`, `sim_url`
@@ -122,3 +124,12 @@ def run_cli() -> Callable[..., str]:
         return done.stdout if expect_code == 0 else done.stderr
 
     return run
+
+
+@pytest.fixture
+def http(stack: EmbeddedStack) -> Iterator[httpx.Client]:
+    """An API client with the stack's key, for the module's ``stack`` fixture."""
+    with httpx.Client(
+        base_url=stack.api_url, headers={"Authorization": f"Bearer {stack.api_key}"}, timeout=30
+    ) as client:
+        yield client

@@ -88,14 +88,6 @@ def stack(
         stack.stop()
 
 
-@pytest.fixture
-def http(stack: EmbeddedStack) -> Iterator[httpx.Client]:
-    with httpx.Client(
-        base_url=stack.api_url, headers={"Authorization": f"Bearer {stack.api_key}"}, timeout=30
-    ) as client:
-        yield client
-
-
 def test_300_requests_over_two_priorities_and_routes_come_back_once_each_with_their_cost(
     stack: EmbeddedStack, http: httpx.Client
 ) -> None:

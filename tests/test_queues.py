@@ -39,14 +39,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
         stack.stop()
 
 
-@pytest.fixture
-def http(stack: EmbeddedStack) -> Iterator[httpx.Client]:
-    with httpx.Client(
-        base_url=stack.api_url, headers={"Authorization": f"Bearer {stack.api_key}"}, timeout=30
-    ) as client:
-        yield client
-
-
 def _starts(stack: EmbeddedStack, batch_id: str) -> list[datetime]:
     with get_database(stack.env["HEADRACE_DATABASE_URL"]).session() as session:
         return list(

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
+from functools import partial
 from typing import Any
 
 from broker_config.deployments import Deployment, DeploymentsConfig, Route
@@ -46,44 +47,43 @@ def run_request(request_id: str, deps: Deps) -> None:
     run = ledger.begin_run(
         deps.db,
         request_id,
-        stale_attempt_s=deps.settings.call_timeout_s + deps.settings.connect_timeout_s + 60,
-        estimate_lost=lambda name, tokens_in, tokens_out: _estimate_cost(
-            deps.config, name, tokens_in, tokens_out
-        ),
+        # An attempt older than any call can last has lost its worker.
+        stale_attempt_s=_longest_call_s(deps) + 60,
+        estimate_lost=partial(_estimate_cost, deps.config),
         estimated_output_tokens=lambda body: requested_max_tokens(body, deps.settings.default_max_tokens),
     )
     if run is None:
         return
     route = deps.config.resolve(run.model)
     if route is None:
-        ledger.end_run(
-            deps.db,
-            request_id,
-            ledger.RequestEnd(
-                RequestStatus.FAILED,
-                error={
-                    "kind": "config",
-                    "message": f"no route or deployment serves model {run.model!r} any more",
-                },
-            ),
-        )
+        message = f"no route or deployment serves model {run.model!r} any more"
+        _end(deps, request_id, RequestStatus.FAILED, {"kind": "config", "message": message})
         return
     failures: list[dict[str, Any]] = []
     for name in route.deployments:
         if _try_deployment(run, deps.config.deployment(name), route, deps, failures):
             return
-    ledger.end_run(
-        deps.db,
+    message = f"every deployment of route {route.name!r} failed"
+    _end(
+        deps,
         request_id,
-        ledger.RequestEnd(
-            RequestStatus.FAILED,
-            error={
-                "kind": "exhausted",
-                "message": f"every deployment of route {route.name!r} failed",
-                "deployments": failures,
-            },
-            deployment=failures[-1]["deployment"] if failures else None,
-        ),
+        RequestStatus.FAILED,
+        {"kind": "exhausted", "message": message, "deployments": failures},
+        deployment=failures[-1]["deployment"] if failures else None,
+    )
+
+
+def _end(
+    deps: Deps, request_id: str, status: RequestStatus, error: dict[str, Any], deployment: str | None = None
+) -> None:
+    ledger.end_run(deps.db, request_id, ledger.RequestEnd(status, error=error, deployment=deployment))
+
+
+def _longest_call_s(deps: Deps) -> float:
+    settings = deps.settings
+    return max(
+        (d.timeout_s or settings.call_timeout_s) + (d.connect_timeout_s or settings.connect_timeout_s)
+        for d in deps.config.deployments
     )
 
 
@@ -103,14 +103,8 @@ def _try_deployment(
     adapter = deps.adapters[deployment.provider]
     for retry_no in range(max_attempts):
         if utcnow() >= run.expires_at:
-            ledger.end_run(
-                deps.db,
-                run.request_id,
-                ledger.RequestEnd(
-                    RequestStatus.EXPIRED,
-                    error={"kind": "expired", "message": "the batch's completion window passed"},
-                ),
-            )
+            message = "the batch's completion window passed"
+            _end(deps, run.request_id, RequestStatus.EXPIRED, {"kind": "expired", "message": message})
             return True
         attempt_no = ledger.begin_attempt(
             deps.db,

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, UploadFile
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
 
 from api import batch_service
 from api.batch_input import BatchLine, BatchValidator, LineSplitter
@@ -100,11 +101,11 @@ async def create_batch(request: Request, context: Context, tenant: CurrentTenant
     elif content_type == "multipart/form-data":
         form = await request.form()
         upload = form.get("file")
-        if not isinstance(upload, UploadFile) and not hasattr(upload, "read"):
+        if not isinstance(upload, UploadFile):
             raise ApiError(400, "invalid_request", "multipart upload needs a 'file' field holding the JSONL")
         params.update({k: v for k, v in form.items() if isinstance(v, str)})
         validator = BatchValidator(context.config, settings.max_batch_lines)
-        lines = await _lines_from_stream(_upload_chunks(upload), validator, settings.max_batch_bytes)  # type: ignore[arg-type]
+        lines = await _lines_from_stream(_upload_chunks(upload), validator, settings.max_batch_bytes)
         priority, metadata = _priority(params.get("priority")), _metadata(params.get("metadata"))
     elif content_type in JSONL_TYPES:
         validator = BatchValidator(context.config, settings.max_batch_lines)

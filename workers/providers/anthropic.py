@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
 import anthropic
 
 from workers.providers.anthropic_translate import chat_to_messages, message_to_chat, usage_from_message
-from workers.providers.base import CallFailed, ProviderCall, ProviderReply, TranslationError, Usage
+from workers.providers.base import (
+    CallFailed,
+    ClientCache,
+    ProviderCall,
+    ProviderReply,
+    TranslationError,
+    Usage,
+)
 from workers.providers.headers import rate_limit_headers, retry_after_s
 
 
@@ -17,24 +23,7 @@ class AnthropicAdapter:
     name = "anthropic"
 
     def __init__(self) -> None:
-        self._clients: dict[tuple[str | None, str], anthropic.Anthropic] = {}
-        self._lock = threading.Lock()
-
-    def _client(self, call: ProviderCall) -> anthropic.Anthropic:
-        dep = call.deployment
-        api_key = dep.api_key()
-        if not api_key:
-            raise CallFailed(
-                f"deployment {dep.name!r}: no API key (set ${dep.api_key_env or 'ANTHROPIC_API_KEY'})",
-                kind="unavailable",
-            )
-        with self._lock:
-            client = self._clients.get((dep.base_url, api_key))
-            if client is None:
-                # Retries off: anthropic 2.x would otherwise sleep any retry-after inside our slot.
-                client = anthropic.Anthropic(api_key=api_key, base_url=dep.base_url, max_retries=0)
-                self._clients[(dep.base_url, api_key)] = client
-            return client
+        self._clients = ClientCache(_build_client)
 
     def complete(self, call: ProviderCall) -> ProviderReply:
         try:
@@ -43,7 +32,7 @@ class AnthropicAdapter:
             )
         except TranslationError as exc:
             raise CallFailed(str(exc), kind="translation") from exc
-        client = self._client(call)
+        client = self._clients.get(call)
         required = {k: wire.pop(k) for k in ("model", "max_tokens", "messages")}
         try:
             raw = client.messages.with_raw_response.create(
@@ -76,6 +65,11 @@ class AnthropicAdapter:
             headers=rate_limit_headers(raw.headers),
             provider_request_id=raw.request_id,
         )
+
+
+def _build_client(call: ProviderCall, api_key: str) -> anthropic.Anthropic:
+    # Retries off: anthropic 2.x would otherwise sleep any retry-after inside our slot.
+    return anthropic.Anthropic(api_key=api_key, base_url=call.deployment.base_url, max_retries=0)
 
 
 def _status_failure(exc: anthropic.APIStatusError) -> CallFailed:

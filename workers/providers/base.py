@@ -19,8 +19,10 @@ policy's job (``workers.policy``), in one place::
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from broker_config.deployments import Deployment
 
@@ -106,3 +108,31 @@ class ProviderAdapter(Protocol):
     name: str
 
     def complete(self, call: ProviderCall) -> ProviderReply: ...
+
+
+Client = TypeVar("Client")
+
+
+class ClientCache(Generic[Client]):
+    """One SDK client per endpoint, key and timeouts, shared by a worker's threads.
+
+    SDK clients are thread-safe and hold a connection pool, so building one per call would
+    throw the pool away every time.
+    """
+
+    def __init__(self, build: Callable[[ProviderCall, str], Client]) -> None:
+        self._build = build
+        self._clients: dict[tuple[str | None, str, float, float], Client] = {}
+        self._lock = threading.Lock()
+
+    def get(self, call: ProviderCall) -> Client:
+        dep = call.deployment
+        api_key = dep.api_key()
+        if not api_key:
+            raise CallFailed(f"deployment {dep.name!r}: no API key (set ${dep.key_env})", kind="unavailable")
+        key = (dep.base_url, api_key, call.timeout_s, call.connect_timeout_s)
+        with self._lock:
+            client = self._clients.get(key)
+            if client is None:
+                client = self._clients[key] = self._build(call, api_key)
+            return client

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import openai
 from pydantic import ValidationError
 
-from workers.providers.base import CallFailed, ProviderCall, ProviderReply, Usage
+from workers.providers.base import CallFailed, ClientCache, ProviderCall, ProviderReply, Usage
 from workers.providers.headers import rate_limit_headers, retry_after_s
 
 # Keys sent as typed arguments; everything else in the canonical body rides in extra_body, so
@@ -20,33 +19,10 @@ class OpenAIAdapter:
     name = "openai"
 
     def __init__(self) -> None:
-        self._clients: dict[tuple[str | None, str, float, float], openai.OpenAI] = {}
-        self._lock = threading.Lock()
-
-    def _client(self, call: ProviderCall) -> openai.OpenAI:
-        dep = call.deployment
-        api_key = dep.api_key()
-        if not api_key:
-            raise CallFailed(
-                f"deployment {dep.name!r}: no API key (set ${dep.api_key_env or 'OPENAI_API_KEY'})",
-                kind="unavailable",
-            )
-        key = (dep.base_url, api_key, call.timeout_s, call.connect_timeout_s)
-        with self._lock:
-            client = self._clients.get(key)
-            if client is None:
-                # One client per endpoint and key, shared by the worker's threads (thread-safe).
-                client = openai.OpenAI(
-                    api_key=api_key,
-                    base_url=dep.base_url,
-                    max_retries=0,  # our policy owns every retry, so every attempt is seen and costed
-                    timeout=openai.Timeout(call.timeout_s, connect=call.connect_timeout_s),
-                )
-                self._clients[key] = client
-            return client
+        self._clients = ClientCache(_build_client)
 
     def complete(self, call: ProviderCall) -> ProviderReply:
-        client = self._client(call)
+        client = self._clients.get(call)
         extra = {k: v for k, v in call.body.items() if k not in _TYPED}
         try:
             raw = client.chat.completions.with_raw_response.create(
@@ -81,6 +57,15 @@ class OpenAIAdapter:
             headers=rate_limit_headers(raw.headers),
             provider_request_id=raw.request_id,
         )
+
+
+def _build_client(call: ProviderCall, api_key: str) -> openai.OpenAI:
+    return openai.OpenAI(
+        api_key=api_key,
+        base_url=call.deployment.base_url,
+        max_retries=0,  # our policy owns every retry, so every attempt is seen and costed
+        timeout=openai.Timeout(call.timeout_s, connect=call.connect_timeout_s),
+    )
 
 
 def _status_failure(exc: openai.APIStatusError) -> CallFailed:
