@@ -64,6 +64,23 @@ class Deployment(BaseModel):
         """The variable holding this deployment's key (the provider's usual one by default)."""
         return self.api_key_env or f"{self.provider.upper()}_API_KEY"
 
+    def limits(self) -> dict[str, int]:
+        """The per-minute limits the bucket enforces for this deployment, by name.
+
+        OpenAI counts requests and tokens (prompt + max_tokens at admission). Anthropic counts
+        requests, input tokens and output tokens separately; without itpm/otpm, ``tpm`` bounds
+        the sum instead.
+        """
+        limits = {"requests": self.rpm}
+        if self.provider == "anthropic" and (self.itpm or self.otpm):
+            if self.itpm:
+                limits["input_tokens"] = self.itpm
+            if self.otpm:
+                limits["output_tokens"] = self.otpm
+        else:
+            limits["tokens"] = self.tpm
+        return limits
+
     def api_key(self) -> str:
         """The key from the environment; the file only names the variable."""
         return os.environ.get(self.key_env, "")
@@ -77,11 +94,25 @@ class Route(BaseModel):
     max_attempts_per_deployment: int | None = Field(default=None, ge=1)
 
 
+class TenantLimits(BaseModel):
+    """A tenant's own ceiling on every deployment, on top of the deployment's limits."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    rpm: int | None = Field(default=None, gt=0)
+    tpm: int | None = Field(default=None, gt=0)
+
+    def limits(self) -> dict[str, int]:
+        return {k: v for k, v in (("requests", self.rpm), ("tokens", self.tpm)) if v is not None}
+
+
 class DeploymentsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     deployments: tuple[Deployment, ...] = Field(min_length=1)
     routes: tuple[Route, ...] = ()
+    tenants: tuple[TenantLimits, ...] = ()
 
     @model_validator(mode="after")
     def _names_resolve(self) -> DeploymentsConfig:
@@ -99,7 +130,15 @@ class DeploymentsConfig(BaseModel):
             for dep_name in route.deployments:
                 if dep_name not in seen:
                     raise _EntryError(where, "deployments", f"unknown deployment {dep_name!r}")
+        tenant_names: set[str] = set()
+        for i, tenant in enumerate(self.tenants):
+            if tenant.name in tenant_names:
+                raise _EntryError(f"tenants[{i}] (name={tenant.name!r})", "name", "duplicate name")
+            tenant_names.add(tenant.name)
         return self
+
+    def tenant_limits(self, name: str) -> TenantLimits | None:
+        return next((t for t in self.tenants if t.name == name), None)
 
     def deployment(self, name: str) -> Deployment:
         for dep in self.deployments:

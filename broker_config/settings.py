@@ -38,6 +38,23 @@ class Settings(BaseSettings):
     # kombu redelivers anything unacked for longer than this; it must exceed the longest
     # fetch-to-ack time (all attempts and backoffs of one request). Same on every process.
     visibility_timeout_s: int = Field(default=1800, ge=10)
+    # Rate limits (the shared bucket)
+    bucket_max_inline_wait_s: float = Field(
+        default=2.0,
+        ge=0,
+        description="Waits for tokens up to this long happen in place; longer ones go "
+        "back to the queue with a delay (or to the next deployment of the chain).",
+    )
+    bucket_floor_default: float = Field(
+        default=0.05,
+        ge=0,
+        lt=1,
+        description="Share of each limit a default-priority request must leave for interactive ones.",
+    )
+    bucket_floor_bulk: float = Field(default=0.10, ge=0, lt=1, description="Same, for bulk requests.")
+    rate_factor_on_429: float = Field(default=0.7, gt=0, le=1)
+    rate_factor_min: float = Field(default=0.2, gt=0, le=1)
+    rate_factor_recovery_per_s: float = Field(default=0.01, ge=0)
     sweep_interval_s: float = Field(default=5.0, gt=0)
     publish_grace_s: float = Field(default=30.0, ge=0)
     default_max_tokens: int = Field(default=1024, ge=1)

@@ -9,9 +9,11 @@ from collections.abc import Iterator
 from dataclasses import replace
 from datetime import timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
+import redis as redis_lib
 import uvicorn
 from fastapi import FastAPI
 from sqlalchemy import select
@@ -27,6 +29,8 @@ from db.states import Priority
 from db.tenants import create_api_key
 from headrace.embedded import free_port
 from tests.simulator_fixture import SimControl
+from workers.bucket import Bucket
+from workers.delays import DelayQueue
 from workers.pipeline import Deps, run_request
 from workers.providers import default_adapters
 
@@ -86,17 +90,19 @@ max_attempts_per_deployment = 2
 
 
 @pytest.fixture
-def deps(db: Database, sim: SimControl, monkeypatch: pytest.MonkeyPatch, compat_url: str) -> Deps:
+def deps(
+    db: Database, sim: SimControl, monkeypatch: pytest.MonkeyPatch, compat_url: str, redis: redis_lib.Redis
+) -> Deps:
     monkeypatch.setenv(KEY_ENV, "sk-test")
     configure(Settings(redis_url="redis://127.0.0.1:1/0"))  # publishing is not under test here
     settings = Settings(database_url=db.url, max_attempts_per_deployment=3, call_timeout_s=2)
-    from pathlib import Path
-
     return Deps(
         db=db,
         config=parse_config(_config(sim.url, compat_url), Path("t.toml")),
         settings=settings,
         adapters=default_adapters(),
+        bucket=Bucket(redis),
+        delays=DelayQueue(redis),
         worker="test",
         sleep=lambda _s: None,
     )

@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.engine import Database
-from db.models import Attempt, Batch, Request
+from db.models import Attempt, Batch, Request, Tenant
 from db.states import TERMINAL_REQUEST_STATUSES, AttemptOutcome, BatchStatus, RequestStatus
 from db.types import utcnow
 from workers.providers.base import Usage
@@ -36,6 +36,7 @@ class RunStart:
     body: dict[str, Any]
     priority: str
     expires_at: datetime
+    tenant: str
 
 
 @dataclass(frozen=True)
@@ -172,6 +173,7 @@ def begin_run(
         request.status = RequestStatus.RUNNING
         request.started_at = request.started_at or now
         request.deliveries += 1
+        tenant = session.get(Tenant, batch.tenant_id)
         return RunStart(
             request_id=request.id,
             batch_id=batch.id,
@@ -179,6 +181,7 @@ def begin_run(
             body=request.body,
             priority=request.priority,
             expires_at=batch.expires_at,
+            tenant=tenant.name if tenant else batch.tenant_id,
         )
 
     return db.transact(unit)
@@ -271,5 +274,29 @@ def end_run(db: Database, request_id: str, end: RequestEnd) -> None:
             return
         batch = _lock_batch(session, request.batch_id)
         end_request(session, request, batch, end, utcnow())
+
+    db.transact(unit)
+
+
+def defer_run(db: Database, request_id: str) -> None:
+    """Hand a running request back to the queue (it waits in the delay queue meanwhile)."""
+
+    def unit(session: Session) -> None:
+        request = _lock_request(session, request_id)
+        if request is not None and request.status == RequestStatus.RUNNING:
+            request.status = RequestStatus.QUEUED
+
+    db.transact(unit)
+
+
+def return_to_outbox(db: Database, request_id: str) -> None:
+    """A request that could not run for want of Redis: queued and unpublished again, so that the
+    publisher sweep sends it once the broker is back."""
+
+    def unit(session: Session) -> None:
+        request = _lock_request(session, request_id)
+        if request is not None and request.status in (RequestStatus.QUEUED, RequestStatus.RUNNING):
+            request.status = RequestStatus.QUEUED
+            request.published_at = None
 
     db.transact(unit)

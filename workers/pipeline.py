@@ -1,4 +1,4 @@
-"""One request, top to bottom: claim it, walk its route's chain, call, classify, record."""
+"""One request, top to bottom: claim it, walk its route's chain, reserve, call, classify, record."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
+from enum import Enum
 from functools import partial
 from typing import Any
 
@@ -16,8 +17,12 @@ from db.engine import Database
 from db.states import AttemptOutcome, RequestStatus
 from db.types import utcnow
 from workers import ledger
+from workers.accounting import estimate_call, settlement
+from workers.admission import TooLarge, Wait, admit, settle
+from workers.bucket import Bucket
 from workers.costing import call_cost_usd
-from workers.estimate import estimate_prompt_tokens, requested_max_tokens
+from workers.delays import DelayQueue
+from workers.estimate import requested_max_tokens
 from workers.policy import Step, backoff_s, classify
 from workers.providers.base import CallFailed, ProviderAdapter, ProviderCall, ProviderReply, Usage
 
@@ -38,12 +43,31 @@ class Deps:
     config: DeploymentsConfig
     settings: Settings
     adapters: Mapping[str, ProviderAdapter]
+    bucket: Bucket
+    delays: DelayQueue
     worker: str
     sleep: Callable[[float], None] = field(default=time.sleep)
 
 
+class Next(Enum):
+    DONE = "done"  # the request has ended (any way)
+    FALL_BACK = "fall_back"  # try the next deployment of the chain
+
+
+@dataclass
+class Chain:
+    """What the walk down a route's chain has learned so far."""
+
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    soonest_room_s: float | None = None  # the shortest wait a busy deployment asked for
+
+    def busy(self, wait: Wait) -> None:
+        if self.soonest_room_s is None or wait.seconds < self.soonest_room_s:
+            self.soonest_room_s = wait.seconds
+
+
 def run_request(request_id: str, deps: Deps) -> None:
-    """Run one request to its end. Safe to call again for the same id (redelivery)."""
+    """Run one request to its end, or park it until a deployment has room. Safe to call again."""
     run = ledger.begin_run(
         deps.db,
         request_id,
@@ -59,17 +83,22 @@ def run_request(request_id: str, deps: Deps) -> None:
         message = f"no route or deployment serves model {run.model!r} any more"
         _end(deps, request_id, RequestStatus.FAILED, {"kind": "config", "message": message})
         return
-    failures: list[dict[str, Any]] = []
+    chain = Chain()
     for name in route.deployments:
-        if _try_deployment(run, deps.config.deployment(name), route, deps, failures):
+        if _try_deployment(run, deps.config.deployment(name), route, deps, chain) is Next.DONE:
             return
+    if chain.soonest_room_s is not None:
+        # Every deployment that could take it is full for now: wait in the delay queue, not in a slot.
+        ledger.defer_run(deps.db, request_id)
+        deps.delays.park(request_id, run.priority, chain.soonest_room_s)
+        return
     message = f"every deployment of route {route.name!r} failed"
     _end(
         deps,
         request_id,
         RequestStatus.FAILED,
-        {"kind": "exhausted", "message": message, "deployments": failures},
-        deployment=failures[-1]["deployment"] if failures else None,
+        {"kind": "exhausted", "message": message, "deployments": chain.failures},
+        deployment=chain.failures[-1]["deployment"] if chain.failures else None,
     )
 
 
@@ -88,9 +117,9 @@ def _longest_call_s(deps: Deps) -> float:
 
 
 def _try_deployment(
-    run: ledger.RunStart, deployment: Deployment, route: Route, deps: Deps, failures: list[dict[str, Any]]
-) -> bool:
-    """Attempts on one deployment; True when the request has ended (any way), False to fall back."""
+    run: ledger.RunStart, deployment: Deployment, route: Route, deps: Deps, chain: Chain
+) -> Next:
+    """Attempts on one deployment, each with room reserved in its bucket first."""
     settings = deps.settings
     max_attempts = route.max_attempts_per_deployment or settings.max_attempts_per_deployment
     call = ProviderCall(
@@ -100,76 +129,59 @@ def _try_deployment(
         connect_timeout_s=deployment.connect_timeout_s or settings.connect_timeout_s,
         default_max_tokens=deployment.max_output_tokens or settings.default_max_tokens,
     )
-    adapter = deps.adapters[deployment.provider]
+    estimate = estimate_call(deployment, run.body, settings.default_max_tokens)
     for retry_no in range(max_attempts):
         if utcnow() >= run.expires_at:
             message = "the batch's completion window passed"
             _end(deps, run.request_id, RequestStatus.EXPIRED, {"kind": "expired", "message": message})
-            return True
+            return Next.DONE
+        ticket = admit(
+            deps.bucket,
+            deployment,
+            estimate,
+            request_id=run.request_id,
+            priority=run.priority,
+            tenant=deps.config.tenant_limits(run.tenant),
+            max_inline_wait_s=settings.bucket_max_inline_wait_s,
+            sleep=deps.sleep,
+        )
+        if isinstance(ticket, Wait):
+            chain.busy(ticket)
+            return Next.FALL_BACK
+        if isinstance(ticket, TooLarge):
+            chain.failures.append(
+                {"kind": "too_large", "deployment": deployment.name, "message": ticket.message}
+            )
+            return Next.FALL_BACK
         attempt_no = ledger.begin_attempt(
             deps.db,
             run.request_id,
             deployment=deployment.name,
             provider=deployment.provider,
             model=deployment.model,
-            estimated_input_tokens=estimate_prompt_tokens(run.body),
+            estimated_input_tokens=estimate.prompt_tokens,
             worker=deps.worker,
         )
-        if attempt_no is None:
-            return True  # ended elsewhere (cancelled, or a duplicate delivery finished it)
+        if attempt_no is None:  # ended elsewhere (cancelled, or a duplicate delivery finished it)
+            settle(
+                deps.bucket,
+                ticket,
+                settlement(deployment, estimate, CallFailed("not called", kind="unavailable")),
+            )
+            return Next.DONE
         started = time.monotonic()
-        outcome = call_provider(adapter, call)
+        outcome = call_provider(deps.adapters[deployment.provider], call)
         latency_ms = round((time.monotonic() - started) * 1000)
-        if isinstance(outcome, ProviderReply):
-            ledger.finish_attempt(
-                deps.db,
-                run.request_id,
-                attempt_no,
-                ledger.AttemptResult(
-                    AttemptOutcome.SUCCESS,
-                    latency_ms,
-                    http_status=outcome.http_status,
-                    usage=outcome.usage,
-                    cost_usd=call_cost_usd(deployment, outcome.usage),
-                    provider_request_id=outcome.provider_request_id,
-                ),
-                ledger.RequestEnd(RequestStatus.SUCCEEDED, response=outcome.body, deployment=deployment.name),
-            )
-            return True
-        step = classify(outcome)
-        error = {**outcome.as_error(), "deployment": deployment.name, "attempt": attempt_no}
-        result = ledger.AttemptResult(
-            _OUTCOME_OF_STEP[step],
-            latency_ms,
-            http_status=outcome.status,
-            error=error,
-            provider_request_id=outcome.provider_request_id,
-        )
-        log.info(
-            "request %s attempt %d on %s: %s -> %s",
-            run.request_id,
-            attempt_no,
-            deployment.name,
-            outcome.message[:200],
-            step,
-        )
-        if step is Step.FAIL:
-            ledger.finish_attempt(
-                deps.db,
-                run.request_id,
-                attempt_no,
-                result,
-                ledger.RequestEnd(
-                    RequestStatus.FAILED,
-                    error=error,
-                    deployment=deployment.name,
-                ),
-            )
-            return True
-        ledger.finish_attempt(deps.db, run.request_id, attempt_no, result)
+        settle(deps.bucket, ticket, settlement(deployment, estimate, outcome))
+        step = _record(deps, run, deployment, attempt_no, outcome, latency_ms)
+        if step is None:
+            return Next.DONE
+        assert isinstance(outcome, CallFailed)
         if step is Step.FALL_BACK or retry_no + 1 == max_attempts:
-            failures.append(error)
-            return False
+            chain.failures.append(outcome_error(outcome, deployment, attempt_no))
+            return Next.FALL_BACK
+        if outcome.status == 429:
+            continue  # the bucket now holds every worker back for the provider's retry-after
         delay = backoff_s(
             retry_no,
             base_s=settings.backoff_base_s,
@@ -178,10 +190,65 @@ def _try_deployment(
         )
         if delay > settings.max_inline_wait_s:
             # Holding a worker slot this long starves every other request; let the chain go on.
-            failures.append({**error, "message": f"{error['message']} (asked to wait {delay:.0f}s)"})
-            return False
+            error = outcome_error(outcome, deployment, attempt_no)
+            chain.failures.append({**error, "message": f"{error['message']} (asked to wait {delay:.0f}s)"})
+            return Next.FALL_BACK
         deps.sleep(delay)
-    return False
+    return Next.FALL_BACK
+
+
+def outcome_error(outcome: CallFailed, deployment: Deployment, attempt_no: int) -> dict[str, Any]:
+    return {**outcome.as_error(), "deployment": deployment.name, "attempt": attempt_no}
+
+
+def _record(
+    deps: Deps,
+    run: ledger.RunStart,
+    deployment: Deployment,
+    attempt_no: int,
+    outcome: ProviderReply | CallFailed,
+    latency_ms: int,
+) -> Step | None:
+    """Write the attempt (and, when it decides the request, its end). None when the request ended."""
+    if isinstance(outcome, ProviderReply):
+        ledger.finish_attempt(
+            deps.db,
+            run.request_id,
+            attempt_no,
+            ledger.AttemptResult(
+                AttemptOutcome.SUCCESS,
+                latency_ms,
+                http_status=outcome.http_status,
+                usage=outcome.usage,
+                cost_usd=call_cost_usd(deployment, outcome.usage),
+                provider_request_id=outcome.provider_request_id,
+            ),
+            ledger.RequestEnd(RequestStatus.SUCCEEDED, response=outcome.body, deployment=deployment.name),
+        )
+        return None
+    step = classify(outcome)
+    error = outcome_error(outcome, deployment, attempt_no)
+    result = ledger.AttemptResult(
+        _OUTCOME_OF_STEP[step],
+        latency_ms,
+        http_status=outcome.status,
+        error=error,
+        provider_request_id=outcome.provider_request_id,
+    )
+    log.info(
+        "request %s attempt %d on %s: %s -> %s",
+        run.request_id,
+        attempt_no,
+        deployment.name,
+        outcome.message[:200],
+        step,
+    )
+    if step is Step.FAIL:
+        end = ledger.RequestEnd(RequestStatus.FAILED, error=error, deployment=deployment.name)
+        ledger.finish_attempt(deps.db, run.request_id, attempt_no, result, end)
+        return None
+    ledger.finish_attempt(deps.db, run.request_id, attempt_no, result)
+    return step
 
 
 def call_provider(adapter: ProviderAdapter, call: ProviderCall) -> ProviderReply | CallFailed:

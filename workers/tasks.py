@@ -8,50 +8,95 @@ import socket
 from functools import lru_cache
 from typing import Any
 
+import redis
 from celery.signals import worker_ready, worker_shutdown
+from kombu.exceptions import OperationalError as BrokerError
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from broker_config.celery_app import app
 from broker_config.deployments import load_config
 from broker_config.queues import RUN_REQUEST_TASK
-from broker_config.settings import get_settings
+from broker_config.settings import Settings, get_settings
 from db.engine import get_database
+from db.states import Priority
+from workers import ledger
+from workers.bucket import Bucket, BucketPolicy
+from workers.delays import DelayQueue
+from workers.housekeeping import Housekeeper
 from workers.pipeline import Deps, run_request
 from workers.providers import default_adapters
-from workers.sweeper import PublisherSweep
 
 log = logging.getLogger(__name__)
+
+
+def bucket_redis(settings: Settings) -> redis.Redis:
+    """The client for buckets and delays: short timeouts, a few quick retries, never a long hang."""
+    return redis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=2,
+        socket_connect_timeout=2,
+        health_check_interval=30,
+        retry=Retry(ExponentialBackoff(cap=1, base=0.05), 3),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    )
+
+
+def bucket_policy(settings: Settings) -> BucketPolicy:
+    return BucketPolicy(
+        floors={
+            Priority.INTERACTIVE: 0.0,
+            Priority.DEFAULT: settings.bucket_floor_default,
+            Priority.BULK: settings.bucket_floor_bulk,
+        },
+        # A reservation outlives any call, so that a slow call still gets its refund.
+        reservation_ttl_s=settings.call_timeout_s * 2 + 60,
+        factor_drop=settings.rate_factor_on_429,
+        factor_min=settings.rate_factor_min,
+        factor_recovery_per_s=settings.rate_factor_recovery_per_s,
+    )
 
 
 @lru_cache(maxsize=1)
 def default_deps() -> Deps:
     """Built once per worker process: one engine, one SDK client per endpoint, shared by threads."""
     settings = get_settings()
+    client = bucket_redis(settings)
     return Deps(
         db=get_database(settings.database_url),
         config=load_config(settings.config),
         settings=settings,
         adapters=default_adapters(),
+        bucket=Bucket(client, bucket_policy(settings)),
+        delays=DelayQueue(client),
         worker=f"{socket.gethostname()}:{os.getpid()}",
     )
 
 
 @app.task(name=RUN_REQUEST_TASK)
 def run_request_task(request_id: str) -> None:
-    run_request(request_id, default_deps())
+    deps = default_deps()
+    try:
+        run_request(request_id, deps)
+    except (redis.RedisError, BrokerError) as exc:
+        # Redis went away mid-run: hand the request back to the ledger's outbox, from which the
+        # publisher sweep publishes it again once Redis is back. Nothing is lost.
+        log.warning("request %s returned to the outbox: Redis unreachable (%s)", request_id, exc)
+        ledger.return_to_outbox(deps.db, request_id)
 
 
-_sweeps: list[PublisherSweep] = []
+_housekeepers: list[Housekeeper] = []
 
 
 @worker_ready.connect
-def _start_sweep(**_: Any) -> None:
+def _start_housekeeping(**_: Any) -> None:
     deps = default_deps()
-    sweep = PublisherSweep(deps.db, deps.settings)
-    sweep.start()
-    _sweeps.append(sweep)
+    housekeeper = Housekeeper(deps.db, deps.settings, deps.bucket.redis, deps.delays)
+    housekeeper.start()
+    _housekeepers.append(housekeeper)
 
 
 @worker_shutdown.connect
-def _stop_sweep(**_: Any) -> None:
-    for sweep in _sweeps:
-        sweep.stop()
+def _stop_housekeeping(**_: Any) -> None:
+    for housekeeper in _housekeepers:
+        housekeeper.stop()

@@ -1,0 +1,39 @@
+"""Every Redis key Headrace writes (besides kombu's own), built in one place.
+
+The keys of one deployment share the hash tag ``{deployment}``, so that the bucket scripts,
+which touch several of them at once, stay valid on Redis Cluster.
+"""
+
+from __future__ import annotations
+
+PREFIX = "headrace"
+
+
+def publisher_sweep_lock() -> str:
+    """Held by the one worker running the publisher sweep at a time."""
+    return f"{PREFIX}:lock:publisher-sweep"
+
+
+def delayed_requests() -> str:
+    """Sorted set of requests waiting to be published again: member "priority|id", score ready-at ms."""
+    return f"{PREFIX}:delayed"
+
+
+def bucket(deployment: str) -> str:
+    """Hash: a deployment's levels, learned limits, pause, rate factor and counters."""
+    return f"{PREFIX}:{{{deployment}}}:bucket"
+
+
+def reservations(deployment: str) -> str:
+    """Hash: reservation id -> what it took, until the call is settled."""
+    return f"{PREFIX}:{{{deployment}}}:resv"
+
+
+def reservation_expiry(deployment: str) -> str:
+    """Sorted set: reservation id -> expiry ms (a dead worker's reservation stops counting)."""
+    return f"{PREFIX}:{{{deployment}}}:resv-exp"
+
+
+def tenant_bucket(deployment: str, tenant: str) -> str:
+    """Hash: one tenant's own ceiling on one deployment."""
+    return f"{PREFIX}:{{{deployment}}}:tenant:{tenant}"

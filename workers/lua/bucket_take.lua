@@ -1,0 +1,87 @@
+-- Take every limit of a call at once, or nothing.
+--
+-- KEYS[1] deployment bucket hash    {dep}   levels, learned limits, pause, factor, counters
+-- KEYS[2] reservations hash         {dep}   reservation id -> "taken_at|name=cost,...|tenant charges"
+-- KEYS[3] reservation expiry zset   {dep}   reservation id -> expiry (ms)
+-- KEYS[4] tenant bucket hash        {dep}   levels of the tenant's own ceiling (may be unused)
+-- ARGV[1] clock override (ms) or ''        ARGV[2] reservation id
+-- ARGV[3] floor: fraction of each capacity this priority must leave in the bucket (0..1)
+-- ARGV[4] reservation ttl (ms)             ARGV[5] factor recovery per ms
+-- ARGV[6] n = number of deployment limits, then n triples: name, configured limit/min, cost
+-- then m = number of tenant limits, then m triples: name, limit/min, cost
+--
+-- Returns {1, 0, ''}                granted (the reservation is recorded under its id)
+--         {0, wait_ms, reason}      not now: nothing taken; try again in wait_ms
+--         {-1, limit, name}         never: the cost exceeds the limit itself
+local bucket, resv, resv_exp, tenant = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local now = server_now_ms(ARGV[1])
+local id, floor, ttl, recover = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+
+-- Reservations whose worker never settled them (it died) stop counting as in flight.
+local stale = redis.call('ZRANGEBYSCORE', resv_exp, '-inf', now, 'LIMIT', 0, 50)
+for _, old in ipairs(stale) do
+  redis.call('HDEL', resv, old)
+  redis.call('ZREM', resv_exp, old)
+end
+
+local paused = tonumber(redis.call('HGET', bucket, 'pause')) or 0
+if paused > now then
+  redis.call('HINCRBY', bucket, 'n:wait', 1)
+  return {0, math.ceil(paused - now), 'paused'}
+end
+
+local factor = rate_factor(bucket, now, recover)
+local wait, reason = 0, ''
+local plan = {}  -- {hash, name, new level}
+
+local function check(hash, name, configured, cost, scaled)
+  local cap, unscaled = configured, configured
+  if scaled then cap, unscaled = capacity(hash, name, configured, now, factor) end
+  if cost > unscaled then return {-1, math.floor(unscaled), name} end
+  local since = tonumber(redis.call('HGET', hash, 'ts')) or now
+  local lvl = level(hash, name, cap, since, now)
+  -- A priority's floor never asks for more than the whole bucket.
+  local need = math.min(cost + floor * cap, cap)
+  if lvl < need then
+    local w = (need - lvl) * 60000 / cap
+    if w > wait then wait, reason = w, name end
+  end
+  table.insert(plan, {hash, name, lvl - cost})
+  return nil
+end
+
+-- Every limit of a hash is passed on every call (cost 0 when it does not apply), so that all of
+-- them are refilled up to the one timestamp stored for the hash.
+local i = 6
+local n = tonumber(ARGV[i])
+local charges, tenant_charges = {}, {}
+for k = 1, n do
+  local name, limit, cost = ARGV[i + 3 * k - 2], tonumber(ARGV[i + 3 * k - 1]), tonumber(ARGV[i + 3 * k])
+  local never = check(bucket, name, limit, cost, true)
+  if never then redis.call('HINCRBY', bucket, 'n:never', 1); return never end
+  table.insert(charges, name .. '=' .. cost)
+end
+i = i + 3 * n + 1
+local m = tonumber(ARGV[i])
+for k = 1, m do
+  local name, limit, cost = ARGV[i + 3 * k - 2], tonumber(ARGV[i + 3 * k - 1]), tonumber(ARGV[i + 3 * k])
+  local never = check(tenant, name, limit, cost, false)
+  if never then redis.call('HINCRBY', bucket, 'n:never', 1); return {-1, never[2], 'tenant:' .. name} end
+  table.insert(tenant_charges, name .. '=' .. cost)
+end
+
+if wait > 0 then
+  redis.call('HINCRBY', bucket, 'n:wait', 1)
+  return {0, math.ceil(wait), reason}
+end
+
+for _, step in ipairs(plan) do
+  redis.call('HSET', step[1], 'lvl:' .. step[2], tostring(step[3]), 'ts', tostring(now))
+end
+redis.call('HSET', bucket, 'factor', tostring(factor), 'factor_ts', tostring(now))
+redis.call('HINCRBY', bucket, 'n:grant', 1)
+redis.call('HSET', resv, id, tostring(now) .. '|' .. table.concat(charges, ',') .. '|' .. table.concat(tenant_charges, ','))
+redis.call('ZADD', resv_exp, now + ttl, id)
+-- Idle deployments leave no keys behind: everything expires an hour after its last use.
+for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, 3600000) end
+return {1, 0, ''}
