@@ -17,7 +17,7 @@ from headrace.simulator.answers import build_answer
 from headrace.simulator.config import SimConfig
 from headrace.simulator.faults import DirectiveError, parse_directives
 from headrace.simulator.openai_dialect import go_duration
-from headrace.simulator.tokens import estimate_prompt_tokens
+from headrace.simulator.tokens import count_prompt_tokens
 
 if TYPE_CHECKING:
     from tests.simulator_fixture import SimControl
@@ -66,7 +66,7 @@ def test_openai_returns_a_typed_deterministic_completion(sim: SimControl) -> Non
     assert first.choices[0].message.content != other.choices[0].message.content
     usage = first.usage
     assert usage is not None
-    assert usage.prompt_tokens == estimate_prompt_tokens(user("Tell me about weirs"))
+    assert usage.prompt_tokens == count_prompt_tokens(user("Tell me about weirs"))
     assert 5 <= usage.completion_tokens <= 60
     assert len(first.choices[0].message.content.split()) == usage.completion_tokens
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
@@ -111,7 +111,7 @@ def test_anthropic_returns_a_typed_message_with_system_stop_sequences_and_temper
     assert msg.id.startswith("msg_") and msg.type == "message" and msg.role == "assistant"
     assert msg.model == CLAUDE and msg.stop_reason == "end_turn" and msg.stop_sequence is None
     assert msg.content[0].type == "text" and msg.content[0].text
-    system_tokens = estimate_prompt_tokens(user("Hello there"), system="You are terse.")
+    system_tokens = count_prompt_tokens(user("Hello there"), system="You are terse.")
     assert msg.usage.input_tokens == system_tokens
     assert msg.usage.output_tokens == len(msg.content[0].text.split())
     assert msg.usage.cache_read_input_tokens == 0 and msg.usage.cache_creation_input_tokens == 0
@@ -484,13 +484,14 @@ def test_hundreds_of_concurrent_calls_overlap(sim: SimControl) -> None:
 # --- pure helpers -----------------------------------------------------------------------------
 
 
-def test_prompt_token_estimate_is_a_documented_character_heuristic() -> None:
-    assert estimate_prompt_tokens([{"role": "user", "content": "abcdefgh"}]) == 3 + 4 + 2
-    assert estimate_prompt_tokens([{"role": "user", "content": "abcdefghi"}]) == 3 + 4 + 3
+def test_prompt_tokens_are_counted_like_a_bpe_tokenizer_splits_words() -> None:
+    assert count_prompt_tokens([{"role": "user", "content": "abcdefgh"}]) == 3 + 4 + 1
+    assert count_prompt_tokens([{"role": "user", "content": "abcdefghi"}]) == 3 + 4 + 2
+    assert count_prompt_tokens([{"role": "user", "content": "The mill, 1848."}]) == 3 + 4 + 6
     parts = [{"type": "text", "text": "abcd"}, {"type": "image_url", "image_url": {"url": "data:..."}}]
-    assert estimate_prompt_tokens([{"role": "user", "content": parts}]) == 3 + 4 + 1 + 85
-    assert estimate_prompt_tokens(user("abcd"), system="abcd") == 3 + 4 + 1 + 4 + 1
-    assert estimate_prompt_tokens([{"role": "assistant", "content": None}, "odd"]) > 0  # type: ignore[list-item]
+    assert count_prompt_tokens([{"role": "user", "content": parts}]) == 3 + 4 + 1 + 85
+    assert count_prompt_tokens(user("abcd"), system="abcd") == 3 + 4 + 1 + 4 + 1
+    assert count_prompt_tokens([{"role": "assistant", "content": None}, "odd"]) > 0  # type: ignore[list-item]
 
 
 def test_go_durations_look_like_openais() -> None:

@@ -10,6 +10,8 @@ from typing import Annotated, Any
 
 import httpx
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from broker_config.settings import get_settings
 from headrace.cli.progress import follow_batches
@@ -92,10 +94,66 @@ def submit(
             )
 
 
-def status(batch_id: str, api_url: ApiUrl = None, api_key: ApiKey = None) -> None:
-    """Show a batch: status, request counts, tokens and cost (JSON)."""
+def status(
+    batch_id: Annotated[str | None, typer.Argument(help="A batch id.")] = None,
+    deployments: Annotated[
+        bool, typer.Option("--deployments", help="Show every deployment's bucket.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    api_url: ApiUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Show a batch (status, counts, tokens, cost), or with --deployments the rate-limit buckets."""
+    if not deployments and batch_id is None:
+        typer.echo("error: give a batch id, or --deployments", err=True)
+        raise typer.Exit(2)
     with _client(api_url, api_key) as http:
-        typer.echo(json.dumps(_check(http.get(f"/v1/batches/{batch_id}")), indent=2))
+        if not deployments:
+            typer.echo(json.dumps(_check(http.get(f"/v1/batches/{batch_id}")), indent=2))
+            return
+        state = _check(http.get("/v1/deployments"))
+    if as_json:
+        typer.echo(json.dumps(state, indent=2))
+        return
+    Console().print(deployments_table(state))
+
+
+def deployments_table(state: dict[str, Any]) -> Table:
+    table = Table(
+        title=f"Deployments ({state['delayed_requests']} request(s) waiting for room)", title_justify="left"
+    )
+    for column in (
+        "deployment",
+        "limit",
+        "per min",
+        "effective",
+        "left",
+        "in flight",
+        "paused",
+        "grants",
+        "waits",
+        "429s",
+    ):
+        table.add_column(
+            column, justify="left" if column in ("deployment", "limit") else "right", no_wrap=True
+        )
+    for dep in state["data"]:
+        for i, limit in enumerate(dep["limits"]):
+            learned = f" (provider: {limit['learned']})" if limit["learned"] else ""
+            first = i == 0
+            table.add_row(
+                dep["name"] if first else "",
+                limit["name"],
+                f"{limit['configured']:,}{learned}",
+                f"{limit['effective']:,.0f}",
+                f"{limit['level']:,.0f}",
+                f"{limit['in_flight']:,.0f}",
+                f"{dep['paused_for_s']:.1f}s" if first and dep["paused_for_s"] else "",
+                str(dep["grants"]) if first else "",
+                str(dep["waits"]) if first else "",
+                str(dep["rate_limited"]) if first else "",
+            )
+    return table
 
 
 def results(

@@ -22,7 +22,7 @@ from headrace.simulator.dialect import (
     string_list,
     text_of_last_user_message,
 )
-from headrace.simulator.tokens import estimate_prompt_tokens
+from headrace.simulator.tokens import count_prompt_tokens
 
 CONTEXT_WINDOW_TOKENS = 200_000
 _ALPHABET = string.ascii_letters + string.digits
@@ -114,7 +114,7 @@ class AnthropicDialect:
         return CallSpec(
             model=model,
             prompt={"system": system, "messages": messages},
-            prompt_tokens=estimate_prompt_tokens(messages, system=system),
+            prompt_tokens=count_prompt_tokens(messages, system=system),
             max_tokens=max_tokens,
             stops=string_list(payload.get("stop_sequences"), "stop_sequences", 8191),
             last_user_text=text_of_last_user_message(messages),

@@ -21,7 +21,7 @@ from headrace.simulator.dialect import (
     string_list,
     text_of_last_user_message,
 )
-from headrace.simulator.tokens import estimate_prompt_tokens
+from headrace.simulator.tokens import count_prompt_tokens
 
 CONTEXT_WINDOW_TOKENS = 128_000
 _LIMITS_URL = "Visit https://platform.openai.com/account/rate-limits to learn more."
@@ -120,7 +120,7 @@ class OpenAIDialect:
         return CallSpec(
             model=model,
             prompt=messages,
-            prompt_tokens=estimate_prompt_tokens(messages),
+            prompt_tokens=count_prompt_tokens(messages),
             max_tokens=max_tokens,
             stops=string_list(payload.get("stop"), "stop", 4),
             last_user_text=text_of_last_user_message(messages),

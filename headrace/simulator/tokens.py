@@ -1,8 +1,14 @@
-"""The simulator's own token arithmetic: a character heuristic, offline, no tokenizer.
+"""The simulator's own token arithmetic: what it bills and limits by, offline, no tokenizer.
+
+A text is counted the way a BPE tokenizer splits English: each word (with its leading space) is
+one token, or one per six letters when longer than eight; each group of up to three digits is one;
+each run of punctuation one per two characters; a run of whitespace one. It is deliberately not
+the character heuristic Headrace's workers estimate with (chars / 4), so that the estimate's
+error is real and measurable, as it is against a real provider.
 
 Prompt tokens = 3 (reply priming) + for each message: 4 (role and framing) + the tokens of its
-content, where a text costs ceil(len(text) / 4). A system prompt passed separately (Anthropic's
-top-level ``system``) counts as one more message. Image, audio and document parts cost a flat
+content. A system prompt passed separately (Anthropic's top-level ``system``) counts as one more
+message. Image, audio and document parts cost a flat
 85 tokens each (OpenAI's low-detail image price) because their payloads say nothing about their
 token cost. Tool calls and tool inputs count as the characters of their JSON.
 
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -22,11 +29,25 @@ MEDIA_PART_TOKENS = 85
 _MEDIA_TYPES = frozenset({"image", "image_url", "input_image", "input_audio", "document", "file"})
 
 
+_PIECES = re.compile(r" ?[^\W\d_]+| ?\d{1,3}| ?[^\w\s]+|_+|\s+")
+
+
 def text_tokens(text: str) -> int:
-    return math.ceil(len(text) / 4)
+    count = 0
+    for piece in _PIECES.findall(text):
+        core = piece.strip()
+        if not core:
+            count += 1  # a run of whitespace
+        elif core[0].isdigit():
+            count += 1
+        elif core[0].isalpha():
+            count += 1 if len(core) <= 8 else math.ceil(len(core) / 6)
+        else:
+            count += math.ceil(len(core) / 2)
+    return count
 
 
-def estimate_prompt_tokens(messages: Iterable[Mapping[str, Any]], system: Any = None) -> int:
+def count_prompt_tokens(messages: Iterable[Mapping[str, Any]], system: Any = None) -> int:
     """Estimate the prompt tokens of OpenAI- or Anthropic-style messages (plus an optional system).
 
     Never raises on odd shapes: anything it does not recognise counts as its JSON text.

@@ -41,7 +41,7 @@ for k = 1, n do
   if said_limit > 0 then
     if said_limit < configured then
       -- The provider's real limit is lower than the configuration says: use it from now on.
-      redis.call('HSET', bucket, 'cap:' .. name, tostring(said_limit), 'capts:' .. name, tostring(now))
+      redis.call('HSET', bucket, 'cap:' .. name, num(said_limit), 'capts:' .. name, num(now))
       cap = said_limit * factor
     else
       redis.call('HDEL', bucket, 'cap:' .. name, 'capts:' .. name)
@@ -53,9 +53,9 @@ for k = 1, n do
     lvl = said_remaining
     redis.call('HINCRBY', bucket, 'n:follow', 1)
   end
-  redis.call('HSET', bucket, 'lvl:' .. name, tostring(lvl))
+  redis.call('HSET', bucket, 'lvl:' .. name, num(lvl))
 end
-redis.call('HSET', bucket, 'ts', tostring(now))
+redis.call('HSET', bucket, 'ts', num(now))
 
 i = i + 5 * n + 1
 local m = tonumber(ARGV[i])
@@ -65,7 +65,7 @@ for k = 1, m do
   local lvl = level(tenant, name, limit, tenant_since, now)
   if record and actual >= 0 and tenant_taken[name] then lvl = lvl + tenant_taken[name] - actual end
   if lvl > limit then lvl = limit end
-  redis.call('HSET', tenant, 'lvl:' .. name, tostring(lvl), 'ts', tostring(now))
+  redis.call('HSET', tenant, 'lvl:' .. name, num(lvl), 'ts', num(now))
 end
 
 if limited then
@@ -74,7 +74,7 @@ if limited then
   redis.call('HINCRBY', bucket, 'n:429', 1)
   factor = math.max(min_factor, factor * drop)
   local paused = tonumber(redis.call('HGET', bucket, 'pause')) or 0
-  if now + pause_ms > paused then redis.call('HSET', bucket, 'pause', tostring(now + pause_ms)) end
+  if now + pause_ms > paused then redis.call('HSET', bucket, 'pause', num(now + pause_ms)) end
 end
-redis.call('HSET', bucket, 'factor', tostring(factor), 'factor_ts', tostring(now))
+redis.call('HSET', bucket, 'factor', num(factor), 'factor_ts', num(now))
 return record and 1 or 0

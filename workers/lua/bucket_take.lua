@@ -76,11 +76,11 @@ if wait > 0 then
 end
 
 for _, step in ipairs(plan) do
-  redis.call('HSET', step[1], 'lvl:' .. step[2], tostring(step[3]), 'ts', tostring(now))
+  redis.call('HSET', step[1], 'lvl:' .. step[2], num(step[3]), 'ts', num(now))
 end
-redis.call('HSET', bucket, 'factor', tostring(factor), 'factor_ts', tostring(now))
+redis.call('HSET', bucket, 'factor', num(factor), 'factor_ts', num(now))
 redis.call('HINCRBY', bucket, 'n:grant', 1)
-redis.call('HSET', resv, id, tostring(now) .. '|' .. table.concat(charges, ',') .. '|' .. table.concat(tenant_charges, ','))
+redis.call('HSET', resv, id, num(now) .. '|' .. table.concat(charges, ',') .. '|' .. table.concat(tenant_charges, ','))
 redis.call('ZADD', resv_exp, now + ttl, id)
 -- Idle deployments leave no keys behind: everything expires an hour after its last use.
 for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, 3600000) end

@@ -8,7 +8,12 @@
 -- Levels may go below zero (a call that used more than it reserved); refill pays that back.
 --
 -- Units: times in milliseconds (Redis server time), amounts in requests or tokens.
--- Floats are stored with tostring(): a number returned to Redis would be truncated to an integer.
+-- Floats are stored as strings with all 17 significant digits (num below): a number returned to
+-- Redis would be truncated to an integer, and tostring() keeps only 14 digits.
+
+local function num(x)
+  return string.format('%.17g', x)
+end
 
 local function server_now_ms(override)
   -- override: only the property tests pass a clock; production uses Redis TIME so that the
