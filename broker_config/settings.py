@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     call_timeout_s: float = Field(default=60.0, gt=0)
     connect_timeout_s: float = Field(default=5.0, gt=0)
     max_attempts_per_deployment: int = Field(default=3, ge=1)
+    max_attempts_per_request: int = Field(
+        default=12, ge=1, description="Provider calls one request may make in all, across deliveries."
+    )
     backoff_base_s: float = Field(default=0.5, gt=0)
     backoff_max_s: float = Field(default=8.0, gt=0)
     max_inline_wait_s: float = Field(default=20.0, ge=0, description="Longest backoff held in a slot.")

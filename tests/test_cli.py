@@ -58,3 +58,13 @@ def test_submit_reports_bad_lines_with_their_numbers(run_cli: Callable[..., str]
     source.write_text('{"custom_id": "a", "body": {}}\n')
     message = run_cli("submit", str(source), expect_code=2)
     assert "HEADRACE_API_KEY" in message
+
+
+def test_a_worker_refuses_a_visibility_timeout_shorter_than_a_request_can_run(
+    run_cli: Callable[..., str],
+) -> None:
+    """Otherwise the broker would hand a running request to a second worker."""
+    root = Path(__file__).resolve().parent.parent
+    env = {"HEADRACE_CONFIG": str(root / "headrace.toml"), "HEADRACE_VISIBILITY_TIMEOUT_S": "300"}
+    message = run_cli("worker", env=env, expect_code=2)
+    assert "HEADRACE_VISIBILITY_TIMEOUT_S=300" in message and "deliver it again" in message

@@ -70,6 +70,23 @@ api_key_env = "{KEY_ENV}"
 input_price_per_mtok = 1
 output_price_per_mtok = 2
 
+[[deployments]]
+name = "tiny"
+provider = "openai"
+model = "gpt-4o"
+base_url = "{sim}/v1"
+api_key_env = "{KEY_ENV}"
+rpm = 1
+tpm = 300
+
+[[routes]]
+name = "tiny-then-oa"
+deployments = ["tiny", "oa"]
+
+[[routes]]
+name = "tiny-only"
+deployments = ["tiny"]
+
 [[routes]]
 name = "chain"
 deployments = ["down", "oa"]
@@ -108,9 +125,9 @@ def deps(
     )
 
 
-def _submit(deps: Deps, route: str, text: str = "hello", n: int = 1) -> list[str]:
+def _submit(deps: Deps, route: str, text: str = "hello", n: int = 1, max_tokens: int = 20) -> list[str]:
     tenant = create_api_key(deps.db, "t").tenant_id
-    body = {"model": route, "messages": [{"role": "user", "content": text}], "max_tokens": 20}
+    body = {"model": route, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens}
     batch = create_batch(
         deps.db,
         tenant_id=tenant,
@@ -120,7 +137,8 @@ def _submit(deps: Deps, route: str, text: str = "hello", n: int = 1) -> list[str
         completion_window_s=3600,
     )
     with deps.db.session() as session:
-        return list(session.scalars(select(Request.id).where(Request.batch_id == batch.id)))
+        query = select(Request.id).where(Request.batch_id == batch.id).order_by(Request.line_no)
+        return list(session.scalars(query))
 
 
 def _state(deps: Deps, request_id: str) -> tuple[Request, list[Attempt], Batch]:
@@ -260,3 +278,67 @@ def test_any_openai_compatible_base_url_works(deps: Deps) -> None:
     assert request.response["choices"][0]["message"]["content"] == "local answer"  # type: ignore[index]
     assert request.response["kv_cache_usage"] == 0.1  # the provider's own JSON is kept  # type: ignore[index]
     assert attempts[0].cost_usd == Decimal("0.000015")  # 11 * 1/1M + 2 * 2/1M
+
+
+def test_a_request_too_large_for_a_deployment_fails_fast_without_a_call(deps: Deps, sim: SimControl) -> None:
+    """500 max_tokens can never fit a 300 TPM limit: no call, no wait, a clear error."""
+    (rid,) = _submit(deps, "tiny-only", max_tokens=500)
+    run_request(rid, deps)
+    request, attempts, _ = _state(deps, rid)
+    assert request.status == "failed" and attempts == []
+    assert request.error["deployments"][0]["kind"] == "too_large"  # type: ignore[index]
+    assert "can never fit" in request.error["deployments"][0]["message"]  # type: ignore[index]
+    assert "300 per minute" in request.error["deployments"][0]["message"]  # type: ignore[index]
+    assert sum(sim.stats()["received"].values()) == 0
+
+
+def test_a_full_deployment_passes_the_request_down_the_chain(deps: Deps) -> None:
+    """The first deployment's bucket is empty for a minute: the next one answers, now."""
+    first, second = _submit(deps, "tiny-then-oa", n=2)
+    run_request(first, deps)
+    run_request(second, deps)
+    assert _state(deps, first)[0].deployment == "tiny"
+    request, attempts, _ = _state(deps, second)
+    assert request.deployment == "oa" and [a.deployment for a in attempts] == ["oa"]
+
+
+def test_a_request_no_deployment_has_room_for_is_parked_not_failed(
+    deps: Deps, redis: redis_lib.Redis
+) -> None:
+    """RPM 1 and a second request: it goes back to the queue through the delay queue, due when
+    the bucket has refilled; no attempt is made and no worker slot waits a minute."""
+    first, second = _submit(deps, "tiny-only", n=2)
+    run_request(first, deps)
+    slept: list[float] = []
+    run_request(second, replace(deps, sleep=slept.append))
+    request, attempts, _ = _state(deps, second)
+    assert request.status == "queued" and attempts == [] and sum(slept) <= 4
+    ((member, ready_ms),) = redis.zrange("headrace:delayed", 0, -1, withscores=True)
+    assert member.decode() == f"default|{second}"
+    now_s, now_us = redis.time()
+    assert 50_000 < ready_ms - (now_s * 1000 + now_us / 1000) <= 60_000
+    published: list[tuple[str, str]] = []
+    redis.zadd("headrace:delayed", {member: 0})  # pretend the minute has passed
+    assert deps.delays.publish_due(published.extend) == 1
+    assert published == [(second, "default")] and redis.zcard("headrace:delayed") == 0
+
+
+def test_a_429_parks_the_request_instead_of_spending_its_attempts(deps: Deps, redis: redis_lib.Redis) -> None:
+    """Rate-limited at the provider: one attempt recorded, the request waits for the retry-after
+    in the delay queue (everyone else waits too: the deployment is paused)."""
+    (rid,) = _submit(deps, "single", "[[sim:status=429]] [[sim:retry_after=30]] hi")
+    run_request(rid, deps)
+    request, attempts, _ = _state(deps, rid)
+    assert request.status == "queued" and [a.outcome for a in attempts] == ["retry"]
+    assert redis.zcard("headrace:delayed") == 1
+    assert 25 < float(redis.hget("headrace:{oa}:bucket", "pause") or 0) / 1000 - redis.time()[0] <= 31
+
+
+def test_a_request_stops_waiting_when_its_attempts_are_spent(deps: Deps) -> None:
+    """The per-request attempt budget bounds even a provider that only ever says 429."""
+    deps = replace(deps, settings=deps.settings.model_copy(update={"max_attempts_per_request": 1}))
+    (rid,) = _submit(deps, "single", "[[sim:status=429]] hi")
+    run_request(rid, deps)
+    request, attempts, _ = _state(deps, rid)
+    assert request.status == "failed" and len(attempts) == 1
+    assert request.error["deployments"][0]["status"] == 429  # type: ignore[index]

@@ -161,3 +161,12 @@ def test_unknown_model_price_is_none_and_overrides_are_exact() -> None:
         output_price_per_mtok=Decimal("0.6"),
     )
     assert call_cost_usd(priced, Usage(1000, 500)) == Decimal("0.00045")
+
+
+def test_an_exhausted_quota_falls_back_instead_of_waiting() -> None:
+    """OpenAI's insufficient_quota is a 429 that no wait cures."""
+    quota = CallFailed(
+        "You exceeded your current quota", kind="status", status=429, error_code="insufficient_quota"
+    )
+    assert classify(quota) is Step.FALL_BACK
+    assert classify(CallFailed("slow down", kind="status", status=429)) is Step.RETRY

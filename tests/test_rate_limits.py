@@ -4,7 +4,7 @@ the limits the way the providers do, almost never has to refuse, and nothing is 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -171,3 +171,12 @@ def test_a_configured_limit_above_the_real_one_converges_without_losing_requests
     refused = sum(c["status"] == 429 for c in calls)
     assert refused == deployments["openai-4o"]["rate_limited"]
     assert refused <= 0.05 * len(calls), f"{refused} of {len(calls)} calls refused"
+
+
+def test_status_shows_every_deployments_bucket(stack: EmbeddedStack, run_cli: Callable[..., str]) -> None:
+    """`headrace status --deployments`: a row per limit, the learned limit beside the configured one."""
+    env = {"HEADRACE_API_URL": stack.api_url, "HEADRACE_API_KEY": stack.api_key, "COLUMNS": "200"}
+    table = run_cli("status", "--deployments", env=env)
+    for name in ("openai-mini", "claude-haiku", "openai-4o", "input_tokens", "output_tokens"):
+        assert name in table
+    assert f"{2 * SIM_TPM:,} (provider: {SIM_TPM})" in table

@@ -72,11 +72,13 @@ def admit(
         if admission.status == "granted":
             return Ticket(deployment, reservation_id, charges, tenant_name, ceiling)
         if admission.status == "never":
-            cost = next((c.cost for c in [*charges, *ceiling] if admission.reason.endswith(c.name)), 0)
-            whose = "tenant ceiling" if admission.reason.startswith("tenant:") else "limit"
+            on_tenant = admission.reason.startswith("tenant:")
+            limit_name = admission.reason.removeprefix("tenant:")
+            cost = next(c.cost for c in (ceiling if on_tenant else charges) if c.name == limit_name)
+            whose = "tenant ceiling" if on_tenant else "limit"
             return TooLarge(
-                f"the request needs {cost:.0f} {admission.reason.removeprefix('tenant:')} but the {whose} of "
-                f"deployment {deployment.name!r} is {admission.limit} per minute: it can never fit there"
+                f"the request needs {cost:.0f} {limit_name} but the {whose} of deployment "
+                f"{deployment.name!r} is {admission.limit} per minute: it can never fit there"
             )
         if admission.wait_s > max_inline_wait_s or waited + admission.wait_s > 2 * max_inline_wait_s:
             return Wait(admission.wait_s, admission.reason)

@@ -17,7 +17,7 @@ from db.engine import Database
 from db.states import AttemptOutcome, RequestStatus
 from db.types import utcnow
 from workers import ledger
-from workers.accounting import estimate_call, settlement
+from workers.accounting import DEFAULT_PAUSE_S, estimate_call, settlement
 from workers.admission import TooLarge, Wait, admit, settle
 from workers.bucket import Bucket
 from workers.costing import call_cost_usd
@@ -60,6 +60,7 @@ class Chain:
 
     failures: list[dict[str, Any]] = field(default_factory=list)
     soonest_room_s: float | None = None  # the shortest wait a busy deployment asked for
+    attempts: int = 0  # the request's attempts so far, all deliveries included
 
     def busy(self, wait: Wait) -> None:
         if self.soonest_room_s is None or wait.seconds < self.soonest_room_s:
@@ -87,7 +88,7 @@ def run_request(request_id: str, deps: Deps) -> None:
     for name in route.deployments:
         if _try_deployment(run, deps.config.deployment(name), route, deps, chain) is Next.DONE:
             return
-    if chain.soonest_room_s is not None:
+    if chain.soonest_room_s is not None and chain.attempts < deps.settings.max_attempts_per_request:
         # Every deployment that could take it is full for now: wait in the delay queue, not in a slot.
         ledger.defer_run(deps.db, request_id)
         deps.delays.park(request_id, run.priority, chain.soonest_room_s)
@@ -109,11 +110,31 @@ def _end(
 
 
 def _longest_call_s(deps: Deps) -> float:
-    settings = deps.settings
+    return longest_call_s(deps.config, deps.settings)
+
+
+def longest_call_s(config: DeploymentsConfig, settings: Settings) -> float:
+    """The longest one provider call may take, connect and read timeouts included."""
     return max(
         (d.timeout_s or settings.call_timeout_s) + (d.connect_timeout_s or settings.connect_timeout_s)
-        for d in deps.config.deployments
+        for d in config.deployments
     )
+
+
+def longest_run_s(config: DeploymentsConfig, settings: Settings) -> float:
+    """A bound on how long one delivery of a request may hold its message before acknowledging
+    it: every attempt on every deployment of the longest chain, with its waits and backoffs."""
+    chain = max((len(r.deployments) for r in config.routes), default=1)
+    attempts = max(
+        [r.max_attempts_per_deployment or settings.max_attempts_per_deployment for r in config.routes]
+        + [settings.max_attempts_per_deployment]
+    )
+    per_attempt = (
+        longest_call_s(config, settings)
+        + 2 * settings.bucket_max_inline_wait_s
+        + max(settings.backoff_max_s, settings.max_inline_wait_s)
+    )
+    return chain * attempts * per_attempt
 
 
 def _try_deployment(
@@ -162,6 +183,7 @@ def _try_deployment(
             estimated_input_tokens=estimate.prompt_tokens,
             worker=deps.worker,
         )
+        chain.attempts = attempt_no or chain.attempts
         if attempt_no is None:  # ended elsewhere (cancelled, or a duplicate delivery finished it)
             settle(
                 deps.bucket,
@@ -177,11 +199,15 @@ def _try_deployment(
         if step is None:
             return Next.DONE
         assert isinstance(outcome, CallFailed)
+        if outcome.status == 429 and step is Step.RETRY:
+            # The bucket now holds every worker back for the provider's retry-after: this request
+            # moves down the chain, or waits in the delay queue, rather than spend its attempts.
+            chain.busy(Wait(outcome.retry_after_s or DEFAULT_PAUSE_S, "rate_limited"))
+            chain.failures.append(outcome_error(outcome, deployment, attempt_no))
+            return Next.FALL_BACK
         if step is Step.FALL_BACK or retry_no + 1 == max_attempts:
             chain.failures.append(outcome_error(outcome, deployment, attempt_no))
             return Next.FALL_BACK
-        if outcome.status == 429:
-            continue  # the bucket now holds every worker back for the provider's retry-after
         delay = backoff_s(
             retry_no,
             base_s=settings.backoff_base_s,

@@ -45,6 +45,8 @@ def classify(failure: CallFailed) -> Step:
     if failure.kind in ("invalid_reply", "unavailable"):
         return Step.FALL_BACK
     status = failure.status or 0
+    if status == 429 and failure.error_code == "insufficient_quota":
+        return Step.FALL_BACK  # the account is out of money: waiting will not help
     if status in (408, 409, 429) or status >= 500:
         return Step.RETRY  # busy, overloaded or flaky: 529 is Anthropic's "overloaded"
     if status == 400 and is_context_length(failure):

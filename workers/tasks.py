@@ -28,6 +28,9 @@ from workers.pipeline import Deps, run_request
 from workers.providers import default_adapters
 
 log = logging.getLogger(__name__)
+# One INFO line per provider call from the HTTP clients would drown the worker's own log.
+for _noisy in ("httpx", "httpx2"):
+    logging.getLogger(_noisy).setLevel(logging.WARNING)
 
 
 def bucket_redis(settings: Settings) -> redis.Redis:

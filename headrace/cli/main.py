@@ -40,6 +40,20 @@ def _check_config() -> None:
         _fail(str(exc))
 
 
+def _check_visibility_timeout() -> None:
+    """A delivery that outlives the broker's visibility timeout is delivered again while it runs."""
+    from workers.pipeline import longest_run_s
+
+    settings = get_settings()
+    longest = longest_run_s(load_config(settings.config), settings)
+    if longest >= settings.visibility_timeout_s:
+        _fail(
+            f"one request may run for up to {longest:.0f}s (attempts x chain x timeouts), longer than "
+            f"HEADRACE_VISIBILITY_TIMEOUT_S={settings.visibility_timeout_s}: the broker would deliver it "
+            f"again while it runs; raise it above {longest * 1.5:.0f}"
+        )
+
+
 @app.command()
 def migrate() -> None:
     """Create or upgrade the ledger's schema (HEADRACE_DATABASE_URL)."""
@@ -88,6 +102,7 @@ def worker(
     from broker_config.celery_app import app as celery_app
 
     _check_config()
+    _check_visibility_timeout()
     threads = concurrency or get_settings().worker_concurrency
     celery_app.worker_main(
         [
