@@ -79,3 +79,23 @@ def test_invalid_toml_and_missing_files_are_clear(tmp_path: Path) -> None:
         parse_config("[[deployments]\n", Path("h.toml"))
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.toml")
+
+
+def test_tenant_ceilings_are_read_and_checked() -> None:
+    text = GOOD + '\n[[tenants]]\nname = "acme"\nrpm = 10\ntpm = 5000\n'
+    config = parse_config(text, Path("h.toml"))
+    assert config.tenant_limits("acme").limits() == {"requests": 10, "tokens": 5000}  # type: ignore[union-attr]
+    assert config.tenant_limits("globex") is None
+    with pytest.raises(ConfigError, match=r"tenants\[1\] \(name='acme'\): field 'name': duplicate name"):
+        parse_config(text + '\n[[tenants]]\nname = "acme"\nrpm = 5\n', Path("h.toml"))
+
+
+def test_each_provider_has_the_limits_it_meters() -> None:
+    """OpenAI: requests and tokens. Anthropic: requests, input and output tokens (tpm without them)."""
+    config = parse_config(GOOD, Path("h.toml"))
+    assert config.deployment("openai-mini").limits() == {"requests": 500, "tokens": 200000}
+    assert config.deployment("claude-haiku").limits() == {
+        "requests": 500,
+        "input_tokens": 50000,
+        "output_tokens": 10000,
+    }
