@@ -42,6 +42,8 @@ class DeploymentState:
     too_large: int
     rate_limited: int
     follow_downs: int
+    breaker: str  # closed | open | half_open
+    breaker_opened: int  # times the breaker opened
 
 
 def _num(raw: dict[bytes, bytes], field: str) -> float | None:
@@ -55,6 +57,7 @@ def read_state(
     seconds, micros = client.time()
     now = seconds * 1000 + micros / 1000
     raw = cast(dict[bytes, bytes], client.hgetall(keys.bucket(deployment.name)))
+    breaker = cast(dict[bytes, bytes], client.hgetall(keys.breaker(deployment.name)))
     # The client answers bytes (no decode_responses); redis-py's stubs allow for both.
     live = cast(list[bytes], client.zrangebyscore(keys.reservation_expiry(deployment.name), now, "+inf"))
     records = cast(list[bytes | None], client.hmget(keys.reservations(deployment.name), live) if live else [])
@@ -104,9 +107,21 @@ def read_state(
         too_large=counters["n:never"],
         rate_limited=counters["n:429"],
         follow_downs=counters["n:follow"],
+        breaker=(breaker.get(b"state") or b"closed").decode(),
+        breaker_opened=int(breaker.get(b"n:opened") or 0),
     )
 
 
 def delayed_requests(client: redis.Redis) -> int:
     """Requests parked until a deployment has room."""
     return int(client.zcard(keys.delayed_requests()))
+
+
+def read_fallbacks(client: redis.Redis) -> dict[str, dict[str, int]]:
+    """{route: {deployment: times the route's chain fell back to it}}."""
+    raw = cast(dict[bytes, bytes], client.hgetall(keys.fallbacks()))
+    counts: dict[str, dict[str, int]] = {}
+    for field, value in raw.items():
+        route, _, deployment = field.decode().partition("|")
+        counts.setdefault(route, {})[deployment] = int(value)
+    return counts

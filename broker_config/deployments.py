@@ -92,6 +92,8 @@ class Route(BaseModel):
     name: str = Field(min_length=1)
     deployments: tuple[str, ...] = Field(min_length=1)
     max_attempts_per_deployment: int | None = Field(default=None, ge=1)
+    max_attempts_per_request: int | None = Field(default=None, ge=1)
+    deadline_s: float | None = Field(default=None, gt=0, description="From submission to the last call.")
 
 
 class TenantLimits(BaseModel):

@@ -37,3 +37,33 @@ def reservation_expiry(deployment: str) -> str:
 def tenant_bucket(deployment: str, tenant: str) -> str:
     """Hash: one tenant's own ceiling on one deployment."""
     return f"{PREFIX}:{{{deployment}}}:tenant:{tenant}"
+
+
+def breaker(deployment: str) -> str:
+    """Hash: a deployment's circuit breaker state (closed / open / half_open) and probe counts."""
+    return f"{PREFIX}:{{{deployment}}}:breaker"
+
+
+def breaker_calls(deployment: str) -> str:
+    """Sorted set: the breaker's window of recent calls (score: time, ms)."""
+    return f"{PREFIX}:{{{deployment}}}:breaker-calls"
+
+
+def breaker_failures(deployment: str) -> str:
+    """Sorted set: the failures among them."""
+    return f"{PREFIX}:{{{deployment}}}:breaker-failures"
+
+
+def worker_heartbeat(worker: str) -> str:
+    """String with a short TTL, refreshed while the worker process (host:pid) lives."""
+    return f"{PREFIX}:worker:{worker}"
+
+
+def recovery_sweep_lock() -> str:
+    """Held by the one worker looking for requests whose owner died."""
+    return f"{PREFIX}:lock:recovery-sweep"
+
+
+def fallbacks() -> str:
+    """Hash: "route|deployment" -> times the route's chain fell back to that deployment."""
+    return f"{PREFIX}:fallbacks"

@@ -27,3 +27,14 @@ def queue_for(priority: str) -> tuple[str, int]:
     """The (queue name, message priority) a request of this priority is published with."""
     level = Priority(priority)
     return level.value, QUEUE_PRIORITY[level]
+
+
+def broker_lists() -> list[str]:
+    """The Redis lists kombu keeps our queues in: one per queue and priority step.
+
+    kombu names the step-0 list after the queue and the others ``queue + "\\x06\\x16" + step``
+    (its default separator, which we never change: producers and workers must agree on it).
+    """
+    return [
+        queue if step == 0 else f"{queue}\x06\x16{step}" for queue in ALL_QUEUES for step in PRIORITY_STEPS
+    ]

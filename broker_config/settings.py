@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     rate_factor_on_429: float = Field(default=0.7, gt=0, le=1)
     rate_factor_min: float = Field(default=0.2, gt=0, le=1)
     rate_factor_recovery_per_s: float = Field(default=0.01, ge=0)
+    # Crash recovery
+    heartbeat_ttl_s: float = Field(default=15.0, gt=1, description="A worker silent this long is dead.")
+    max_deliveries: int = Field(default=8, ge=1, description="Runs that may die with their worker.")
+    lost_message_check_s: float = Field(default=60.0, gt=0)
     sweep_interval_s: float = Field(default=5.0, gt=0)
     publish_grace_s: float = Field(default=30.0, ge=0)
     default_max_tokens: int = Field(default=1024, ge=1)

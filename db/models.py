@@ -107,6 +107,9 @@ class Request(Base):
     deployment: Mapped[str | None] = mapped_column(String(200))
     attempt_count: Mapped[int] = mapped_column(Integer, default=0)
     deliveries: Mapped[int] = mapped_column(Integer, default=0)
+    # The worker process running it (host:pid) while RUNNING: a redelivery leaves a request alone
+    # while its owner's heartbeat is alive, and the recovery sweep requeues it once that stops.
+    owner: Mapped[str | None] = mapped_column(String(200))
     input_tokens: Mapped[int] = mapped_column(Integer, default=0)
     output_tokens: Mapped[int] = mapped_column(Integer, default=0)
     cost_usd: Mapped[Decimal] = mapped_column(Money, default=Decimal(0))

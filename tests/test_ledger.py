@@ -35,17 +35,25 @@ def _batch(db: Database, n: int = 2) -> tuple[str, list[str]]:
     return batch.id, ids
 
 
-def _start(db: Database, request_id: str) -> ledger.RunStart | None:
-    return ledger.begin_run(
-        db,
-        request_id,
+def _start(
+    db: Database,
+    request_id: str,
+    worker: str = "w1",
+    alive: tuple[str, ...] = ("w1",),
+    max_deliveries: int = 8,
+) -> ledger.RunStart | None:
+    claim = ledger.Claim(
+        worker=worker,
+        owner_alive=lambda owner: owner in alive,
         stale_attempt_s=60,
         estimate_lost=lambda *_: Decimal("0.5"),
         estimated_output_tokens=lambda _body: 100,
+        max_deliveries=max_deliveries,
     )
+    return ledger.begin_run(db, request_id, claim)
 
 
-def _attempt(db: Database, request_id: str) -> int | None:
+def _attempt(db: Database, request_id: str, worker: str = "w1") -> int | None:
     return ledger.begin_attempt(
         db,
         request_id,
@@ -53,7 +61,7 @@ def _attempt(db: Database, request_id: str) -> int | None:
         provider="openai",
         model="m",
         estimated_input_tokens=10,
-        worker="test",
+        worker=worker,
     )
 
 
@@ -173,3 +181,50 @@ def test_unknown_price_is_recorded_as_unknown_not_zero(db: Database) -> None:
         attempt = session.scalars(select(Attempt).where(Attempt.request_id == rid)).one()
         batch = session.get(Batch, batch_id)
     assert attempt.cost_usd is None and batch.unpriced_attempts == 1 and batch.cost_usd == 0
+
+
+def test_a_duplicate_delivery_leaves_a_request_its_live_owner_runs(db: Database) -> None:
+    """While w1's heartbeat lives, w2 gets nothing to do; once it stops, w2 takes over at once and
+    w1's call in flight is costed as an estimate."""
+    _, (rid, _) = _batch(db)
+    assert _start(db, rid, "w1") is not None
+    assert _attempt(db, rid, "w1") == 1
+    assert _start(db, rid, "w2", alive=("w1", "w2")) is None
+    assert _start(db, rid, "w2", alive=("w2",)) is not None
+    with db.session() as session:
+        request = session.get(Request, rid)
+        attempt = session.scalars(select(Attempt).where(Attempt.request_id == rid)).one()
+    assert request.owner == "w2" and request.deliveries == 2
+    assert attempt.outcome == AttemptOutcome.LOST and attempt.cost_estimated
+
+
+def test_a_request_that_kills_its_worker_every_time_ends_as_poison(db: Database) -> None:
+    _, (rid, _) = _batch(db)
+    assert _start(db, rid, "w1", max_deliveries=2) is not None
+    assert _start(db, rid, "w2", alive=(), max_deliveries=2) is not None
+    assert _start(db, rid, "w3", alive=(), max_deliveries=2) is None
+    with db.session() as session:
+        request = session.get(Request, rid)
+    assert request.status == RequestStatus.FAILED and request.error["kind"] == "poison"  # type: ignore[index]
+
+
+def test_returning_to_the_outbox(db: Database) -> None:
+    """The recovery sweep returns a dead owner's request unpublished (a crash, still counted); a
+    Redis outage returns it cleanly (not counted against the request)."""
+    _, (rid, other) = _batch(db)
+    _start(db, rid, "w1")
+    assert ledger.running_owners(db) == {"w1": [rid]}
+    assert ledger.return_to_outbox(db, [rid], clean=False, owner="w2") == 0
+    assert ledger.return_to_outbox(db, [rid], clean=False, owner="w1") == 1
+    with db.session() as session:
+        request = session.get(Request, rid)
+    assert (request.status, request.published_at, request.owner, request.deliveries) == (
+        "queued",
+        None,
+        None,
+        1,
+    )
+    _start(db, other, "w1")
+    assert ledger.return_to_outbox(db, [other], clean=True) == 1
+    with db.session() as session:
+        assert session.get(Request, other).deliveries == 0  # type: ignore[union-attr]

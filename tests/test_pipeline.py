@@ -29,10 +29,13 @@ from db.states import Priority
 from db.tenants import create_api_key
 from headrace.embedded import free_port
 from tests.simulator_fixture import SimControl
+from workers.breaker import Breaker
 from workers.bucket import Bucket
 from workers.delays import DelayQueue
+from workers.fallbacks import FallbackCounter
 from workers.pipeline import Deps, run_request
 from workers.providers import default_adapters
+from workers.recovery import Heartbeats
 
 KEY_ENV = "HEADRACE_TEST_SIM_KEY"
 
@@ -120,6 +123,9 @@ def deps(
         adapters=default_adapters(),
         bucket=Bucket(redis),
         delays=DelayQueue(redis),
+        breaker=Breaker(redis),
+        heartbeats=Heartbeats(redis, "test", 15),
+        fallbacks=FallbackCounter(redis),
         worker="test",
         sleep=lambda _s: None,
     )

@@ -20,7 +20,7 @@ from db.states import Priority
 LUA_DIR = Path(__file__).parent / "lua"
 
 
-def _load(name: str) -> str:
+def lua_script(name: str) -> str:
     # The prelude holds the helpers both scripts share; Redis has no script imports.
     return (LUA_DIR / "prelude.lua").read_text() + "\n" + (LUA_DIR / name).read_text()
 
@@ -91,8 +91,8 @@ class Bucket:
         self.redis = client
         self.policy = policy or BucketPolicy()
         self._clock_ms = clock_ms
-        self._take = client.register_script(_load("bucket_take.lua"))
-        self._settle = client.register_script(_load("bucket_settle.lua"))
+        self._take = client.register_script(lua_script("bucket_take.lua"))
+        self._settle = client.register_script(lua_script("bucket_settle.lua"))
 
     def _keys(self, deployment: str, tenant: str | None) -> list[str]:
         return [

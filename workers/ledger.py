@@ -37,6 +37,7 @@ class RunStart:
     priority: str
     expires_at: datetime
     tenant: str
+    created_at: datetime
 
 
 @dataclass(frozen=True)
@@ -91,30 +92,29 @@ def end_request(session: Session, request: Request, batch: Batch, end: RequestEn
 
 
 def _mark_lost_attempts(
-    session: Session,
-    request: Request,
-    batch: Batch,
-    stale_before: datetime,
-    estimate: LostCostEstimator,
-    estimated_output_tokens: int,
+    session: Session, request: Request, batch: Batch, claim: Claim, now: datetime
 ) -> None:
-    """Attempts left in flight by a dead worker get their cost row, marked estimated."""
-    stale = session.scalars(
+    """Attempts left in flight by a dead worker get their cost row, marked estimated.
+
+    Dead: its worker's heartbeat has stopped, or it started longer ago than any call can last.
+    """
+    stale_before = now - timedelta(seconds=claim.stale_attempt_s)
+    in_flight = session.scalars(
         select(Attempt)
-        .where(
-            Attempt.request_id == request.id,
-            Attempt.outcome == AttemptOutcome.IN_FLIGHT,
-            Attempt.started_at < stale_before,
-        )
+        .where(Attempt.request_id == request.id, Attempt.outcome == AttemptOutcome.IN_FLIGHT)
         .with_for_update()
     ).all()
-    for attempt in stale:
-        cost = estimate(attempt.deployment, attempt.estimated_input_tokens, estimated_output_tokens)
+    output_tokens = claim.estimated_output_tokens(request.body)
+    for attempt in in_flight:
+        if attempt.started_at >= stale_before and attempt.worker and claim.owner_alive(attempt.worker):
+            continue
+        cost = claim.estimate_lost(attempt.deployment, attempt.estimated_input_tokens, output_tokens)
         attempt.outcome = AttemptOutcome.LOST
+        attempt.ended_at = now
         attempt.cost_usd = cost
         attempt.cost_estimated = True
         attempt.input_tokens = attempt.estimated_input_tokens
-        attempt.output_tokens = estimated_output_tokens
+        attempt.output_tokens = output_tokens
         attempt.error = {"kind": "lost", "message": "the worker making this call stopped before it ended"}
         _add_usage(request, batch, attempt.input_tokens, attempt.output_tokens, cost)
         log.warning(
@@ -137,15 +137,21 @@ def _add_usage(
         batch.cost_usd += sign * cost
 
 
-def begin_run(
-    db: Database,
-    request_id: str,
-    *,
-    stale_attempt_s: float,
-    estimate_lost: LostCostEstimator,
-    estimated_output_tokens: Callable[[dict[str, Any]], int],
-) -> RunStart | None:
-    """Claim a delivered request. None when there is nothing to do (already ended, cancelled...)."""
+@dataclass(frozen=True)
+class Claim:
+    """Who claims a delivered request, and how to judge what an earlier delivery left behind."""
+
+    worker: str  # host:pid of this worker process
+    owner_alive: Callable[[str], bool]  # is that worker's heartbeat still beating?
+    stale_attempt_s: float  # an attempt older than this cannot still be in flight
+    estimate_lost: LostCostEstimator
+    estimated_output_tokens: Callable[[dict[str, Any]], int]
+    max_deliveries: int  # runs that never ended cleanly before the request is called poison
+
+
+def begin_run(db: Database, request_id: str, claim: Claim) -> RunStart | None:
+    """Claim a delivered request. None when there is nothing to do (already ended, cancelled,
+    or running under a live owner: a duplicate delivery)."""
 
     def unit(session: Session) -> RunStart | None:
         now = utcnow()
@@ -155,15 +161,27 @@ def begin_run(
             return None
         if request.status in TERMINAL_REQUEST_STATUSES:
             return None  # a redelivery of finished work: its result is already written once
+        owner = request.owner
+        if (
+            request.status == RequestStatus.RUNNING
+            and owner
+            and owner != claim.worker
+            and claim.owner_alive(owner)
+        ):
+            log.info("request %s is running on %s; this delivery is a duplicate", request_id, owner)
+            return None
         batch = _lock_batch(session, request.batch_id)
-        _mark_lost_attempts(
-            session,
-            request,
-            batch,
-            now - timedelta(seconds=stale_attempt_s),
-            estimate_lost,
-            estimated_output_tokens(request.body),
-        )
+        _mark_lost_attempts(session, request, batch, claim, now)
+        if request.deliveries >= claim.max_deliveries:
+            message = f"its worker died {request.deliveries} times running it: not trying again"
+            end_request(
+                session,
+                request,
+                batch,
+                RequestEnd(RequestStatus.FAILED, error={"kind": "poison", "message": message}),
+                now,
+            )
+            return None
         if batch.cancelled_at is not None:
             end_request(session, request, batch, RequestEnd(RequestStatus.CANCELLED), now)
             return None
@@ -172,6 +190,8 @@ def begin_run(
             return None
         request.status = RequestStatus.RUNNING
         request.started_at = request.started_at or now
+        request.owner = claim.worker
+        # Counts runs that have not ended cleanly; a deferral or a clean hand-back takes it back.
         request.deliveries += 1
         tenant = session.get(Tenant, batch.tenant_id)
         return RunStart(
@@ -182,6 +202,7 @@ def begin_run(
             priority=request.priority,
             expires_at=batch.expires_at,
             tenant=tenant.name if tenant else batch.tenant_id,
+            created_at=request.created_at,
         )
 
     return db.transact(unit)
@@ -285,18 +306,43 @@ def defer_run(db: Database, request_id: str) -> None:
         request = _lock_request(session, request_id)
         if request is not None and request.status == RequestStatus.RUNNING:
             request.status = RequestStatus.QUEUED
+            request.owner = None
+            request.deliveries -= 1  # a clean hand-back, not a crash
 
     db.transact(unit)
 
 
-def return_to_outbox(db: Database, request_id: str) -> None:
-    """A request that could not run for want of Redis: queued and unpublished again, so that the
-    publisher sweep sends it once the broker is back."""
+def return_to_outbox(db: Database, request_ids: list[str], *, clean: bool, owner: str | None = None) -> int:
+    """Queued and unpublished again, so that the publisher sweep sends them: after a Redis outage
+    mid-run (``clean``), or when their owner died (the recovery sweep; only while still RUNNING
+    under that ``owner``). Returns how many were returned."""
 
-    def unit(session: Session) -> None:
-        request = _lock_request(session, request_id)
-        if request is not None and request.status in (RequestStatus.QUEUED, RequestStatus.RUNNING):
+    def unit(session: Session) -> int:
+        returned = 0
+        for request_id in request_ids:
+            request = _lock_request(session, request_id)
+            if request is None or request.status not in (RequestStatus.QUEUED, RequestStatus.RUNNING):
+                continue
+            if owner is not None and (request.status != RequestStatus.RUNNING or request.owner != owner):
+                continue
+            if clean and request.status == RequestStatus.RUNNING:
+                request.deliveries -= 1
             request.status = RequestStatus.QUEUED
+            request.owner = None
             request.published_at = None
+            returned += 1
+        return returned
 
-    db.transact(unit)
+    return db.transact(unit)
+
+
+def running_owners(db: Database) -> dict[str, list[str]]:
+    """Requests now RUNNING, by owner."""
+    with db.session() as session:
+        rows = session.execute(
+            select(Request.id, Request.owner).where(Request.status == RequestStatus.RUNNING)
+        ).all()
+    owners: dict[str, list[str]] = {}
+    for request_id, owner in rows:
+        owners.setdefault(owner or "", []).append(request_id)
+    return owners

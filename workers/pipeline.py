@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 from decimal import Decimal
 from enum import Enum
 from functools import partial
@@ -19,12 +20,15 @@ from db.types import utcnow
 from workers import ledger
 from workers.accounting import DEFAULT_PAUSE_S, estimate_call, settlement
 from workers.admission import TooLarge, Wait, admit, settle
+from workers.breaker import Breaker, is_provider_failure
 from workers.bucket import Bucket
 from workers.costing import call_cost_usd
 from workers.delays import DelayQueue
 from workers.estimate import requested_max_tokens
+from workers.fallbacks import FallbackCounter
 from workers.policy import Step, backoff_s, classify
 from workers.providers.base import CallFailed, ProviderAdapter, ProviderCall, ProviderReply, Usage
+from workers.recovery import Heartbeats
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,9 @@ class Deps:
     adapters: Mapping[str, ProviderAdapter]
     bucket: Bucket
     delays: DelayQueue
+    breaker: Breaker
+    heartbeats: Heartbeats
+    fallbacks: FallbackCounter
     worker: str
     sleep: Callable[[float], None] = field(default=time.sleep)
 
@@ -58,6 +65,7 @@ class Next(Enum):
 class Chain:
     """What the walk down a route's chain has learned so far."""
 
+    deadline: datetime  # no call starts after this: the batch's window, or the route's deadline
     failures: list[dict[str, Any]] = field(default_factory=list)
     soonest_room_s: float | None = None  # the shortest wait a busy deployment asked for
     attempts: int = 0  # the request's attempts so far, all deliveries included
@@ -69,14 +77,16 @@ class Chain:
 
 def run_request(request_id: str, deps: Deps) -> None:
     """Run one request to its end, or park it until a deployment has room. Safe to call again."""
-    run = ledger.begin_run(
-        deps.db,
-        request_id,
-        # An attempt older than any call can last has lost its worker.
+    claim = ledger.Claim(
+        worker=deps.worker,
+        owner_alive=deps.heartbeats.alive,
+        # An attempt older than any call can last has lost its worker, whatever its heartbeat says.
         stale_attempt_s=_longest_call_s(deps) + 60,
         estimate_lost=partial(_estimate_cost, deps.config),
         estimated_output_tokens=lambda body: requested_max_tokens(body, deps.settings.default_max_tokens),
+        max_deliveries=deps.settings.max_deliveries,
     )
+    run = ledger.begin_run(deps.db, request_id, claim)
     if run is None:
         return
     route = deps.config.resolve(run.model)
@@ -84,11 +94,14 @@ def run_request(request_id: str, deps: Deps) -> None:
         message = f"no route or deployment serves model {run.model!r} any more"
         _end(deps, request_id, RequestStatus.FAILED, {"kind": "config", "message": message})
         return
-    chain = Chain()
-    for name in route.deployments:
+    chain = Chain(deadline=_deadline(run, route))
+    for position, name in enumerate(route.deployments):
+        if position:
+            deps.fallbacks.activated(route.name, name)
         if _try_deployment(run, deps.config.deployment(name), route, deps, chain) is Next.DONE:
             return
-    if chain.soonest_room_s is not None and chain.attempts < deps.settings.max_attempts_per_request:
+    budget = route.max_attempts_per_request or deps.settings.max_attempts_per_request
+    if chain.soonest_room_s is not None and chain.attempts < budget:
         # Every deployment that could take it is full for now: wait in the delay queue, not in a slot.
         ledger.defer_run(deps.db, request_id)
         deps.delays.park(request_id, run.priority, chain.soonest_room_s)
@@ -107,6 +120,12 @@ def _end(
     deps: Deps, request_id: str, status: RequestStatus, error: dict[str, Any], deployment: str | None = None
 ) -> None:
     ledger.end_run(deps.db, request_id, ledger.RequestEnd(status, error=error, deployment=deployment))
+
+
+def _deadline(run: ledger.RunStart, route: Route) -> datetime:
+    if route.deadline_s is None:
+        return run.expires_at
+    return min(run.expires_at, run.created_at + timedelta(seconds=route.deadline_s))
 
 
 def _longest_call_s(deps: Deps) -> float:
@@ -152,10 +171,17 @@ def _try_deployment(
     )
     estimate = estimate_call(deployment, run.body, settings.default_max_tokens)
     for retry_no in range(max_attempts):
-        if utcnow() >= run.expires_at:
-            message = "the batch's completion window passed"
+        left_s = (chain.deadline - utcnow()).total_seconds()
+        if left_s <= 0:
+            message = (
+                "its deadline passed" if chain.deadline < run.expires_at else "the batch's window passed"
+            )
             _end(deps, run.request_id, RequestStatus.EXPIRED, {"kind": "expired", "message": message})
             return Next.DONE
+        permit = deps.breaker.allow(deployment.name)
+        if not permit.allowed:
+            chain.busy(Wait(permit.wait_s, "circuit_open"))  # an open breaker: do not wait, go on
+            return Next.FALL_BACK
         ticket = admit(
             deps.bucket,
             deployment,
@@ -192,9 +218,17 @@ def _try_deployment(
             )
             return Next.DONE
         started = time.monotonic()
-        outcome = call_provider(deps.adapters[deployment.provider], call)
+        # A call never outlives the request's deadline.
+        timed = replace(call, timeout_s=max(0.1, min(call.timeout_s, left_s)))
+        outcome = call_provider(deps.adapters[deployment.provider], timed)
         latency_ms = round((time.monotonic() - started) * 1000)
         settle(deps.bucket, ticket, settlement(deployment, estimate, outcome))
+        deps.breaker.record(
+            deployment.name,
+            f"{run.request_id}:{attempt_no}",
+            failed=is_provider_failure(outcome),
+            probe=permit.probe,
+        )
         step = _record(deps, run, deployment, attempt_no, outcome, latency_ms)
         if step is None:
             return Next.DONE

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from functools import lru_cache
 from typing import Any
 
@@ -21,11 +22,14 @@ from broker_config.settings import Settings, get_settings
 from db.engine import get_database
 from db.states import Priority
 from workers import ledger
+from workers.breaker import Breaker
 from workers.bucket import Bucket, BucketPolicy
 from workers.delays import DelayQueue
+from workers.fallbacks import FallbackCounter
 from workers.housekeeping import Housekeeper
 from workers.pipeline import Deps, run_request
 from workers.providers import default_adapters
+from workers.recovery import Heartbeats
 
 log = logging.getLogger(__name__)
 # One INFO line per provider call from the HTTP clients would drown the worker's own log.
@@ -65,6 +69,9 @@ def default_deps() -> Deps:
     """Built once per worker process: one engine, one SDK client per endpoint, shared by threads."""
     settings = get_settings()
     client = bucket_redis(settings)
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    heartbeats = Heartbeats(client, worker, settings.heartbeat_ttl_s)
+    heartbeats.beat()  # alive before the first task, not only once the housekeeper starts
     return Deps(
         db=get_database(settings.database_url),
         config=load_config(settings.config),
@@ -72,12 +79,41 @@ def default_deps() -> Deps:
         adapters=default_adapters(),
         bucket=Bucket(client, bucket_policy(settings)),
         delays=DelayQueue(client),
-        worker=f"{socket.gethostname()}:{os.getpid()}",
+        breaker=Breaker(client),
+        heartbeats=heartbeats,
+        fallbacks=FallbackCounter(client),
+        worker=worker,
     )
+
+
+class _Running:
+    """Request ids this process is running: a duplicate delivery to the same process is dropped
+    here, since the ledger cannot tell this process's two threads apart."""
+
+    def __init__(self) -> None:
+        self._ids: set[str] = set()
+        self._lock = threading.Lock()
+
+    def claim(self, request_id: str) -> bool:
+        with self._lock:
+            if request_id in self._ids:
+                return False
+            self._ids.add(request_id)
+            return True
+
+    def release(self, request_id: str) -> None:
+        with self._lock:
+            self._ids.discard(request_id)
+
+
+_running = _Running()
 
 
 @app.task(name=RUN_REQUEST_TASK)
 def run_request_task(request_id: str) -> None:
+    if not _running.claim(request_id):
+        log.info("request %s is already running in this process; duplicate delivery dropped", request_id)
+        return
     deps = default_deps()
     try:
         run_request(request_id, deps)
@@ -85,7 +121,9 @@ def run_request_task(request_id: str) -> None:
         # Redis went away mid-run: hand the request back to the ledger's outbox, from which the
         # publisher sweep publishes it again once Redis is back. Nothing is lost.
         log.warning("request %s returned to the outbox: Redis unreachable (%s)", request_id, exc)
-        ledger.return_to_outbox(deps.db, request_id)
+        ledger.return_to_outbox(deps.db, [request_id], clean=True)
+    finally:
+        _running.release(request_id)
 
 
 _housekeepers: list[Housekeeper] = []
@@ -94,7 +132,7 @@ _housekeepers: list[Housekeeper] = []
 @worker_ready.connect
 def _start_housekeeping(**_: Any) -> None:
     deps = default_deps()
-    housekeeper = Housekeeper(deps.db, deps.settings, deps.bucket.redis, deps.delays)
+    housekeeper = Housekeeper(deps.db, deps.settings, deps.bucket.redis, deps.delays, deps.heartbeats)
     housekeeper.start()
     _housekeepers.append(housekeeper)
 

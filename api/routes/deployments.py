@@ -9,7 +9,7 @@ from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
 from api.context import Context, CurrentTenant
-from broker_config.bucket_state import delayed_requests, read_state
+from broker_config.bucket_state import delayed_requests, read_fallbacks, read_state
 
 router = APIRouter(prefix="/v1", tags=["deployments"])
 
@@ -17,7 +17,8 @@ router = APIRouter(prefix="/v1", tags=["deployments"])
 @router.get("/deployments")
 async def list_deployments(context: Context, tenant: CurrentTenant) -> dict[str, Any]:
     """Per deployment: limits (configured, learned from the provider, effective), what is left,
-    what calls in flight hold, pause and rate factor after 429s, and counters."""
+    what calls in flight hold, pause and rate factor after 429s, circuit breaker, and counters;
+    and per route, how often its chain fell back to each deployment."""
     del tenant  # any valid key may look; nothing here belongs to a tenant
 
     def read() -> dict[str, Any]:
@@ -25,6 +26,11 @@ async def list_deployments(context: Context, tenant: CurrentTenant) -> dict[str,
         states = [
             asdict(read_state(context.redis, d, recovery_per_s=recovery)) for d in context.config.deployments
         ]
-        return {"object": "list", "data": states, "delayed_requests": delayed_requests(context.redis)}
+        return {
+            "object": "list",
+            "data": states,
+            "delayed_requests": delayed_requests(context.redis),
+            "fallbacks": read_fallbacks(context.redis),
+        }
 
     return await run_in_threadpool(read)

@@ -1,0 +1,82 @@
+"""Circuit breakers on a real Redis, with the scripts' test clock: open on a failure ratio, skip
+while open, let a few probes through when half-open, close on their success."""
+
+from __future__ import annotations
+
+import pytest
+import redis as redis_lib
+
+from workers.breaker import Breaker, BreakerPolicy, is_provider_failure
+from workers.providers.base import CallFailed, ProviderReply, Usage
+
+POLICY = BreakerPolicy(window_s=30, min_calls=10, failure_ratio=0.5, open_s=15, probes=2)
+
+
+@pytest.fixture
+def clock() -> list[float]:
+    return [5_000_000.0]
+
+
+@pytest.fixture
+def breaker(redis: redis_lib.Redis, clock: list[float]) -> Breaker:
+    return Breaker(redis, POLICY, clock_ms=lambda: clock[0])
+
+
+def _calls(breaker: Breaker, clock: list[float], failures: int, successes: int) -> list[str]:
+    transitions = []
+    for i in range(failures + successes):
+        clock[0] += 100
+        transitions.append(breaker.record("d", f"c{clock[0]}-{i}", failed=i < failures, probe=False))
+    return transitions
+
+
+def test_it_stays_closed_until_enough_calls_say_so(breaker: Breaker, clock: list[float]) -> None:
+    """9 failures out of 9 are not a verdict (fewer than min_calls); 4 of 10 stay under the ratio."""
+    assert set(_calls(breaker, clock, 9, 0)) == {""}
+    assert breaker.allow("d").allowed
+    clock[0] += 31_000  # the window forgets them
+    assert set(_calls(breaker, clock, 4, 6)) == {""} and breaker.allow("d").allowed
+
+
+def test_it_opens_on_the_failure_ratio_and_requests_skip_it(
+    breaker: Breaker, clock: list[float], caplog: pytest.LogCaptureFixture
+) -> None:
+    assert _calls(breaker, clock, 5, 5)[-1] == "opened"
+    permit = breaker.allow("d")
+    assert not permit.allowed and 14 < permit.wait_s <= 15
+    assert "circuit breaker OPENED for deployment d" in caplog.text
+
+
+def test_half_open_probes_close_it_or_open_it_again(breaker: Breaker, clock: list[float]) -> None:
+    _calls(breaker, clock, 10, 0)
+    clock[0] += 15_000
+    first, second, third = (breaker.allow("d") for _ in range(3))
+    assert first.probe and second.probe and not third.allowed  # two probes at a time
+    assert breaker.record("d", "p1", failed=False, probe=True) == ""
+    assert breaker.record("d", "p2", failed=False, probe=True) == "closed"
+    assert breaker.allow("d").allowed and not breaker.allow("d").probe
+    _calls(breaker, clock, 10, 0)
+    clock[0] += 15_000
+    assert breaker.allow("d").probe
+    assert breaker.record("d", "p3", failed=True, probe=True) == "opened"
+    assert not breaker.allow("d").allowed
+
+
+def test_a_probe_lost_with_its_worker_does_not_wedge_half_open(breaker: Breaker, clock: list[float]) -> None:
+    _calls(breaker, clock, 10, 0)
+    clock[0] += 15_000
+    assert breaker.allow("d").probe and breaker.allow("d").probe  # ...and both workers die
+    assert not breaker.allow("d").allowed
+    clock[0] += 15_001
+    assert breaker.allow("d").probe
+
+
+def test_only_the_providers_health_counts() -> None:
+    """5xx, 529, timeouts and cut connections count; a 4xx or a 429 does not."""
+    reply = ProviderReply(body={}, usage=Usage(1, 1), http_status=200)
+    assert not is_provider_failure(reply)
+    for status, failed in ((500, True), (503, True), (529, True), (400, False), (404, False), (429, False)):
+        assert is_provider_failure(CallFailed("x", kind="status", status=status)) is failed
+    assert is_provider_failure(CallFailed("x", kind="timeout"))
+    assert is_provider_failure(CallFailed("x", kind="connection"))
+    assert not is_provider_failure(CallFailed("x", kind="translation"))

@@ -1,0 +1,105 @@
+"""Circuit breakers: one per deployment, shared by every worker through Redis.
+
+A deployment whose calls fail too often (server errors, timeouts, cut connections: the provider's
+health, not the request's fault nor a rate limit) is opened: requests go straight to the next
+deployment of their chain instead of spending attempts on it. After ``open_s`` a few probe calls
+are let through (half-open); when they succeed it closes, when one fails it opens again. The state
+machine lives in ``lua/breaker_allow.lua`` and ``lua/breaker_record.lua``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import redis
+
+from broker_config import keys
+from workers.bucket import lua_script
+from workers.providers.base import CallFailed, ProviderReply
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BreakerPolicy:
+    window_s: float = 30.0
+    min_calls: int = 10  # no verdict on fewer calls than this in the window
+    failure_ratio: float = 0.5
+    open_s: float = 15.0
+    probes: int = 2  # successes needed (and probes allowed at once) to close
+
+
+@dataclass(frozen=True)
+class Permit:
+    allowed: bool
+    wait_s: float = 0.0
+    probe: bool = False
+
+
+def is_provider_failure(outcome: ProviderReply | CallFailed) -> bool:
+    """Failures that say the deployment is unhealthy: 5xx (529 included), timeouts, cut or
+    refused connections, unreadable replies. A 4xx is the request's fault; a 429 is the bucket's."""
+    if isinstance(outcome, ProviderReply):
+        return False
+    if outcome.kind in ("timeout", "connection", "invalid_reply"):
+        return True
+    return outcome.kind == "status" and (outcome.status or 0) >= 500
+
+
+class Breaker:
+    def __init__(
+        self,
+        client: redis.Redis,
+        policy: BreakerPolicy | None = None,
+        clock_ms: Callable[[], float] | None = None,
+    ) -> None:
+        self.redis = client
+        self.policy = policy or BreakerPolicy()
+        self._clock_ms = clock_ms
+        self._allow = client.register_script(lua_script("breaker_allow.lua"))
+        self._record = client.register_script(lua_script("breaker_record.lua"))
+
+    def _clock(self) -> str:
+        return "" if self._clock_ms is None else repr(self._clock_ms())
+
+    def allow(self, deployment: str) -> Permit:
+        policy = self.policy
+        allowed, wait_ms, state = self._allow(
+            keys=[keys.breaker(deployment)], args=[self._clock(), int(policy.open_s * 1000), policy.probes]
+        )
+        state = state.decode() if isinstance(state, bytes) else str(state)
+        return Permit(bool(allowed), int(wait_ms) / 1000, probe=bool(allowed) and state == "half_open")
+
+    def record(self, deployment: str, call_id: str, *, failed: bool, probe: bool) -> str:
+        """Count one call; returns the transition it caused ('opened', 'closed' or '')."""
+        policy = self.policy
+        transition = self._record(
+            keys=[
+                keys.breaker(deployment),
+                keys.breaker_calls(deployment),
+                keys.breaker_failures(deployment),
+            ],
+            args=[
+                self._clock(),
+                call_id,
+                1 if failed else 0,
+                int(policy.window_s * 1000),
+                policy.min_calls,
+                policy.failure_ratio,
+                policy.probes,
+                1 if probe else 0,
+            ],
+        )
+        transition = transition.decode() if isinstance(transition, bytes) else str(transition)
+        if transition == "opened":
+            log.warning(
+                "circuit breaker OPENED for deployment %s: %s of its calls failed; skipped for %.0fs",
+                deployment,
+                "a probe" if probe else f">= {policy.failure_ratio:.0%}",
+                policy.open_s,
+            )
+        elif transition == "closed":
+            log.warning("circuit breaker CLOSED for deployment %s: its probes succeeded", deployment)
+        return transition
