@@ -58,6 +58,13 @@ class Settings(BaseSettings):
     rate_factor_on_429: float = Field(default=0.7, gt=0, le=1)
     rate_factor_min: float = Field(default=0.2, gt=0, le=1)
     rate_factor_recovery_per_s: float = Field(default=0.01, ge=0)
+    # Circuit breakers (one per deployment, shared)
+    breaker_window_s: float = Field(default=30.0, gt=0)
+    breaker_min_calls: int = Field(default=10, ge=1)
+    breaker_failure_ratio: float = Field(default=0.5, gt=0, le=1)
+    breaker_open_s: float = Field(default=15.0, gt=0)
+    breaker_probes: int = Field(default=2, ge=1)
+
     # Crash recovery
     heartbeat_ttl_s: float = Field(default=15.0, gt=1, description="A worker silent this long is dead.")
     max_deliveries: int = Field(default=8, ge=1, description="Runs that may die with their worker.")

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import suppress
 from pathlib import Path
 
 import httpx
@@ -116,6 +117,13 @@ class ManagedProcess:
             pass
         finally:
             self._log.close()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: nothing of it gets to clean up."""
+        with suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        self._log.close()
 
 
 def start_redis(

@@ -92,6 +92,7 @@ class EmbeddedStack:
     simulator_url: str = ""
     flower_url: str = ""
     api_key: str = ""
+    redis_port: int = 0
 
     def start(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
@@ -101,6 +102,7 @@ class EmbeddedStack:
         self.env = {"HEADRACE_CONFIG": str(config_path), "PYTHONUNBUFFERED": "1"}
         redis_proc, redis_url = start_redis(self.home / "redis", env=self.env)
         self.processes.append(redis_proc)
+        self.redis_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
 
         sim_port = free_port()
         self.simulator_url = f"http://127.0.0.1:{sim_port}"
@@ -146,6 +148,16 @@ class EmbeddedStack:
         proc = ManagedProcess(name, headrace_command(*args), log_dir=logs, env={**os.environ, **self.env})
         self.processes.append(proc)
         return proc
+
+    def restart_redis(self) -> None:
+        """Stop Redis (it writes its append-only file) and start it again on the same port."""
+        old = next(p for p in self.processes if p.name.startswith("redis-"))
+        old.stop()
+        proc, _ = start_redis(self.home / "redis", port=self.redis_port, env=self.env)
+        self.processes[self.processes.index(old)] = proc
+
+    def workers_running(self) -> list[ManagedProcess]:
+        return [p for p in self.processes if p.name.startswith("worker") and p.alive()]
 
     def stop(self) -> None:
         """Stop everything started, newest first (workers before the broker they need)."""

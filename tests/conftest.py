@@ -16,7 +16,7 @@ from db.engine import Database
 from db.migrate import upgrade
 from headrace.embedded import start_redis
 from headrace.stack import EmbeddedStack
-from tests.infra.postgres import running_postgres
+from tests.infra.postgres import PostgresCluster, running_postgres
 
 pytest_plugins = ["tests.simulator_fixture"]  # the session's simulator: `sim`, `sim_url`
 
@@ -57,9 +57,15 @@ def redis(redis_url: str) -> Iterator[redis_lib.Redis]:
 
 
 @pytest.fixture(scope="session")
-def postgres_server() -> Iterator[str | None]:
-    with running_postgres() as url:
-        yield url
+def postgres_cluster() -> Iterator[PostgresCluster | None]:
+    with running_postgres() as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def postgres_server(postgres_cluster: PostgresCluster | None) -> str | None:
+    """The server URL (no database), or None when no PostgreSQL is at hand."""
+    return postgres_cluster.url if postgres_cluster else None
 
 
 def _fresh_postgres_db(server: str) -> str:

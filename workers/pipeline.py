@@ -219,7 +219,9 @@ def _try_deployment(
             return Next.DONE
         started = time.monotonic()
         # A call never outlives the request's deadline.
-        timed = replace(call, timeout_s=max(0.1, min(call.timeout_s, left_s)))
+        timed = replace(
+            call, timeout_s=max(0.1, min(call.timeout_s, left_s)), attempt_id=f"{run.request_id}:{attempt_no}"
+        )
         outcome = call_provider(deps.adapters[deployment.provider], timed)
         latency_ms = round((time.monotonic() - started) * 1000)
         settle(deps.bucket, ticket, settlement(deployment, estimate, outcome))

@@ -22,7 +22,7 @@ from broker_config.settings import Settings, get_settings
 from db.engine import get_database
 from db.states import Priority
 from workers import ledger
-from workers.breaker import Breaker
+from workers.breaker import Breaker, BreakerPolicy
 from workers.bucket import Bucket, BucketPolicy
 from workers.delays import DelayQueue
 from workers.fallbacks import FallbackCounter
@@ -64,6 +64,16 @@ def bucket_policy(settings: Settings) -> BucketPolicy:
     )
 
 
+def breaker_policy(settings: Settings) -> BreakerPolicy:
+    return BreakerPolicy(
+        window_s=settings.breaker_window_s,
+        min_calls=settings.breaker_min_calls,
+        failure_ratio=settings.breaker_failure_ratio,
+        open_s=settings.breaker_open_s,
+        probes=settings.breaker_probes,
+    )
+
+
 @lru_cache(maxsize=1)
 def default_deps() -> Deps:
     """Built once per worker process: one engine, one SDK client per endpoint, shared by threads."""
@@ -79,7 +89,7 @@ def default_deps() -> Deps:
         adapters=default_adapters(),
         bucket=Bucket(client, bucket_policy(settings)),
         delays=DelayQueue(client),
-        breaker=Breaker(client),
+        breaker=Breaker(client, breaker_policy(settings)),
         heartbeats=heartbeats,
         fallbacks=FallbackCounter(client),
         worker=worker,

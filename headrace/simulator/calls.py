@@ -62,6 +62,7 @@ class _Trace:
     input_tokens: int = 0
     output_tokens: int = 0
     reserved_tokens: int = 0
+    attempt: str | None = None
 
     def scope(self, dialect: str) -> BucketScope | None:
         return None if self.model is None else (dialect, self.api_key, self.model)
@@ -72,7 +73,7 @@ async def handle_call(dialect: Dialect, state: SimState, request: Request) -> Re
     request_id = dialect.new_request_id()
     stats = state.stats  # a reset mid-call must not mix this call into the fresh counters
     stats.receive(dialect.name)
-    trace = _Trace(t=time.time())
+    trace = _Trace(t=time.time(), attempt=request.headers.get("x-headrace-attempt"))
     status, extra_headers = 200, {}
     try:
         body = await _serve(dialect, state, stats, request, trace)
@@ -217,4 +218,5 @@ def _record(dialect: str, trace: _Trace, status: int) -> CallRecord:
         input_tokens=trace.input_tokens,
         output_tokens=trace.output_tokens,
         reserved_tokens=trace.reserved_tokens,
+        attempt=trace.attempt,
     )

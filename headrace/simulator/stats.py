@@ -23,6 +23,7 @@ class CallRecord:
     input_tokens: int
     output_tokens: int
     reserved_tokens: int  # output tokens reserved at admission (max_tokens, or the answer's length)
+    attempt: str | None = None  # the caller's X-Headrace-Attempt header: which attempt this call was
 
 
 class Stats:

@@ -2,7 +2,8 @@
 
 initdb refuses to run as root, and CI runs as root: then initdb and pg_ctl run as the
 ``postgres`` user on a directory it owns. Without binaries, HEADRACE_TEST_POSTGRES_URL (a
-server URL whose user may CREATE DATABASE) is used instead, and without that the tests skip.
+server URL whose user may CREATE DATABASE) is used instead (it cannot be restarted), and without
+that the tests that need PostgreSQL skip.
 """
 
 from __future__ import annotations
@@ -15,70 +16,78 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from headrace.embedded import free_port
 
 
 def _bin_dir() -> Path | None:
-    found = shutil.which("pg_ctl")
-    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
-    for directory in candidates:
+    for directory in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
         if Path(directory, "initdb").exists() and Path(directory, "pg_ctl").exists():
             return Path(directory)
+    found = shutil.which("pg_ctl")
     return Path(found).parent if found and Path(found).with_name("initdb").exists() else None
 
 
-def _as_owner(argv: list[str], user: str | None) -> list[str]:
-    if user is None:
-        return argv
-    return ["su", user, "-s", "/bin/sh", "-c", " ".join(f"'{a}'" for a in argv)]
+@dataclass
+class PostgresCluster:
+    url: str  # postgresql+psycopg://postgres@127.0.0.1:PORT (no database)
+    data: Path | None = None
+    pg_ctl: str = ""
+    user: str | None = None
+
+    def _run(self, *args: str) -> None:
+        argv = [self.pg_ctl, "-D", str(self.data / "db"), *args] if self.data else []
+        if self.user:
+            argv = ["su", self.user, "-s", "/bin/sh", "-c", " ".join(f"'{a}'" for a in argv)]
+        subprocess.run(argv, check=True, capture_output=True, timeout=120)
+
+    @property
+    def restartable(self) -> bool:
+        return self.data is not None
+
+    def restart(self) -> None:
+        """A fast shutdown (open connections are cut) and a start on the same port."""
+        assert self.restartable, "an external PostgreSQL cannot be restarted by the tests"
+        self._run("-m", "fast", "-w", "restart")
 
 
 @contextmanager
-def running_postgres() -> Iterator[str | None]:
-    """Yields a server URL (``postgresql+psycopg://postgres@127.0.0.1:PORT``), or None."""
+def running_postgres() -> Iterator[PostgresCluster | None]:
     external = os.environ.get("HEADRACE_TEST_POSTGRES_URL")
     if external:
-        yield external
+        yield PostgresCluster(url=external)
         return
     bin_dir = _bin_dir()
+    user: str | None = None
+    if bin_dir is not None and os.geteuid() == 0:
+        try:
+            pwd.getpwnam("postgres")
+            user = "postgres"
+        except KeyError:
+            bin_dir = None
     if bin_dir is None:
         yield None
         return
-    user: str | None = None
-    if os.geteuid() == 0:
-        try:
-            pwd.getpwnam("postgres")
-        except KeyError:
-            yield None
-            return
-        user = "postgres"
     data = Path(tempfile.mkdtemp(prefix="headrace-pg-"))
     if user:
         shutil.chown(data, user)
     port = free_port()
-    pg_ctl = str(bin_dir / "pg_ctl")
-    subprocess.run(
-        _as_owner(
-            [str(bin_dir / "initdb"), "-D", str(data / "db"), "-A", "trust", "-U", "postgres", "-E", "UTF8"],
-            user,
-        ),
-        check=True,
-        capture_output=True,
+    cluster = PostgresCluster(
+        url=f"postgresql+psycopg://postgres@127.0.0.1:{port}",
+        data=data,
+        pg_ctl=str(bin_dir / "pg_ctl"),
+        user=user,
     )
+    initdb = [str(bin_dir / "initdb"), "-D", str(data / "db"), "-A", "trust", "-U", "postgres", "-E", "UTF8"]
+    if user:
+        initdb = ["su", user, "-s", "/bin/sh", "-c", " ".join(f"'{a}'" for a in initdb)]
+    subprocess.run(initdb, check=True, capture_output=True)
     options = f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300"
-    subprocess.run(
-        _as_owner(
-            [pg_ctl, "-D", str(data / "db"), "-o", options, "-l", str(data / "log"), "-w", "start"], user
-        ),
-        check=True,
-        capture_output=True,
-    )
+    cluster._run("-o", options, "-l", str(data / "log"), "-w", "start")
     try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}"
+        yield cluster
     finally:
-        subprocess.run(
-            _as_owner([pg_ctl, "-D", str(data / "db"), "-m", "immediate", "stop"], user), capture_output=True
-        )
+        cluster._run("-m", "immediate", "stop")
         shutil.rmtree(data, ignore_errors=True)

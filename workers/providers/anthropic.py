@@ -38,6 +38,7 @@ class AnthropicAdapter:
             raw = client.messages.with_raw_response.create(
                 **required,
                 extra_body=wire,  # system, stop_sequences, temperature...: sent as the wire has them
+                extra_headers=call.headers(),
                 # An explicit timeout also stops the SDK refusing large max_tokens without streaming.
                 timeout=anthropic.Timeout(call.timeout_s, connect=call.connect_timeout_s),
             )

@@ -38,6 +38,12 @@ class ProviderCall:
     timeout_s: float
     connect_timeout_s: float
     default_max_tokens: int
+    # "request id:attempt number", sent as X-Headrace-Attempt so that a provider-side log (our
+    # simulator's, a gateway's) can be matched call for call with the ledger's attempt rows.
+    attempt_id: str | None = None
+
+    def headers(self) -> dict[str, str]:
+        return {"X-Headrace-Attempt": self.attempt_id} if self.attempt_id else {}
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ class OpenAIAdapter:
                 model=call.deployment.model,
                 messages=call.body["messages"],
                 extra_body=extra,
+                extra_headers=call.headers(),
             )
             completion = raw.parse()
             # Keep the provider's own JSON, not a re-serialisation: fields the SDK does not
