@@ -44,7 +44,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "task_acks_on_failure_or_timeout": True,
         "worker_prefetch_multiplier": 1,
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # Not True: cancelling needs a pool that can kill a job, and the threads pool cannot; the
+        # worker would shut down on every broker reconnect (NotImplementedError in terminate_job).
+        # A task that outlives its connection is redelivered instead, and the ledger's owner
+        # check turns that duplicate delivery into a no-op while the first run goes on.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "worker_soft_shutdown_timeout": 30.0,
         "worker_enable_soft_shutdown_on_idle": True,
         "worker_send_task_events": True,

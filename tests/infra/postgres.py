@@ -50,7 +50,9 @@ class PostgresCluster:
     def restart(self) -> None:
         """A fast shutdown (open connections are cut) and a start on the same port."""
         assert self.restartable, "an external PostgreSQL cannot be restarted by the tests"
-        self._run("-m", "fast", "-w", "restart")
+        assert self.data is not None
+        # -l again: without it the restarted server would log into our pipe and hold it open.
+        self._run("-m", "fast", "-l", str(self.data / "log"), "-w", "restart")
 
 
 @contextmanager
