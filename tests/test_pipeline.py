@@ -103,6 +103,11 @@ name = "to-anthropic"
 deployments = ["down", "an"]
 
 [[routes]]
+name = "hurried"
+deployments = ["oa"]
+deadline_s = 1.5
+
+[[routes]]
 name = "single"
 deployments = ["oa"]
 max_attempts_per_deployment = 2
@@ -348,3 +353,20 @@ def test_a_request_stops_waiting_when_its_attempts_are_spent(deps: Deps) -> None
     request, attempts, _ = _state(deps, rid)
     assert request.status == "failed" and len(attempts) == 1
     assert request.error["deployments"][0]["status"] == 429  # type: ignore[index]
+
+
+def test_a_request_past_its_deadline_expires_and_its_hung_call_is_cut_at_the_deadline(deps: Deps) -> None:
+    """A route's 1.5 s deadline: the hung call is cut when the deadline comes (not at the 2 s call
+    timeout), and no further call is made."""
+    (rid,) = _submit(deps, "hurried", "[[sim:hang]] hi")
+    run_request(rid, deps)
+    request, attempts, _ = _state(deps, rid)
+    assert request.status == "expired" and "deadline" in request.error["message"]  # type: ignore[index]
+    assert len(attempts) == 1 and attempts[0].error["kind"] == "timeout"  # type: ignore[index]
+    assert attempts[0].latency_ms is not None and attempts[0].latency_ms < 1900
+
+
+def test_a_fallback_is_counted_per_route_and_deployment(deps: Deps, redis: redis_lib.Redis) -> None:
+    (rid,) = _submit(deps, "to-anthropic")
+    run_request(rid, deps)
+    assert redis.hgetall("headrace:fallbacks") == {b"to-anthropic|an": b"1"}
