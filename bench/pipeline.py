@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -21,16 +20,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.measure import cpu_seconds, wait_batch
 from headrace.stack import EmbeddedStack
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and its waited-for children, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    utime, stime, cutime, cstime = (int(fields[i]) for i in (11, 12, 13, 14))
-    return (utime + stime + cutime + cstime) / CLOCK_TICKS
 
 
 def workload(n: int) -> bytes:
@@ -80,11 +71,7 @@ def main() -> None:
                 response.raise_for_status()
                 accepted_s = time.monotonic() - started
                 batch_id = response.json()["id"]
-                while time.monotonic() - started < args.timeout:
-                    view = http.get(f"/v1/batches/{batch_id}").json()
-                    if view["status"] != "in_progress":
-                        break
-                    time.sleep(0.1)
+                view = wait_batch(http, batch_id, timeout_s=args.timeout, poll_s=0.1)
                 wall_s = time.monotonic() - started
                 download_started = time.monotonic()
                 lines = sum(1 for _ in http.get(f"/v1/batches/{batch_id}/results").iter_lines())

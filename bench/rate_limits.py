@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import statistics
 import sys
@@ -33,12 +32,12 @@ import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.measure import cpu_seconds, wait_batch
 from headrace.simulator.config import SimConfig
 from headrace.simulator.server import running_simulator
 from headrace.stack import EmbeddedStack
 from workers.estimate import estimate_prompt_tokens
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 VOCABULARY = [
     "the",
     "of",
@@ -140,11 +139,6 @@ def workload(n: int, seed: int) -> list[dict[str, Any]]:
     return lines
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(fields[i]) for i in (11, 12, 13, 14)) / CLOCK_TICKS
-
-
 def steady_fraction(records: list[dict[str, Any]], tpm: int) -> float:
     """Tokens processed per minute, as a fraction of the limit, once the initial full bucket is
     discounted: (tokens of every answered call - one minute's limit) / (limit x minutes from the
@@ -191,11 +185,7 @@ def run_headrace(
             ) as http:
                 started = time.monotonic()
                 batch = http.post("/v1/batches", json={"requests": lines}).raise_for_status().json()["id"]
-                while time.monotonic() - started < args.timeout:
-                    view = http.get(f"/v1/batches/{batch}").json()
-                    if view["status"] != "in_progress":
-                        break
-                    time.sleep(0.5)
+                wait_batch(http, batch, timeout_s=args.timeout, poll_s=0.5)
                 wall = time.monotonic() - started
                 results = [json.loads(x) for x in http.get(f"/v1/batches/{batch}/results").iter_lines()]
             cpu = sum(cpu_seconds(pid) for pid in pids) - cpu_before
