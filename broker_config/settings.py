@@ -74,6 +74,16 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(default=1024, ge=1)
     log_prompts: bool = False
 
+    # Webhooks
+    webhook_allow_hosts: str | None = Field(
+        default=None, description="Hosts or CIDRs webhooks may target although not public (comma-separated)."
+    )
+    webhook_retry_schedule_s: str = Field(
+        default="5,30,120,600,1800,3600,7200,14400,28800",
+        description="Waits between delivery attempts (about 15 h in all); then the delivery is failed.",
+    )
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+
     # Flower: "user:password[,user2:password2]"; without it Flower's API answers only on loopback.
     flower_basic_auth: str | None = None
 

@@ -13,6 +13,7 @@ class Priority(StrEnum):
 
 class BatchStatus(StrEnum):
     IN_PROGRESS = "in_progress"
+    CANCELLING = "cancelling"  # cancel asked; calls in flight are finishing
     COMPLETED = "completed"
     CANCELLED = "cancelled"
     EXPIRED = "expired"
@@ -30,6 +31,11 @@ class RequestStatus(StrEnum):
 
 TERMINAL_REQUEST_STATUSES = frozenset(
     {RequestStatus.SUCCEEDED, RequestStatus.FAILED, RequestStatus.CANCELLED, RequestStatus.EXPIRED}
+)
+
+
+ENDED_BATCH_STATUSES = frozenset(
+    {BatchStatus.COMPLETED, BatchStatus.CANCELLED, BatchStatus.EXPIRED, BatchStatus.FAILED}
 )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import secrets
 from dataclasses import dataclass
@@ -59,3 +60,10 @@ def tenant_for_key(session: Session, key: str) -> Tenant | None:
         .join(ApiKey, ApiKey.tenant_id == Tenant.id)
         .where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None))
     ).one_or_none()
+
+
+def webhook_secret(session: Session, tenant: Tenant, *, rotate: bool = False) -> str:
+    """The tenant's Standard Webhooks signing secret, made on first use (or anew when rotating)."""
+    if tenant.webhook_secret is None or rotate:
+        tenant.webhook_secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+    return tenant.webhook_secret

@@ -16,9 +16,10 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from db.batch_state import count_request_end
 from db.engine import Database
 from db.models import Attempt, Batch, Request, Tenant
-from db.states import TERMINAL_REQUEST_STATUSES, AttemptOutcome, BatchStatus, RequestStatus
+from db.states import TERMINAL_REQUEST_STATUSES, AttemptOutcome, RequestStatus
 from db.types import utcnow
 from workers.providers.base import Usage
 
@@ -78,17 +79,8 @@ def end_request(session: Session, request: Request, batch: Batch, end: RequestEn
     request.error = end.error
     request.deployment = end.deployment or request.deployment
     request.ended_at = now
-    counter = f"{end.status.value}_count"
-    setattr(batch, counter, getattr(batch, counter) + 1)
-    ended = batch.succeeded_count + batch.failed_count + batch.cancelled_count + batch.expired_count
-    if ended >= batch.total_count and batch.status == BatchStatus.IN_PROGRESS:
-        if batch.cancelled_at is not None:
-            batch.status = BatchStatus.CANCELLED
-        elif batch.expired_count:
-            batch.status = BatchStatus.EXPIRED
-        else:
-            batch.status = BatchStatus.COMPLETED
-        batch.ended_at = now
+    request.owner = None
+    count_request_end(session, batch, end.status, now)
 
 
 def _mark_lost_attempts(
