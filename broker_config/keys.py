@@ -67,3 +67,13 @@ def recovery_sweep_lock() -> str:
 def fallbacks() -> str:
     """Hash: "route|deployment" -> times the route's chain fell back to that deployment."""
     return f"{PREFIX}:fallbacks"
+
+
+def webhook_lock() -> str:
+    """Held by the one worker delivering webhooks."""
+    return f"{PREFIX}:lock:webhooks"
+
+
+def expiry_lock() -> str:
+    """Held by the one worker expiring batches past their window."""
+    return f"{PREFIX}:lock:expiry"

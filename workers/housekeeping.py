@@ -1,6 +1,6 @@
 """Background jobs of every worker process, on one thread: the heartbeat, publishing delayed
-requests when they are due, the publisher sweep, and crash recovery. Jobs that must not run twice
-at once across the pool take a Redis lock."""
+requests when they are due, the publisher sweep, crash recovery, webhook deliveries and batch
+expiry. Jobs that must not run twice at once across the pool take a Redis lock."""
 
 from __future__ import annotations
 
@@ -19,8 +19,10 @@ from broker_config.publisher import publish_requests
 from broker_config.settings import Settings
 from db.engine import Database
 from workers.delays import DelayQueue
+from workers.expiry import expire_batches
 from workers.recovery import Heartbeats, recover_orphans, requeue_lost_messages
 from workers.sweeper import sweep_unpublished
+from workers.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
 TICK_S = 0.25
@@ -47,6 +49,7 @@ class Housekeeper(threading.Thread):
         super().__init__(name="headrace-housekeeper", daemon=True)
         self.redis = client
         self.stopping = threading.Event()
+        webhooks = WebhookSender(db, settings)
         self.jobs = [
             Job("heartbeat", settings.heartbeat_ttl_s / 3, heartbeats.beat),
             Job("delayed", TICK_S, lambda: delays.publish_due(publish_requests)),
@@ -62,6 +65,8 @@ class Housekeeper(threading.Thread):
                 lambda: recover_orphans(db, heartbeats),
                 keys.recovery_sweep_lock(),
             ),
+            Job("webhooks", 1.0, webhooks.deliver_due, keys.webhook_lock()),
+            Job("expiry", 5.0, lambda: expire_batches(db), keys.expiry_lock()),
             Job(
                 "lost messages",
                 settings.lost_message_check_s,
