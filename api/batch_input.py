@@ -26,6 +26,9 @@ class BatchLine:
     custom_id: str
     model: str
     body: dict[str, Any]
+    # Set when the line is accepted into the batch but can never run (the Anthropic API reports
+    # bad params as an errored result, not as a refused batch): it is stored already failed.
+    error: dict[str, Any] | None = None
 
 
 @dataclass

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
@@ -15,7 +16,8 @@ from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from api.batch_input import BatchLine
-from api.errors import not_found
+from api.errors import ApiError, not_found
+from db.batch_state import OPEN_BATCH_STATUSES, end_queued_requests, finish_if_done
 from db.engine import Database
 from db.ids import new_id
 from db.models import Batch, Request
@@ -24,42 +26,54 @@ from db.states import BatchStatus, Priority, RequestStatus
 from db.types import format_usd, utcnow
 
 log = logging.getLogger(__name__)
-INSERT_CHUNK = 1000
-RESULTS_CHUNK = 500
+INSERT_CHUNK = 2000
+RESULTS_CHUNK = 1000
+CANCELLED = {"kind": "cancelled", "message": "the batch was cancelled before this request ran"}
 
 
-def create_batch(
-    db: Database,
-    *,
-    tenant_id: str,
-    lines: Sequence[BatchLine],
-    priority: Priority,
-    metadata: dict[str, Any] | None,
-    completion_window_s: int,
-) -> Batch:
+@dataclass(frozen=True)
+class BatchSpec:
+    """Everything about a new batch but its lines."""
+
+    tenant_id: str
+    priority: Priority
+    metadata: dict[str, Any] | None
+    completion_window_s: int
+    api: str = "native"
+    endpoint: str | None = None
+    input_file_id: str | None = None
+    webhook_url: str | None = None
+
+
+def create_batch(db: Database, spec: BatchSpec, lines: Sequence[BatchLine]) -> Batch:
     """Commit the batch and every request, then publish them. Returns once all are persisted.
 
     If the broker is down the batch is still accepted: its requests wait in the ledger and the
     publisher sweep sends them when the broker is back.
     """
     now = utcnow()
+    failed = sum(1 for line in lines if line.error is not None)
     batch = Batch(
         id=new_id("batch"),
-        tenant_id=tenant_id,
+        tenant_id=spec.tenant_id,
         status=BatchStatus.IN_PROGRESS,
-        priority=priority,
-        metadata_=metadata,
+        priority=spec.priority,
+        metadata_=spec.metadata,
         created_at=now,
-        expires_at=now + timedelta(seconds=completion_window_s),
+        expires_at=now + timedelta(seconds=spec.completion_window_s),
         total_count=len(lines),
         succeeded_count=0,
-        failed_count=0,
+        failed_count=failed,
         cancelled_count=0,
         expired_count=0,
         input_tokens=0,
         output_tokens=0,
         cost_usd=Decimal(0),
         unpriced_attempts=0,
+        api=spec.api,
+        endpoint=spec.endpoint,
+        input_file_id=spec.input_file_id,
+        webhook_url=spec.webhook_url,
     )
     ids = [new_id("req") for _ in lines]
     rows = [
@@ -70,8 +84,10 @@ def create_batch(
             "custom_id": line.custom_id,
             "model": line.model,
             "body": line.body,
-            "priority": priority.value,
-            "status": RequestStatus.QUEUED.value,
+            "priority": spec.priority.value,
+            "status": (RequestStatus.QUEUED if line.error is None else RequestStatus.FAILED).value,
+            "error": line.error,
+            "ended_at": None if line.error is None else now,
             "attempt_count": 0,
             "deliveries": 0,
             "input_tokens": 0,
@@ -87,13 +103,70 @@ def create_batch(
         session.flush()
         for start in range(0, len(rows), INSERT_CHUNK):
             session.execute(insert(Request), rows[start : start + INSERT_CHUNK])
+        finish_if_done(session, batch, now)  # every line was refused already
 
     db.transact(unit)
+    runnable = [
+        (request_id, spec.priority.value)
+        for request_id, line in zip(ids, lines, strict=True)
+        if line.error is None
+    ]
     try:
-        publish_pending(db, [(request_id, priority.value) for request_id in ids])
+        publish_pending(db, runnable)
     except (BrokerError, redis.RedisError, OSError) as exc:
         log.warning("batch %s accepted but not yet published (%s); the sweep will publish it", batch.id, exc)
     return batch
+
+
+def record_failed_batch(db: Database, spec: BatchSpec, errors: list[dict[str, Any]]) -> Batch:
+    """A batch refused after it was created (the OpenAI API's way): failed, with the reasons."""
+    now = utcnow()
+    batch = Batch(
+        id=new_id("batch"),
+        tenant_id=spec.tenant_id,
+        status=BatchStatus.FAILED,
+        priority=spec.priority,
+        metadata_=spec.metadata,
+        created_at=now,
+        expires_at=now + timedelta(seconds=spec.completion_window_s),
+        ended_at=now,
+        total_count=0,
+        succeeded_count=0,
+        failed_count=0,
+        cancelled_count=0,
+        expired_count=0,
+        input_tokens=0,
+        output_tokens=0,
+        cost_usd=Decimal(0),
+        unpriced_attempts=0,
+        api=spec.api,
+        endpoint=spec.endpoint,
+        input_file_id=spec.input_file_id,
+        webhook_url=spec.webhook_url,
+        errors=errors,
+    )
+    db.transact(lambda session: session.add(batch))
+    return batch
+
+
+def cancel_batch(db: Database, tenant_id: str, batch_id: str) -> Batch:
+    """Stop what has not started: queued requests end ``cancelled`` now; running ones finish.
+    Cancelling an ended batch is refused; cancelling twice is harmless."""
+
+    def unit(session: Session) -> Batch:
+        batch = session.get(Batch, batch_id, with_for_update=True)
+        if batch is None or batch.tenant_id != tenant_id:
+            raise not_found("batch", batch_id)
+        if batch.status not in OPEN_BATCH_STATUSES:
+            raise ApiError(400, "invalid_request", f"batch {batch_id} has already ended ({batch.status})")
+        now = utcnow()
+        if batch.cancelled_at is None:
+            batch.cancelled_at = now
+            batch.status = BatchStatus.CANCELLING
+        end_queued_requests(session, batch, RequestStatus.CANCELLED, now, CANCELLED)
+        return batch
+
+    return db.transact(unit)
 
 
 def get_batch(session: Session, tenant_id: str, batch_id: str) -> Batch:
@@ -105,10 +178,22 @@ def get_batch(session: Session, tenant_id: str, batch_id: str) -> Batch:
 
 
 def list_batches(
-    session: Session, tenant_id: str, *, limit: int, after: str | None
+    session: Session,
+    tenant_id: str,
+    *,
+    limit: int,
+    after: str | None = None,
+    before: str | None = None,
+    api: str | None = None,
 ) -> tuple[list[Batch], bool]:
-    """Newest first; ``after`` is the last id of the previous page. Ids sort by creation time."""
+    """Newest first. ``after``: the last id of the previous page (older ones follow); ``before``:
+    the first id of the next page (newer ones). Ids sort by creation time."""
     query = select(Batch).where(Batch.tenant_id == tenant_id)
+    if api:
+        query = query.where(Batch.api == api)
+    if before:
+        newer = list(session.scalars(query.where(Batch.id > before).order_by(Batch.id).limit(limit + 1)))
+        return list(reversed(newer[:limit])), len(newer) > limit
     if after:
         query = query.where(Batch.id < after)
     found = list(session.scalars(query.order_by(Batch.id.desc()).limit(limit + 1)))
@@ -116,6 +201,7 @@ def list_batches(
 
 
 def result_line(request: Request) -> dict[str, Any]:
+    """The native result line."""
     return {
         "id": request.id,
         "custom_id": request.custom_id,
@@ -129,20 +215,34 @@ def result_line(request: Request) -> dict[str, Any]:
     }
 
 
-def iter_results(db: Database, batch_id: str) -> Iterator[bytes]:
-    """JSONL, one line per request in input order, read in chunks: memory stays flat."""
+def iter_requests(
+    db: Database, batch_id: str, statuses: Sequence[str] | None = None
+) -> Iterator[list[Request]]:
+    """The batch's requests in input order, a chunk per read: memory stays flat for any size."""
     last_line = 0
     while True:
+        query = select(Request).where(Request.batch_id == batch_id, Request.line_no > last_line)
+        if statuses is not None:
+            query = query.where(Request.status.in_(statuses))
         with db.session() as session:
-            chunk = list(
-                session.scalars(
-                    select(Request)
-                    .where(Request.batch_id == batch_id, Request.line_no > last_line)
-                    .order_by(Request.line_no)
-                    .limit(RESULTS_CHUNK)
-                )
-            )
+            chunk = list(session.scalars(query.order_by(Request.line_no).limit(RESULTS_CHUNK)))
         if not chunk:
             return
-        yield b"".join(json.dumps(result_line(r), separators=(",", ":")).encode() + b"\n" for r in chunk)
+        yield chunk
         last_line = chunk[-1].line_no
+
+
+def iter_jsonl(
+    db: Database,
+    batch_id: str,
+    line: Callable[[Request], dict[str, Any]],
+    statuses: Sequence[str] | None = None,
+) -> Iterator[bytes]:
+    """JSONL of ``line(request)`` for each request, streamed."""
+    for chunk in iter_requests(db, batch_id, statuses):
+        yield b"".join(json.dumps(line(r), separators=(",", ":")).encode() + b"\n" for r in chunk)
+
+
+def iter_results(db: Database, batch_id: str) -> Iterator[bytes]:
+    """The native results: one line per request in input order."""
+    return iter_jsonl(db, batch_id, result_line)

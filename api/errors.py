@@ -1,4 +1,10 @@
-"""Every error the API answers is JSON: ``{"error": {"type", "message", "errors"?}}``."""
+"""Every error the API answers is JSON, in the dialect of the door it came through.
+
+Native: ``{"error": {"type", "message", "errors"?}}``. Under ``/openai``: OpenAI's
+``{"error": {"message", "type", "param", "code"}}``. Under ``/anthropic``: Anthropic's
+``{"type": "error", "error": {"type", "message"}}``. So each official SDK raises its own typed
+exception with our message in it.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ class ApiError(Exception):
         *,
         errors: list[dict[str, Any]] | None = None,
         headers: dict[str, str] | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -26,6 +33,7 @@ class ApiError(Exception):
         self.message = message
         self.errors = errors
         self.headers = headers
+        self.param = param
 
     def body(self) -> dict[str, Any]:
         error: dict[str, Any] = {"type": self.type, "message": self.message}
@@ -33,31 +41,66 @@ class ApiError(Exception):
             error["errors"] = self.errors
         return {"error": error}
 
+    def openai_body(self) -> dict[str, Any]:
+        kind = (
+            "authentication_error"
+            if self.status == 401
+            else "server_error"
+            if self.status >= 500
+            else ("invalid_request_error")
+        )
+        code = {"authentication_error": "invalid_api_key"}.get(self.type, self.type)
+        param = self.param or (self.errors[0].get("param") if self.errors else None)
+        error: dict[str, Any] = {"message": self.message, "type": kind, "param": param, "code": code}
+        if self.errors is not None:
+            error["errors"] = self.errors
+        return {"error": error}
+
+    def anthropic_body(self) -> dict[str, Any]:
+        kind = {
+            401: "authentication_error",
+            403: "permission_error",
+            404: "not_found_error",
+            413: "request_too_large",
+            429: "rate_limit_error",
+        }.get(self.status)
+        if kind is None:
+            kind = "api_error" if self.status >= 500 else "invalid_request_error"
+        return {"type": "error", "error": {"type": kind, "message": self.message}}
+
 
 def not_found(what: str, ident: str) -> ApiError:
     return ApiError(404, "not_found", f"no {what} with id {ident!r}")
 
 
+def render(request: Request, error: ApiError) -> JSONResponse:
+    path = request.url.path
+    if path.startswith("/openai/"):
+        body = error.openai_body()
+    elif path.startswith("/anthropic/"):
+        body = error.anthropic_body()
+    else:
+        body = error.body()
+    return JSONResponse(body, status_code=error.status, headers=error.headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return render(request, exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [
             {"param": ".".join(str(p) for p in err["loc"] if p != "body"), "message": err["msg"]}
             for err in exc.errors()
         ]
         first = errors[0] if errors else {"param": "", "message": "invalid request"}
         message = f"{first['param']}: {first['message']}" if first["param"] else first["message"]
-        return JSONResponse(ApiError(400, "invalid_request", message, errors=errors).body(), status_code=400)
+        return render(request, ApiError(400, "invalid_request", message, errors=errors))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONResponse(
-            ApiError(exc.status_code, type_, str(exc.detail)).body(),
-            status_code=exc.status_code,
-            headers=getattr(exc, "headers", None),
-        )
+        error = ApiError(exc.status_code, type_, str(exc.detail), headers=getattr(exc, "headers", None))
+        return render(request, error)

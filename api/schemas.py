@@ -18,6 +18,7 @@ class CreateBatchIn(BaseModel):
     priority: Priority = Priority.DEFAULT
     metadata: dict[str, Any] | None = None
     completion_window_s: int | None = Field(default=None, ge=60, le=7 * 24 * 3600)
+    webhook_url: str | None = Field(default=None, description="POSTed a signed event when the batch ends.")
 
 
 class RequestCounts(BaseModel):
@@ -44,6 +45,7 @@ class BatchOut(BaseModel):
     expires_at: int
     ended_at: int | None
     cancelled_at: int | None
+    webhook_url: str | None
     request_counts: RequestCounts
     usage: TokenUsage
     cost_usd: str = Field(description="Exact decimal string: the sum of every attempt's cost.")
@@ -61,6 +63,7 @@ class BatchOut(BaseModel):
             expires_at=int(batch.expires_at.timestamp()),
             ended_at=int(batch.ended_at.timestamp()) if batch.ended_at else None,
             cancelled_at=int(batch.cancelled_at.timestamp()) if batch.cancelled_at else None,
+            webhook_url=batch.webhook_url,
             request_counts=RequestCounts(
                 total=batch.total_count,
                 completed=batch.succeeded_count,

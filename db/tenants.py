@@ -67,3 +67,25 @@ def webhook_secret(session: Session, tenant: Tenant, *, rotate: bool = False) ->
     if tenant.webhook_secret is None or rotate:
         tenant.webhook_secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
     return tenant.webhook_secret
+
+
+def _tenant_named(session: Session, name: str) -> Tenant:
+    tenant = session.scalars(select(Tenant).where(Tenant.name == name)).one_or_none()
+    if tenant is None:
+        raise LookupError(f"no tenant named {name!r} (create one with: headrace keys create --tenant {name})")
+    return tenant
+
+
+def tenant_webhook_secret(db: Database, tenant_name: str, *, rotate: bool = False) -> str:
+    return db.transact(
+        lambda session: webhook_secret(session, _tenant_named(session, tenant_name), rotate=rotate)
+    )
+
+
+def set_tenant_webhook_url(db: Database, tenant_name: str, url: str | None) -> None:
+    """The URL that batches without their own webhook report to (None: no default)."""
+
+    def unit(session: Session) -> None:
+        _tenant_named(session, tenant_name).webhook_url = url
+
+    db.transact(unit)

@@ -9,7 +9,7 @@ from alembic import command
 from sqlalchemy import select
 
 from api.batch_input import BatchLine
-from api.batch_service import create_batch
+from api.batch_service import BatchSpec, create_batch
 from db.engine import Database
 from db.migrate import alembic_config
 from db.models import ApiKey, Attempt, Batch, Request
@@ -25,9 +25,7 @@ def _batch(db: Database, n: int = 2) -> tuple[str, list[str]]:
     tenant = create_api_key(db, "acme").tenant_id
     lines = [BatchLine(i + 1, f"c{i}", "fast", BODY) for i in range(n)]
     # The broker URL points nowhere: the batch is committed anyway, and left for the sweep.
-    batch = create_batch(
-        db, tenant_id=tenant, lines=lines, priority=Priority.BULK, metadata=None, completion_window_s=3600
-    )
+    batch = create_batch(db, BatchSpec(tenant, Priority.BULK, None, 3600), lines)
     with db.session() as session:
         ids = list(
             session.scalars(select(Request.id).where(Request.batch_id == batch.id).order_by(Request.line_no))

@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from sqlalchemy import select
 
 from api.batch_input import BatchLine
-from api.batch_service import create_batch
+from api.batch_service import BatchSpec, create_batch
 from broker_config.celery_app import configure
 from broker_config.deployments import parse_config
 from broker_config.settings import Settings
@@ -139,14 +139,8 @@ def deps(
 def _submit(deps: Deps, route: str, text: str = "hello", n: int = 1, max_tokens: int = 20) -> list[str]:
     tenant = create_api_key(deps.db, "t").tenant_id
     body = {"model": route, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens}
-    batch = create_batch(
-        deps.db,
-        tenant_id=tenant,
-        lines=[BatchLine(i + 1, f"c{i}", route, body) for i in range(n)],
-        priority=Priority.DEFAULT,
-        metadata=None,
-        completion_window_s=3600,
-    )
+    lines = [BatchLine(i + 1, f"c{i}", route, body) for i in range(n)]
+    batch = create_batch(deps.db, BatchSpec(tenant, Priority.DEFAULT, None, 3600), lines)
     with deps.db.session() as session:
         query = select(Request.id).where(Request.batch_id == batch.id).order_by(Request.line_no)
         return list(session.scalars(query))

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import func, select
 
 from api.batch_input import BatchLine
-from api.batch_service import create_batch
+from api.batch_service import BatchSpec, create_batch
 from broker_config.celery_app import configure
 from broker_config.settings import Settings
 from db.engine import get_database
@@ -91,19 +91,9 @@ def test_requests_committed_but_never_published_are_published_by_the_sweep(stack
     db = get_database(database_url)
     configure(Settings(redis_url="redis://127.0.0.1:1/0", database_url=database_url))
     tenant = create_api_key(db, "outbox").tenant_id
-    batch = create_batch(
-        db,
-        tenant_id=tenant,
-        priority=Priority.DEFAULT,
-        metadata=None,
-        completion_window_s=3600,
-        lines=[
-            BatchLine(
-                i + 1, f"o{i}", "fast", {"model": "fast", "messages": [{"role": "user", "content": "x"}]}
-            )
-            for i in range(10)
-        ],
-    )
+    body = {"model": "fast", "messages": [{"role": "user", "content": "x"}]}
+    lines = [BatchLine(i + 1, f"o{i}", "fast", body) for i in range(10)]
+    batch = create_batch(db, BatchSpec(tenant, Priority.DEFAULT, None, 3600), lines)
     with db.session() as session:
         unpublished = session.scalar(
             select(func.count())

@@ -210,11 +210,25 @@ def begin_attempt(
     estimated_input_tokens: int,
     worker: str,
 ) -> int | None:
-    """Write the attempt row before the call; its number, or None if the request ended meanwhile."""
+    """Write the attempt row before the call; its number, or None if the request ended meanwhile
+    (a duplicate delivery finished it, or its batch was cancelled: no new call then)."""
 
     def unit(session: Session) -> int | None:
         request = _lock_request(session, request_id)
         if request is None or request.status != RequestStatus.RUNNING:
+            return None
+        batch = _lock_batch(session, request.batch_id)
+        if batch.cancelled_at is not None:
+            end_request(
+                session,
+                request,
+                batch,
+                RequestEnd(
+                    RequestStatus.CANCELLED,
+                    error={"kind": "cancelled", "message": "the batch was cancelled before this attempt"},
+                ),
+                utcnow(),
+            )
             return None
         request.attempt_count += 1
         session.add(

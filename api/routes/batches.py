@@ -16,6 +16,7 @@ from api.batch_input import BatchLine, BatchValidator, LineSplitter
 from api.context import AppContext, Context, CurrentTenant, ReadSession
 from api.errors import ApiError
 from api.schemas import BatchList, BatchOut, CreateBatchIn
+from api.webhook_settings import checked_webhook_url
 from db.states import Priority
 
 router = APIRouter(prefix="/v1", tags=["batches"])
@@ -98,6 +99,7 @@ async def create_batch(request: Request, context: Context, tenant: CurrentTenant
         lines = validator.finish()
         priority, metadata = payload.priority, payload.metadata
         params["completion_window_s"] = payload.completion_window_s
+        params["webhook_url"] = payload.webhook_url
     elif content_type == "multipart/form-data":
         form = await request.form()
         upload = form.get("file")
@@ -117,15 +119,14 @@ async def create_batch(request: Request, context: Context, tenant: CurrentTenant
             "unsupported_media_type",
             f"send application/json, application/jsonl or multipart/form-data, not {content_type or 'none'}",
         )
-    batch = await run_in_threadpool(
-        batch_service.create_batch,
-        context.db,
+    spec = batch_service.BatchSpec(
         tenant_id=tenant.id,
-        lines=lines,
         priority=priority,
         metadata=metadata,
         completion_window_s=_window(context, params.get("completion_window_s")),
+        webhook_url=await checked_webhook_url(context, params.get("webhook_url")),
     )
+    batch = await run_in_threadpool(batch_service.create_batch, context.db, spec, lines)
     return BatchOut.of(batch)
 
 
@@ -150,6 +151,14 @@ def list_batches(
 @router.get("/batches/{batch_id}", response_model=BatchOut)
 def get_batch(batch_id: str, session: ReadSession, tenant: CurrentTenant) -> BatchOut:
     return BatchOut.of(batch_service.get_batch(session, tenant.id, batch_id))
+
+
+@router.post("/batches/{batch_id}/cancel", response_model=BatchOut)
+async def cancel_batch(batch_id: str, context: Context, tenant: CurrentTenant) -> BatchOut:
+    """Queued requests end ``cancelled`` at once; calls in flight finish; then the batch ends
+    ``cancelled`` with whatever finished in its results."""
+    batch = await run_in_threadpool(batch_service.cancel_batch, context.db, tenant.id, batch_id)
+    return BatchOut.of(batch)
 
 
 @router.get("/batches/{batch_id}/results")

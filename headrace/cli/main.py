@@ -74,6 +74,42 @@ def keys_create(tenant: Annotated[str, typer.Option(help="Tenant name; created o
     typer.echo(new.key)
 
 
+@keys_app.command("secret")
+def keys_secret(
+    tenant: Annotated[str, typer.Option(help="Tenant name.")],
+    rotate: Annotated[
+        bool, typer.Option(help="Replace the secret; receivers must switch to the new one.")
+    ] = False,
+) -> None:
+    """Print TENANT's webhook signing secret (Standard Webhooks, "whsec_..."), alone on stdout."""
+    from db.engine import get_database
+    from db.tenants import tenant_webhook_secret
+
+    try:
+        typer.echo(tenant_webhook_secret(get_database(get_settings().database_url), tenant, rotate=rotate))
+    except LookupError as exc:
+        _fail(str(exc))
+
+
+@keys_app.command("webhook")
+def keys_webhook(
+    tenant: Annotated[str, typer.Option(help="Tenant name.")],
+    url: Annotated[str, typer.Option(help="Default webhook URL for the tenant's batches ('' to remove).")],
+) -> None:
+    """Set where TENANT's batches report when they end, unless a batch names its own webhook."""
+    from broker_config.webhook_urls import UnsafeWebhookUrl, check_webhook_url
+    from db.engine import get_database
+    from db.tenants import set_tenant_webhook_url
+
+    settings = get_settings()
+    try:
+        checked = check_webhook_url(url, settings.webhook_allow_hosts) if url else None
+        set_tenant_webhook_url(get_database(settings.database_url), tenant, checked)
+    except (UnsafeWebhookUrl, LookupError) as exc:
+        _fail(str(exc))
+    typer.echo(f"tenant {tenant}: default webhook {'set to ' + url if url else 'removed'}", err=True)
+
+
 @app.command()
 def api(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
