@@ -205,7 +205,7 @@ def _blocks(path: str, content: Any) -> list[tuple[str, str, Mapping[str, Any]]]
 def _unsupported(path: str, kind: str, role: str) -> WireError:
     if kind == "document":
         return WireError(f"{path}: unsupported block type 'document': Chat Completions takes no documents")
-    return WireError(f"{path}: unsupported block type {kind!r} in a {role} message")
+    return WireError(f"{path}: unsupported block type {kind!r} in {role} messages")
 
 
 def _user_turn(path: str, content: Any) -> list[dict[str, Any]]:
