@@ -7,7 +7,7 @@ from fastapi import FastAPI
 
 from api.context import AppContext
 from api.errors import install_error_handlers
-from api.routes import batches, deployments, health, openai_compat, webhooks
+from api.routes import anthropic_compat, batches, deployments, health, openai_compat, webhooks
 from broker_config.celery_app import configure as configure_broker
 from broker_config.deployments import load_config
 from broker_config.settings import Settings, get_settings
@@ -35,4 +35,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(deployments.router)
     app.include_router(webhooks.router)
     app.include_router(openai_compat.router)
+    app.include_router(anthropic_compat.router)
     return app

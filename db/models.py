@@ -93,6 +93,8 @@ class Batch(Base):
     input_file_id: Mapped[str | None] = mapped_column(String(40))
     errors: Mapped[list[dict[str, Any]] | None] = mapped_column(JsonDoc)  # why it failed validation
     webhook_url: Mapped[str | None] = mapped_column(Text)
+    # Deleted through the Anthropic API: gone from that API, kept in the ledger with its costs.
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class Request(Base):

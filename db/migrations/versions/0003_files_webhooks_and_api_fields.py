@@ -91,6 +91,7 @@ def upgrade() -> None:
             sa.Column("errors", sa.JSON().with_variant(postgresql.JSONB(), "postgresql"), nullable=True)
         )
         batch_op.add_column(sa.Column("webhook_url", sa.Text(), nullable=True))
+        batch_op.add_column(sa.Column("deleted_at", sa.DateTime(timezone=True), nullable=True))
 
     with op.batch_alter_table("tenants", schema=None) as batch_op:
         batch_op.add_column(sa.Column("webhook_secret", sa.String(length=100), nullable=True))
@@ -103,6 +104,7 @@ def downgrade() -> None:
         batch_op.drop_column("webhook_secret")
 
     with op.batch_alter_table("batches", schema=None) as batch_op:
+        batch_op.drop_column("deleted_at")
         batch_op.drop_column("webhook_url")
         batch_op.drop_column("errors")
         batch_op.drop_column("input_file_id")

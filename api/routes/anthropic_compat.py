@@ -1,0 +1,175 @@
+"""The Anthropic Message Batches API, as a thin translator over the batch service.
+
+``Anthropic(base_url="http://host/anthropic", api_key=<headrace key>)`` works unchanged (the key
+as ``Authorization: Bearer`` from SDK 2.x, or ``x-api-key`` from older ones). Each request's
+``params.model`` names a Headrace route (or a model a deployment serves). Params that cannot run
+become ``errored`` results, as on Anthropic; only envelope problems refuse the batch. A top-level
+``metadata`` object (``extra_body`` in the SDK) may carry ``headrace_webhook_url`` and
+``headrace_priority``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import StreamingResponse
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from api import batch_service
+from api.batch_input import BatchLine
+from api.compat.anthropic_objects import message_batch, result_line
+from api.compat.anthropic_wire import WireError, messages_params_to_chat
+from api.context import AppContext, Context, CurrentTenant, ReadSession
+from api.errors import ApiError, not_found
+from api.webhook_settings import checked_webhook_url
+from db.models import Batch
+from db.states import Priority
+from db.types import utcnow
+
+router = APIRouter(prefix="/anthropic/v1/messages/batches", tags=["anthropic-compatible"])
+CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+WINDOW_S = 24 * 3600
+
+
+def _base_url(context: AppContext, request: Request) -> str:
+    return (context.settings.public_base_url or str(request.base_url)).rstrip("/")
+
+
+def _require_version(request: Request) -> None:
+    if not request.headers.get("anthropic-version"):
+        raise ApiError(400, "invalid_request", "anthropic-version: header is required")
+
+
+def _lines(context: AppContext, requests: Any) -> list[BatchLine]:
+    if not isinstance(requests, list) or not requests:
+        raise ApiError(400, "invalid_request", "requests: must be a non-empty list")
+    if len(requests) > context.settings.max_batch_lines:
+        raise ApiError(
+            413, "batch_too_large", f"a batch holds at most {context.settings.max_batch_lines} requests"
+        )
+    lines, seen = [], set()
+    for index, item in enumerate(requests):
+        where = f"requests.{index}"
+        if not isinstance(item, dict):
+            raise ApiError(400, "invalid_request", f"{where}: must be an object with custom_id and params")
+        custom_id, params = item.get("custom_id"), item.get("params")
+        if not isinstance(custom_id, str) or not CUSTOM_ID.match(custom_id):
+            raise ApiError(400, "invalid_request", f"{where}.custom_id: 1 to 64 of a-z, A-Z, 0-9, _ and -")
+        if custom_id in seen:
+            raise ApiError(400, "invalid_request", f"{where}.custom_id: duplicate custom_id {custom_id!r}")
+        seen.add(custom_id)
+        if not isinstance(params, dict):
+            raise ApiError(400, "invalid_request", f"{where}.params: must be an object")
+        error, body, model = None, {}, str(params.get("model", ""))
+        try:
+            body = messages_params_to_chat(params)
+            if context.config.resolve(model) is None:
+                error = {"kind": "config", "message": f"params.model: {model!r} is not served here"}
+        except WireError as exc:
+            error = {"kind": "invalid_request", "message": str(exc)}
+        lines.append(BatchLine(index + 1, custom_id, model, body, error))
+    return lines
+
+
+@router.post("")
+async def create(request: Request, context: Context, tenant: CurrentTenant) -> dict[str, Any]:
+    _require_version(request)
+    try:
+        payload = await request.json()
+    except ValueError:
+        raise ApiError(400, "invalid_request", "the body is not valid JSON") from None
+    if not isinstance(payload, dict):
+        raise ApiError(400, "invalid_request", "the body must be a JSON object")
+    lines = _lines(context, payload.get("requests"))
+    raw_metadata = payload.get("metadata")
+    metadata: dict[str, Any] = raw_metadata if isinstance(raw_metadata, dict) else {}
+    try:
+        priority = Priority(metadata.get("headrace_priority", Priority.DEFAULT))
+    except ValueError:
+        raise ApiError(
+            400, "invalid_request", "metadata.headrace_priority: interactive, default or bulk"
+        ) from None
+    spec = batch_service.BatchSpec(
+        tenant_id=tenant.id,
+        priority=priority,
+        metadata=metadata or None,
+        completion_window_s=WINDOW_S,
+        api="anthropic",
+        webhook_url=await checked_webhook_url(context, metadata.get("headrace_webhook_url")),
+    )
+    batch = await run_in_threadpool(batch_service.create_batch, context.db, spec, lines)
+    return message_batch(batch, _base_url(context, request))
+
+
+def _own(session: Session, tenant_id: str, batch_id: str) -> Batch:
+    batch = batch_service.get_batch(session, tenant_id, batch_id)
+    if batch.api != "anthropic" or batch.deleted_at is not None:
+        raise not_found("message batch", batch_id)
+    return batch
+
+
+@router.get("")
+def list_batches(
+    request: Request,
+    session: ReadSession,
+    context: Context,
+    tenant: CurrentTenant,
+    before_id: str | None = None,
+    after_id: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+) -> dict[str, Any]:
+    batches, has_more = batch_service.list_batches(
+        session, tenant.id, limit=limit, after=after_id, before=before_id, api="anthropic"
+    )
+    data = [message_batch(b, _base_url(context, request)) for b in batches if b.deleted_at is None]
+    return {
+        "data": data,
+        "has_more": has_more,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+    }
+
+
+@router.get("/{batch_id}")
+def retrieve(
+    batch_id: str, request: Request, session: ReadSession, context: Context, tenant: CurrentTenant
+) -> dict[str, Any]:
+    return message_batch(_own(session, tenant.id, batch_id), _base_url(context, request))
+
+
+@router.post("/{batch_id}/cancel")
+async def cancel(batch_id: str, request: Request, context: Context, tenant: CurrentTenant) -> dict[str, Any]:
+    with context.db.session() as session:
+        _own(session, tenant.id, batch_id)
+    batch = await run_in_threadpool(batch_service.cancel_batch, context.db, tenant.id, batch_id)
+    return message_batch(batch, _base_url(context, request))
+
+
+@router.delete("/{batch_id}")
+async def delete(batch_id: str, context: Context, tenant: CurrentTenant) -> dict[str, Any]:
+    """Gone from this API once ended; the ledger keeps its requests and costs (the native API still
+    shows it)."""
+
+    def unit(session: Session) -> None:
+        batch = _own(session, tenant.id, batch_id)
+        if batch.ended_at is None:
+            raise ApiError(400, "invalid_request", "a batch must end (or be cancelled) before it is deleted")
+        batch.deleted_at = utcnow()
+
+    await run_in_threadpool(context.db.transact, unit)
+    return {"id": batch_id, "type": "message_batch_deleted"}
+
+
+@router.get("/{batch_id}/results")
+def results(
+    batch_id: str, session: ReadSession, context: Context, tenant: CurrentTenant
+) -> StreamingResponse:
+    batch = _own(session, tenant.id, batch_id)
+    if batch.ended_at is None:
+        raise ApiError(400, "invalid_request", f"batch {batch_id} has not ended yet: no results")
+    return StreamingResponse(
+        batch_service.iter_jsonl(context.db, batch_id, result_line), media_type="application/x-jsonl"
+    )
