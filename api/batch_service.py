@@ -11,7 +11,7 @@ from decimal import Decimal
 from typing import Any
 
 import redis
-from kombu.exceptions import OperationalError as BrokerError
+from kombu.exceptions import KombuError as BrokerError
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
@@ -45,8 +45,9 @@ class BatchSpec:
     webhook_url: str | None = None
 
 
-def create_batch(db: Database, spec: BatchSpec, lines: Sequence[BatchLine]) -> Batch:
-    """Commit the batch and every request, then publish them. Returns once all are persisted.
+def create_batch(db: Database, spec: BatchSpec, lines: Sequence[BatchLine], *, publish: bool = True) -> Batch:
+    """Commit the batch and every request, then (unless ``publish`` is False: the caller will
+    call ``publish_batch`` later) publish them. Returns once all are persisted.
 
     If the broker is down the batch is still accepted: its requests wait in the ledger and the
     publisher sweep sends them when the broker is back.
@@ -106,16 +107,43 @@ def create_batch(db: Database, spec: BatchSpec, lines: Sequence[BatchLine]) -> B
         finish_if_done(session, batch, now)  # every line was refused already
 
     db.transact(unit)
-    runnable = [
-        (request_id, spec.priority.value)
-        for request_id, line in zip(ids, lines, strict=True)
-        if line.error is None
-    ]
-    try:
-        publish_pending(db, runnable)
-    except (BrokerError, redis.RedisError, OSError) as exc:
-        log.warning("batch %s accepted but not yet published (%s); the sweep will publish it", batch.id, exc)
+    if publish:
+        runnable = [
+            (request_id, spec.priority.value)
+            for request_id, line in zip(ids, lines, strict=True)
+            if line.error is None
+        ]
+        _publish(db, batch.id, runnable)
     return batch
+
+
+def _publish(db: Database, batch_id: str, requests: Sequence[tuple[str, str]]) -> None:
+    try:
+        publish_pending(db, requests)
+    except (BrokerError, redis.RedisError, OSError) as exc:
+        log.warning("batch %s accepted but not yet published (%s); the sweep will publish it", batch_id, exc)
+
+
+def publish_batch(db: Database, batch_id: str) -> None:
+    """Publish the batch's requests that are not yet published (after ``publish=False``)."""
+    after = ""
+    while True:
+        with db.session() as session:
+            rows = session.execute(
+                select(Request.id, Request.priority)
+                .where(
+                    Request.batch_id == batch_id,
+                    Request.status == RequestStatus.QUEUED,
+                    Request.published_at.is_(None),
+                    Request.id > after,
+                )
+                .order_by(Request.id)
+                .limit(INSERT_CHUNK * 5)
+            ).all()
+        if not rows:
+            return
+        _publish(db, batch_id, [(row.id, row.priority) for row in rows])
+        after = rows[-1].id
 
 
 def record_failed_batch(db: Database, spec: BatchSpec, errors: list[dict[str, Any]]) -> Batch:

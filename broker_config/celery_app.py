@@ -26,7 +26,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "socket_timeout": 10,
             "socket_connect_timeout": 5,
             "health_check_interval": 25,
-            "retry_on_timeout": True,
+            # No retry_on_timeout: kombu then refuses to pipeline publishes (a retried pipeline could
+            # publish twice), and a timed-out publish is left for the publisher sweep anyway.
             # A dead worker's unacknowledged messages come back after the visibility timeout;
             # scan for them every 10 s rather than kombu's default of every 100 s.
             "unacked_restore_interval": 10,
@@ -52,7 +53,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_soft_shutdown_timeout": 30.0,
         "worker_enable_soft_shutdown_on_idle": True,
         "worker_send_task_events": True,
-        "task_send_sent_event": True,
+        # Off: a "sent" event per published task doubled the cost of accepting a batch (50,000 tasks:
+        # 33 s instead of ~15 s); Flower still sees each task from the moment a worker receives it.
+        "task_send_sent_event": False,
         "broker_pool_limit": 20,
     }
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
-from kombu.exceptions import OperationalError as BrokerError
+from kombu.exceptions import KombuError as BrokerError
 from sqlalchemy.exc import SQLAlchemyError
 
 from broker_config import keys

@@ -11,7 +11,7 @@ from typing import Any
 
 import redis
 from celery.signals import worker_ready, worker_shutdown
-from kombu.exceptions import OperationalError as BrokerError
+from kombu.exceptions import KombuError as BrokerError
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, BackgroundTasks, Query, Request
 from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -24,6 +24,7 @@ from api.compat.anthropic_objects import message_batch, result_line
 from api.compat.anthropic_wire import WireError, messages_params_to_chat
 from api.context import AppContext, Context, CurrentTenant, ReadSession
 from api.errors import ApiError, not_found
+from api.routes.batches import accept_batch
 from api.webhook_settings import checked_webhook_url
 from db.models import Batch
 from db.states import Priority
@@ -75,7 +76,9 @@ def _lines(context: AppContext, requests: Any) -> list[BatchLine]:
 
 
 @router.post("")
-async def create(request: Request, context: Context, tenant: CurrentTenant) -> dict[str, Any]:
+async def create(
+    request: Request, context: Context, tenant: CurrentTenant, background: BackgroundTasks
+) -> dict[str, Any]:
     _require_version(request)
     try:
         payload = await request.json()
@@ -100,7 +103,7 @@ async def create(request: Request, context: Context, tenant: CurrentTenant) -> d
         api="anthropic",
         webhook_url=await checked_webhook_url(context, metadata.get("headrace_webhook_url")),
     )
-    batch = await run_in_threadpool(batch_service.create_batch, context.db, spec, lines)
+    batch = await accept_batch(context, spec, lines, background)
     return message_batch(batch, _base_url(context, request))
 
 

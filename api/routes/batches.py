@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, BackgroundTasks, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -17,11 +17,13 @@ from api.context import AppContext, Context, CurrentTenant, ReadSession
 from api.errors import ApiError
 from api.schemas import BatchList, BatchOut, CreateBatchIn
 from api.webhook_settings import checked_webhook_url
+from db.models import Batch
 from db.states import Priority
 
 router = APIRouter(prefix="/v1", tags=["batches"])
 JSONL_TYPES = ("application/jsonl", "application/x-ndjson", "application/x-jsonlines", "text/plain")
 READ_CHUNK = 1 << 16
+INLINE_PUBLISH_MAX = 2000  # larger batches are published right after the answer
 
 
 def _priority(value: str | None) -> Priority:
@@ -80,7 +82,9 @@ async def _upload_chunks(upload: UploadFile) -> Any:
 
 
 @router.post("/batches", status_code=201, response_model=BatchOut)
-async def create_batch(request: Request, context: Context, tenant: CurrentTenant) -> BatchOut:
+async def create_batch(
+    request: Request, context: Context, tenant: CurrentTenant, background: BackgroundTasks
+) -> BatchOut:
     """Submit a batch as JSON ``{requests, priority, metadata}``, or as JSONL (a raw body, or a
     multipart ``file`` field; priority and metadata then come as query or form fields)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -126,8 +130,19 @@ async def create_batch(request: Request, context: Context, tenant: CurrentTenant
         completion_window_s=_window(context, params.get("completion_window_s")),
         webhook_url=await checked_webhook_url(context, params.get("webhook_url")),
     )
-    batch = await run_in_threadpool(batch_service.create_batch, context.db, spec, lines)
-    return BatchOut.of(batch)
+    return BatchOut.of(await accept_batch(context, spec, lines, background))
+
+
+async def accept_batch(
+    context: AppContext, spec: batch_service.BatchSpec, lines: list[BatchLine], background: BackgroundTasks
+) -> Batch:
+    """Commit the batch; publish it before answering when small, after answering when large (the
+    commit already guarantees it runs: a crash before publishing leaves it to the sweep)."""
+    publish_now = len(lines) <= INLINE_PUBLISH_MAX
+    batch = await run_in_threadpool(batch_service.create_batch, context.db, spec, lines, publish=publish_now)
+    if not publish_now:
+        background.add_task(batch_service.publish_batch, context.db, batch.id)
+    return batch
 
 
 @router.get("/batches", response_model=BatchList)

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, BackgroundTasks, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from api import batch_service, files_service
-from api.batch_input import BatchValidator, LineSplitter
+from api.batch_input import BatchLine, BatchValidator, LineSplitter
 from api.compat.openai_objects import (
     NOT_SUCCESS,
     SUCCESS,
@@ -28,6 +28,7 @@ from api.compat.openai_objects import (
 from api.context import AppContext, Context, CurrentTenant, ReadSession
 from api.errors import ApiError, not_found
 from api.files_service import BatchFile
+from api.routes.batches import accept_batch
 from api.webhook_settings import checked_webhook_url
 from db.models import Batch, File
 from db.states import Priority
@@ -149,7 +150,10 @@ async def delete_file(file_id: str, context: Context, tenant: CurrentTenant) -> 
 # --- batches -----------------------------------------------------------------------------------
 
 
-def _create_from_file(context: AppContext, spec: batch_service.BatchSpec, file_id: str) -> Batch:
+def _lines_from_file(
+    context: AppContext, spec: batch_service.BatchSpec, file_id: str
+) -> list[BatchLine] | Batch:
+    """The file's lines, or (when they are invalid) the failed batch that says why."""
     with context.db.session() as session:
         file = files_service.find_file(session, spec.tenant_id, file_id, with_content=True)
         if not isinstance(file, File) or file.purpose != "batch":
@@ -176,11 +180,13 @@ def _create_from_file(context: AppContext, spec: batch_service.BatchSpec, file_i
             for e in refused.errors or []
         ] or [{"code": code or "invalid_request", "line": None, "message": refused.message, "param": None}]
         return batch_service.record_failed_batch(context.db, spec, errors)
-    return batch_service.create_batch(context.db, spec, lines)
+    return lines
 
 
 @router.post("/batches")
-async def create_batch(payload: BatchCreate, context: Context, tenant: CurrentTenant) -> dict[str, Any]:
+async def create_batch(
+    payload: BatchCreate, context: Context, tenant: CurrentTenant, background: BackgroundTasks
+) -> dict[str, Any]:
     if payload.endpoint != "/v1/chat/completions":
         raise ApiError(
             400, "invalid_request", "Headrace runs /v1/chat/completions batches only", param="endpoint"
@@ -208,8 +214,10 @@ async def create_batch(payload: BatchCreate, context: Context, tenant: CurrentTe
         input_file_id=payload.input_file_id,
         webhook_url=await checked_webhook_url(context, metadata.get("headrace_webhook_url")),
     )
-    batch = await run_in_threadpool(_create_from_file, context, spec, payload.input_file_id)
-    return batch_object(batch)
+    lines = await run_in_threadpool(_lines_from_file, context, spec, payload.input_file_id)
+    if isinstance(lines, Batch):
+        return batch_object(lines)
+    return batch_object(await accept_batch(context, spec, lines, background))
 
 
 def _openai_batch(session: Any, tenant_id: str, batch_id: str) -> Batch:
