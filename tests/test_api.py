@@ -249,3 +249,22 @@ def test_redis_down_the_batch_is_still_accepted_and_readyz_says_so(settings: Set
     with get_database(settings.database_url).session() as session:
         row = session.scalars(select(Request).where(Request.batch_id == response.json()["id"])).one()
     assert row.published_at is None
+
+
+def test_a_large_batch_is_answered_once_committed_and_published_right_after(
+    settings: Settings, redis: redis_lib.Redis
+) -> None:
+    """Over 2,000 lines the 201 comes once everything is committed; every request is published
+    just after (here, before the test client returns), none twice."""
+    big = settings.model_copy(update={"max_batch_lines": 5000})
+    jsonl = "".join(json.dumps(_line(f"r{i}")) + "\n" for i in range(2500))
+    with TestClient(create_app(big)) as client:
+        response = client.post(
+            "/v1/batches?priority=bulk",
+            content=jsonl,
+            headers={**_auth(big), "Content-Type": "application/jsonl"},
+        )
+    assert response.status_code == 201 and response.json()["request_counts"]["total"] == 2500
+    assert redis.llen("bulk\x06\x169") == 2500
+    with get_database(big.database_url).session() as session:
+        assert all(r.published_at for r in session.scalars(select(Request)))
