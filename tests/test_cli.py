@@ -68,3 +68,19 @@ def test_a_worker_refuses_a_visibility_timeout_shorter_than_a_request_can_run(
     env = {"HEADRACE_CONFIG": str(root / "headrace.toml"), "HEADRACE_VISIBILITY_TIMEOUT_S": "300"}
     message = run_cli("worker", env=env, expect_code=2)
     assert "HEADRACE_VISIBILITY_TIMEOUT_S=300" in message and "deliver it again" in message
+
+
+def test_keys_secret_is_stable_until_rotated(
+    run_cli: Callable[..., str], make_database_url: Callable[[str], str]
+) -> None:
+    env = {"HEADRACE_DATABASE_URL": make_database_url("sqlite")}
+    run_cli("keys", "create", "--tenant", "acme", env=env)
+    first = run_cli("keys", "secret", "--tenant", "acme", env=env).strip()
+    assert (
+        first.startswith("whsec_") and run_cli("keys", "secret", "--tenant", "acme", env=env).strip() == first
+    )
+    rotated = run_cli("keys", "secret", "--tenant", "acme", "--rotate", env=env).strip()
+    assert rotated.startswith("whsec_") and rotated != first
+    assert "no tenant named 'nobody'" in run_cli(
+        "keys", "secret", "--tenant", "nobody", env=env, expect_code=2
+    )

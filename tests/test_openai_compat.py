@@ -332,3 +332,34 @@ def test_webhook_urls_to_private_places_are_refused(
     assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_webhook_url"
     with pytest.raises(openai.BadRequestError):
         submit(client, jsonl(1, "s"), headrace_webhook_url=url)
+
+
+def test_a_tenants_default_webhook_hears_batches_that_name_none(
+    http: httpx.Client, stack: EmbeddedStack, receiver: Callable[..., Receiver], run_cli: Callable[..., str]
+) -> None:
+    hook = receiver()
+    env = {
+        "HEADRACE_DATABASE_URL": stack.env["HEADRACE_DATABASE_URL"],
+        "HEADRACE_WEBHOOK_ALLOW_HOSTS": "127.0.0.1",
+    }
+    run_cli("keys", "webhook", "--tenant", "demo", "--url", hook.url, env=env)
+    try:
+        batch = http.post(
+            "/v1/batches",
+            json={
+                "requests": [
+                    {
+                        "custom_id": "d",
+                        "body": {"model": "fast", "messages": [{"role": "user", "content": "hi"}]},
+                    }
+                ]
+            },
+        ).json()
+        hook.wait_for(1)
+        assert json.loads(hook.calls[0][1])["data"]["id"] == batch["id"]
+    finally:
+        run_cli("keys", "webhook", "--tenant", "demo", "--url", "", env=env)
+    message = run_cli(
+        "keys", "webhook", "--tenant", "demo", "--url", "http://10.1.1.1/x", env=env, expect_code=2
+    )
+    assert "non-public address" in message
