@@ -6,7 +6,7 @@ import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -45,24 +45,16 @@ class BatchSpec:
     webhook_url: str | None = None
 
 
-def create_batch(db: Database, spec: BatchSpec, lines: Sequence[BatchLine], *, publish: bool = True) -> Batch:
-    """Commit the batch and every request, then (unless ``publish`` is False: the caller will
-    call ``publish_batch`` later) publish them. Returns once all are persisted.
-
-    If the broker is down the batch is still accepted: its requests wait in the ledger and the
-    publisher sweep sends them when the broker is back.
-    """
-    now = utcnow()
-    failed = sum(1 for line in lines if line.error is not None)
-    batch = Batch(
+def _new_batch(spec: BatchSpec, now: datetime, status: BatchStatus, *, total: int, failed: int) -> Batch:
+    return Batch(
         id=new_id("batch"),
         tenant_id=spec.tenant_id,
-        status=BatchStatus.IN_PROGRESS,
+        status=status,
         priority=spec.priority,
         metadata_=spec.metadata,
         created_at=now,
         expires_at=now + timedelta(seconds=spec.completion_window_s),
-        total_count=len(lines),
+        total_count=total,
         succeeded_count=0,
         failed_count=failed,
         cancelled_count=0,
@@ -76,6 +68,18 @@ def create_batch(db: Database, spec: BatchSpec, lines: Sequence[BatchLine], *, p
         input_file_id=spec.input_file_id,
         webhook_url=spec.webhook_url,
     )
+
+
+def create_batch(db: Database, spec: BatchSpec, lines: Sequence[BatchLine], *, publish: bool = True) -> Batch:
+    """Commit the batch and every request, then (unless ``publish`` is False: the caller will
+    call ``publish_batch`` later) publish them. Returns once all are persisted.
+
+    If the broker is down the batch is still accepted: its requests wait in the ledger and the
+    publisher sweep sends them when the broker is back.
+    """
+    now = utcnow()
+    failed = sum(1 for line in lines if line.error is not None)
+    batch = _new_batch(spec, now, BatchStatus.IN_PROGRESS, total=len(lines), failed=failed)
     ids = [new_id("req") for _ in lines]
     rows = [
         {
@@ -149,30 +153,8 @@ def publish_batch(db: Database, batch_id: str) -> None:
 def record_failed_batch(db: Database, spec: BatchSpec, errors: list[dict[str, Any]]) -> Batch:
     """A batch refused after it was created (the OpenAI API's way): failed, with the reasons."""
     now = utcnow()
-    batch = Batch(
-        id=new_id("batch"),
-        tenant_id=spec.tenant_id,
-        status=BatchStatus.FAILED,
-        priority=spec.priority,
-        metadata_=spec.metadata,
-        created_at=now,
-        expires_at=now + timedelta(seconds=spec.completion_window_s),
-        ended_at=now,
-        total_count=0,
-        succeeded_count=0,
-        failed_count=0,
-        cancelled_count=0,
-        expired_count=0,
-        input_tokens=0,
-        output_tokens=0,
-        cost_usd=Decimal(0),
-        unpriced_attempts=0,
-        api=spec.api,
-        endpoint=spec.endpoint,
-        input_file_id=spec.input_file_id,
-        webhook_url=spec.webhook_url,
-        errors=errors,
-    )
+    batch = _new_batch(spec, now, BatchStatus.FAILED, total=0, failed=0)
+    batch.ended_at, batch.errors = now, errors
     db.transact(lambda session: session.add(batch))
     return batch
 

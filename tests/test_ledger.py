@@ -10,6 +10,8 @@ from sqlalchemy import select
 
 from api.batch_input import BatchLine
 from api.batch_service import BatchSpec, create_batch
+from broker_config.celery_app import configure
+from broker_config.settings import Settings
 from db.engine import Database
 from db.migrate import alembic_config
 from db.models import ApiKey, Attempt, Batch, Request
@@ -64,14 +66,9 @@ def _attempt(db: Database, request_id: str, worker: str = "w1") -> int | None:
 
 
 @pytest.fixture(autouse=True)
-def _dead_broker(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HEADRACE_REDIS_URL", "redis://127.0.0.1:1/0")
-    from broker_config.celery_app import app
-    from broker_config.settings import get_settings
-
-    get_settings.cache_clear()
-    app.conf.broker_url = "redis://127.0.0.1:1/0"
-    app.conf.broker_connection_timeout = 0.5
+def _dead_broker() -> None:
+    """Publishing goes nowhere: these tests are about the ledger alone."""
+    configure(Settings(redis_url="redis://127.0.0.1:1/0"))
 
 
 def test_migrations_match_the_models(database_url: str) -> None:

@@ -25,6 +25,7 @@ from api.compat.anthropic_wire import WireError, messages_params_to_chat
 from api.context import AppContext, Context, CurrentTenant, ReadSession
 from api.errors import ApiError, not_found
 from api.routes.batches import accept_batch
+from api.schemas import list_page
 from api.webhook_settings import checked_webhook_url
 from db.models import Batch
 from db.states import Priority
@@ -128,12 +129,7 @@ def list_batches(
         session, tenant.id, limit=limit, after=after_id, before=before_id, api="anthropic"
     )
     data = [message_batch(b, _base_url(context, request)) for b in batches if b.deleted_at is None]
-    return {
-        "data": data,
-        "has_more": has_more,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-    }
+    return list_page(data, has_more)
 
 
 @router.get("/{batch_id}")

@@ -29,6 +29,7 @@ from api.context import AppContext, Context, CurrentTenant, ReadSession
 from api.errors import ApiError, not_found
 from api.files_service import BatchFile
 from api.routes.batches import accept_batch
+from api.schemas import list_page
 from api.webhook_settings import checked_webhook_url
 from db.models import Batch, File
 from db.states import Priority
@@ -108,13 +109,7 @@ def list_files(
         session, tenant.id, limit=limit, after=after, ascending=order == "asc", purpose=purpose
     )
     data = [file_object(f) for f in files]
-    return {
-        "object": "list",
-        "data": data,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-        "has_more": has_more,
-    }
+    return list_page(data, has_more)
 
 
 def _batch_file_lines(context: AppContext, file: BatchFile) -> Any:
@@ -236,13 +231,7 @@ def list_batches(
 ) -> dict[str, Any]:
     batches, has_more = batch_service.list_batches(session, tenant.id, limit=limit, after=after, api="openai")
     data = [batch_object(b) for b in batches]
-    return {
-        "object": "list",
-        "data": data,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-        "has_more": has_more,
-    }
+    return list_page(data, has_more)
 
 
 @router.get("/batches/{batch_id}")

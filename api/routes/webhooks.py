@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.context import Context, CurrentTenant, ReadSession
 from api.errors import not_found
+from api.schemas import list_page
 from db.models import WebhookAttempt, WebhookDelivery
 from db.types import utcnow
 
@@ -69,13 +70,7 @@ def list_deliveries(
         query = query.where(WebhookDelivery.id < after)
     found = list(session.scalars(query.order_by(WebhookDelivery.id.desc()).limit(limit + 1)))
     data = [_delivery(d) for d in found[:limit]]
-    return {
-        "object": "list",
-        "data": data,
-        "has_more": len(found) > limit,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-    }
+    return list_page(data, len(found) > limit)
 
 
 @router.get("/deliveries/{delivery_id}")
