@@ -46,7 +46,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_on_failure_or_timeout": True,
         "worker_prefetch_multiplier": 1,
         # Not True: cancelling needs a pool that can kill a job, and the threads pool cannot; the
-        # worker would shut down on every broker reconnect (NotImplementedError in terminate_job).
+        # worker would shut down on every broker reconnect (terminate_job raises for that pool).
         # A task that outlives its connection is redelivered instead, and the ledger's owner
         # check turns that duplicate delivery into a no-op while the first run goes on.
         "worker_cancel_long_running_tasks_on_connection_loss": False,
