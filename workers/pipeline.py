@@ -81,7 +81,7 @@ def run_request(request_id: str, deps: Deps) -> None:
         worker=deps.worker,
         owner_alive=deps.heartbeats.alive,
         # An attempt older than any call can last has lost its worker, whatever its heartbeat says.
-        stale_attempt_s=_longest_call_s(deps) + 60,
+        stale_attempt_s=longest_call_s(deps.config, deps.settings) + 60,
         estimate_lost=partial(_estimate_cost, deps.config),
         estimated_output_tokens=lambda body: requested_max_tokens(body, deps.settings.default_max_tokens),
         max_deliveries=deps.settings.max_deliveries,
@@ -126,10 +126,6 @@ def _deadline(run: ledger.RunStart, route: Route) -> datetime:
     if route.deadline_s is None:
         return run.expires_at
     return min(run.expires_at, run.created_at + timedelta(seconds=route.deadline_s))
-
-
-def _longest_call_s(deps: Deps) -> float:
-    return longest_call_s(deps.config, deps.settings)
 
 
 def longest_call_s(config: DeploymentsConfig, settings: Settings) -> float:
