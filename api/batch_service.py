@@ -20,7 +20,7 @@ from api.errors import ApiError, not_found
 from db.batch_state import OPEN_BATCH_STATUSES, end_queued_requests, finish_if_done
 from db.engine import Database
 from db.ids import new_id
-from db.models import Batch, Request
+from db.models import Batch, LlmRequest
 from db.outbox import publish_pending
 from db.states import BatchStatus, Priority, RequestStatus
 from db.types import format_usd, utcnow
@@ -107,7 +107,7 @@ def create_batch(db: Database, spec: BatchSpec, lines: Sequence[BatchLine], *, p
         session.add(batch)
         session.flush()
         for start in range(0, len(rows), INSERT_CHUNK):
-            session.execute(insert(Request), rows[start : start + INSERT_CHUNK])
+            session.execute(insert(LlmRequest), rows[start : start + INSERT_CHUNK])
         finish_if_done(session, batch, now)  # every line was refused already
 
     db.transact(unit)
@@ -134,14 +134,14 @@ def publish_batch(db: Database, batch_id: str) -> None:
     while True:
         with db.session() as session:
             rows = session.execute(
-                select(Request.id, Request.priority)
+                select(LlmRequest.id, LlmRequest.priority)
                 .where(
-                    Request.batch_id == batch_id,
-                    Request.status == RequestStatus.QUEUED,
-                    Request.published_at.is_(None),
-                    Request.id > after,
+                    LlmRequest.batch_id == batch_id,
+                    LlmRequest.status == RequestStatus.QUEUED,
+                    LlmRequest.published_at.is_(None),
+                    LlmRequest.id > after,
                 )
-                .order_by(Request.id)
+                .order_by(LlmRequest.id)
                 .limit(INSERT_CHUNK * 5)
             ).all()
         if not rows:
@@ -210,7 +210,7 @@ def list_batches(
     return found[:limit], len(found) > limit
 
 
-def result_line(request: Request) -> dict[str, Any]:
+def result_line(request: LlmRequest) -> dict[str, Any]:
     """The native result line."""
     return {
         "id": request.id,
@@ -227,15 +227,15 @@ def result_line(request: Request) -> dict[str, Any]:
 
 def iter_requests(
     db: Database, batch_id: str, statuses: Sequence[str] | None = None
-) -> Iterator[list[Request]]:
+) -> Iterator[list[LlmRequest]]:
     """The batch's requests in input order, a chunk per read: memory stays flat for any size."""
     last_line = 0
     while True:
-        query = select(Request).where(Request.batch_id == batch_id, Request.line_no > last_line)
+        query = select(LlmRequest).where(LlmRequest.batch_id == batch_id, LlmRequest.line_no > last_line)
         if statuses is not None:
-            query = query.where(Request.status.in_(statuses))
+            query = query.where(LlmRequest.status.in_(statuses))
         with db.session() as session:
-            chunk = list(session.scalars(query.order_by(Request.line_no).limit(RESULTS_CHUNK)))
+            chunk = list(session.scalars(query.order_by(LlmRequest.line_no).limit(RESULTS_CHUNK)))
         if not chunk:
             return
         yield chunk
@@ -245,7 +245,7 @@ def iter_requests(
 def iter_jsonl(
     db: Database,
     batch_id: str,
-    line: Callable[[Request], dict[str, Any]],
+    line: Callable[[LlmRequest], dict[str, Any]],
     statuses: Sequence[str] | None = None,
 ) -> Iterator[bytes]:
     """JSONL of ``line(request)`` for each request, streamed."""

@@ -11,7 +11,7 @@ from typing import Any, cast
 from sqlalchemy import CursorResult, update
 from sqlalchemy.orm import Session
 
-from db.models import Batch, Request
+from db.models import Batch, LlmRequest
 from db.states import BatchStatus, RequestStatus
 from db.webhooks import enqueue_batch_event
 
@@ -49,8 +49,8 @@ def end_queued_requests(
     """End every request of the batch still waiting its turn (cancel, expiry); running ones finish
     by themselves. Returns how many were ended."""
     result = session.execute(
-        update(Request)
-        .where(Request.batch_id == batch.id, Request.status == RequestStatus.QUEUED)
+        update(LlmRequest)
+        .where(LlmRequest.batch_id == batch.id, LlmRequest.status == RequestStatus.QUEUED)
         .values(status=status.value, ended_at=now, error=error, owner=None)
         .execution_options(synchronize_session=False)
     )

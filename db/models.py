@@ -97,7 +97,7 @@ class Batch(Base):
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
-class Request(Base):
+class LlmRequest(Base):
     __tablename__ = "requests"
     __table_args__ = (
         UniqueConstraint("batch_id", "custom_id", name="uq_requests_batch_id_custom_id"),

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from broker_config.publisher import publish_requests
 from db.engine import Database
-from db.models import Request
+from db.models import LlmRequest
 from db.states import RequestStatus
 from db.types import utcnow
 
@@ -25,13 +25,13 @@ PUBLISH_CHUNK = 1000
 def unpublished(session: Session, *, created_before: datetime, limit: int) -> list[tuple[str, str]]:
     """Up to ``limit`` queued, never-published requests older than the publish grace."""
     rows = session.execute(
-        select(Request.id, Request.priority)
+        select(LlmRequest.id, LlmRequest.priority)
         .where(
-            Request.status == RequestStatus.QUEUED,
-            Request.published_at.is_(None),
-            Request.created_at < created_before,
+            LlmRequest.status == RequestStatus.QUEUED,
+            LlmRequest.published_at.is_(None),
+            LlmRequest.created_at < created_before,
         )
-        .order_by(Request.id)
+        .order_by(LlmRequest.id)
         .limit(limit)
     ).all()
     return [(row.id, row.priority) for row in rows]
@@ -40,8 +40,8 @@ def unpublished(session: Session, *, created_before: datetime, limit: int) -> li
 def mark_published(session: Session, request_ids: Sequence[str], at: datetime) -> None:
     if request_ids:
         session.execute(
-            update(Request)
-            .where(Request.id.in_(request_ids), Request.published_at.is_(None))
+            update(LlmRequest)
+            .where(LlmRequest.id.in_(request_ids), LlmRequest.published_at.is_(None))
             .values(published_at=at)
         )
 

@@ -11,7 +11,7 @@ from decimal import Decimal
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import Attempt, Request
+from db.models import Attempt, LlmRequest
 from db.states import AttemptOutcome, RequestStatus
 
 
@@ -38,14 +38,14 @@ def by_route(session: Session, batch_ids: Sequence[str]) -> list[UsageRow]:
     """Requests of the batches per route: ended ok / failed, latency from start to end."""
     rows: dict[str, UsageRow] = defaultdict(lambda: UsageRow(""))
     query = select(
-        Request.model,
-        Request.status,
-        Request.started_at,
-        Request.ended_at,
-        Request.input_tokens,
-        Request.output_tokens,
-        Request.cost_usd,
-    ).where(Request.batch_id.in_(batch_ids))
+        LlmRequest.model,
+        LlmRequest.status,
+        LlmRequest.started_at,
+        LlmRequest.ended_at,
+        LlmRequest.input_tokens,
+        LlmRequest.output_tokens,
+        LlmRequest.cost_usd,
+    ).where(LlmRequest.batch_id.in_(batch_ids))
     for model, status, started, ended, tokens_in, tokens_out, cost in session.execute(query):
         row = rows[model]
         row.name = model
@@ -71,8 +71,8 @@ def by_deployment(session: Session, batch_ids: Sequence[str]) -> list[UsageRow]:
             Attempt.output_tokens,
             Attempt.cost_usd,
         )
-        .join(Request, Request.id == Attempt.request_id)
-        .where(Request.batch_id.in_(batch_ids))
+        .join(LlmRequest, LlmRequest.id == Attempt.request_id)
+        .where(LlmRequest.batch_id.in_(batch_ids))
     )
     for deployment, outcome, latency, tokens_in, tokens_out, cost in session.execute(query):
         row = rows[deployment]

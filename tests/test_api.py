@@ -14,7 +14,7 @@ from sqlalchemy import select
 from api.app import create_app
 from broker_config.settings import Settings
 from db.engine import get_database
-from db.models import Request
+from db.models import LlmRequest
 from db.tenants import create_api_key
 from headrace.stack import DEFAULT_CONFIG
 
@@ -74,7 +74,7 @@ def test_a_json_batch_is_persisted_and_published_to_its_priority_queue(
     }
     assert batch["metadata"] == {"k": "v"} and batch["cost_usd"] == "0"
     with get_database(settings.database_url).session() as session:
-        rows = list(session.scalars(select(Request).where(Request.batch_id == batch["id"])))
+        rows = list(session.scalars(select(LlmRequest).where(LlmRequest.batch_id == batch["id"])))
     assert sorted(r.custom_id for r in rows) == ["a", "b"] and all(r.published_at for r in rows)
     assert redis.llen("interactive") == 2  # priority 0 lives in the bare list
 
@@ -153,7 +153,7 @@ def test_bad_jsonl_is_refused_with_where_and_what(
     if where is not None:
         assert any(where.items() <= item.items() for item in error["errors"]), error["errors"]
     with get_database(settings.database_url).session() as session:
-        assert session.scalars(select(Request)).first() is None  # nothing half-accepted
+        assert session.scalars(select(LlmRequest)).first() is None  # nothing half-accepted
 
 
 def test_malformed_jsonl_names_the_line(client: TestClient, settings: Settings) -> None:
@@ -247,7 +247,7 @@ def test_redis_down_the_batch_is_still_accepted_and_readyz_says_so(settings: Set
         ready = client.get("/readyz")
         assert ready.status_code == 503 and ready.json()["checks"]["redis"].startswith("unreachable")
     with get_database(settings.database_url).session() as session:
-        row = session.scalars(select(Request).where(Request.batch_id == response.json()["id"])).one()
+        row = session.scalars(select(LlmRequest).where(LlmRequest.batch_id == response.json()["id"])).one()
     assert row.published_at is None
 
 
@@ -267,4 +267,4 @@ def test_a_large_batch_is_answered_once_committed_and_published_right_after(
     assert response.status_code == 201 and response.json()["request_counts"]["total"] == 2500
     assert redis.llen("bulk\x06\x169") == 2500
     with get_database(big.database_url).session() as session:
-        assert all(r.published_at for r in session.scalars(select(Request)))
+        assert all(r.published_at for r in session.scalars(select(LlmRequest)))

@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import select
 
 from db.engine import get_database
-from db.models import Attempt, Request
+from db.models import Attempt, LlmRequest
 from headrace.stack import EmbeddedStack
 from tests.infra.postgres import PostgresCluster
 from tests.test_end_to_end import lines
@@ -105,7 +105,7 @@ def test_kills_and_restarts_lose_nothing_and_duplicate_nothing(
     ][:3]
 
     with get_database(stack.env["HEADRACE_DATABASE_URL"]).session() as session:
-        ids = select(Request.id).where(Request.batch_id == batch)
+        ids = select(LlmRequest.id).where(LlmRequest.batch_id == batch)
         attempts = list(session.scalars(select(Attempt).where(Attempt.request_id.in_(ids))))
     assert all(a.outcome != "in_flight" for a in attempts), "every call has ended, or is known lost"
     assert all(a.cost_usd is not None for a in attempts), "every call has its cost row"

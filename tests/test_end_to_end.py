@@ -15,7 +15,7 @@ from openai.types.chat import ChatCompletion
 from sqlalchemy import func, select
 
 from db.engine import get_database
-from db.models import Attempt, Request
+from db.models import Attempt, LlmRequest
 from headrace.stack import EmbeddedStack
 
 ENDED = {"completed", "cancelled", "expired", "failed"}
@@ -129,7 +129,7 @@ def test_300_requests_over_two_priorities_and_routes_come_back_once_each_with_th
     calls = sum(after["received"].values()) - sum(before["received"].values())
     db = get_database(stack.env["HEADRACE_DATABASE_URL"])
     with db.session() as session:
-        request_ids = select(Request.id).where(Request.batch_id.in_(batch_ids))
+        request_ids = select(LlmRequest.id).where(LlmRequest.batch_id.in_(batch_ids))
         attempts = session.scalar(
             select(func.count()).select_from(Attempt).where(Attempt.request_id.in_(request_ids))
         )

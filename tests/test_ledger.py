@@ -14,7 +14,7 @@ from broker_config.celery_app import configure
 from broker_config.settings import Settings
 from db.engine import Database
 from db.migrate import alembic_config
-from db.models import ApiKey, Attempt, Batch, Request
+from db.models import ApiKey, Attempt, Batch, LlmRequest
 from db.states import AttemptOutcome, BatchStatus, Priority, RequestStatus
 from db.tenants import create_api_key, tenant_for_key
 from workers import ledger
@@ -30,7 +30,9 @@ def _batch(db: Database, n: int = 2) -> tuple[str, list[str]]:
     batch = create_batch(db, BatchSpec(tenant, Priority.BULK, None, 3600), lines)
     with db.session() as session:
         ids = list(
-            session.scalars(select(Request.id).where(Request.batch_id == batch.id).order_by(Request.line_no))
+            session.scalars(
+                select(LlmRequest.id).where(LlmRequest.batch_id == batch.id).order_by(LlmRequest.line_no)
+            )
         )
     return batch.id, ids
 
@@ -92,7 +94,7 @@ def test_a_batch_is_committed_even_when_the_broker_is_down(db: Database) -> None
     """Every request is in the ledger, unpublished, for the sweep to send later."""
     batch_id, _ = _batch(db, 3)
     with db.session() as session:
-        rows = list(session.scalars(select(Request).where(Request.batch_id == batch_id)))
+        rows = list(session.scalars(select(LlmRequest).where(LlmRequest.batch_id == batch_id)))
     assert len(rows) == 3 and all(r.published_at is None and r.status == RequestStatus.QUEUED for r in rows)
 
 
@@ -111,7 +113,7 @@ def test_success_is_recorded_once_with_exact_cost(db: Database) -> None:
     assert _start(db, rid) is None  # a redelivery of ended work does nothing
     with db.session() as session:
         batch = session.get(Batch, batch_id)
-        request = session.get(Request, rid)
+        request = session.get(LlmRequest, rid)
         attempt = session.scalars(select(Attempt).where(Attempt.request_id == rid)).one()
     assert (batch.succeeded_count, batch.input_tokens, batch.output_tokens) == (1, 100, 20)
     assert batch.cost_usd == Decimal("0.000123456") == request.cost_usd == attempt.cost_usd
@@ -153,7 +155,7 @@ def test_attempt_numbers_continue_across_deliveries_and_lost_calls_get_estimated
         lost = session.scalars(
             select(Attempt).where(Attempt.request_id == rid, Attempt.attempt_no == 1)
         ).one()
-        request = session.get(Request, rid)
+        request = session.get(LlmRequest, rid)
     assert lost.outcome == AttemptOutcome.LOST and lost.cost_estimated and lost.cost_usd == Decimal("0.5")
     assert (lost.input_tokens, lost.output_tokens) == (10, 100)
     assert request.deliveries == 2 and request.cost_usd == Decimal("0.5")
@@ -187,7 +189,7 @@ def test_a_duplicate_delivery_leaves_a_request_its_live_owner_runs(db: Database)
     assert _start(db, rid, "w2", alive=("w1", "w2")) is None
     assert _start(db, rid, "w2", alive=("w2",)) is not None
     with db.session() as session:
-        request = session.get(Request, rid)
+        request = session.get(LlmRequest, rid)
         attempt = session.scalars(select(Attempt).where(Attempt.request_id == rid)).one()
     assert request.owner == "w2" and request.deliveries == 2
     assert attempt.outcome == AttemptOutcome.LOST and attempt.cost_estimated
@@ -199,7 +201,7 @@ def test_a_request_that_kills_its_worker_every_time_ends_as_poison(db: Database)
     assert _start(db, rid, "w2", alive=(), max_deliveries=2) is not None
     assert _start(db, rid, "w3", alive=(), max_deliveries=2) is None
     with db.session() as session:
-        request = session.get(Request, rid)
+        request = session.get(LlmRequest, rid)
     assert request.status == RequestStatus.FAILED and request.error["kind"] == "poison"  # type: ignore[index]
 
 
@@ -212,7 +214,7 @@ def test_returning_to_the_outbox(db: Database) -> None:
     assert ledger.return_to_outbox(db, [rid], clean=False, owner="w2") == 0
     assert ledger.return_to_outbox(db, [rid], clean=False, owner="w1") == 1
     with db.session() as session:
-        request = session.get(Request, rid)
+        request = session.get(LlmRequest, rid)
     assert (request.status, request.published_at, request.owner, request.deliveries) == (
         "queued",
         None,
@@ -222,4 +224,4 @@ def test_returning_to_the_outbox(db: Database) -> None:
     _start(db, other, "w1")
     assert ledger.return_to_outbox(db, [other], clean=True) == 1
     with db.session() as session:
-        assert session.get(Request, other).deliveries == 0  # type: ignore[union-attr]
+        assert session.get(LlmRequest, other).deliveries == 0  # type: ignore[union-attr]

@@ -24,7 +24,7 @@ from broker_config.celery_app import configure
 from broker_config.deployments import parse_config
 from broker_config.settings import Settings
 from db.engine import Database
-from db.models import Attempt, Batch, Request
+from db.models import Attempt, Batch, LlmRequest
 from db.states import Priority
 from db.tenants import create_api_key
 from headrace.embedded import free_port
@@ -142,13 +142,13 @@ def _submit(deps: Deps, route: str, text: str = "hello", n: int = 1, max_tokens:
     lines = [BatchLine(i + 1, f"c{i}", route, body) for i in range(n)]
     batch = create_batch(deps.db, BatchSpec(tenant, Priority.DEFAULT, None, 3600), lines)
     with deps.db.session() as session:
-        query = select(Request.id).where(Request.batch_id == batch.id).order_by(Request.line_no)
+        query = select(LlmRequest.id).where(LlmRequest.batch_id == batch.id).order_by(LlmRequest.line_no)
         return list(session.scalars(query))
 
 
-def _state(deps: Deps, request_id: str) -> tuple[Request, list[Attempt], Batch]:
+def _state(deps: Deps, request_id: str) -> tuple[LlmRequest, list[Attempt], Batch]:
     with deps.db.session() as session:
-        request = session.get(Request, request_id)
+        request = session.get(LlmRequest, request_id)
         attempts = list(
             session.scalars(
                 select(Attempt).where(Attempt.request_id == request_id).order_by(Attempt.attempt_no)
@@ -218,7 +218,7 @@ def test_a_redelivered_finished_request_makes_no_call(deps: Deps, sim: SimContro
 def test_a_request_past_its_batch_window_expires_without_a_call(deps: Deps, sim: SimControl) -> None:
     (rid,) = _submit(deps, "single")
     with deps.db.write() as session:
-        batch = session.get(Batch, session.get(Request, rid).batch_id)  # type: ignore[union-attr]
+        batch = session.get(Batch, session.get(LlmRequest, rid).batch_id)  # type: ignore[union-attr]
         batch.expires_at = batch.created_at - timedelta(seconds=1)  # type: ignore[union-attr]
     run_request(rid, deps)
     request, attempts, batch = _state(deps, rid)

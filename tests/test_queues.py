@@ -16,7 +16,7 @@ from api.batch_service import BatchSpec, create_batch
 from broker_config.celery_app import configure
 from broker_config.settings import Settings
 from db.engine import get_database
-from db.models import Attempt, Batch, Request
+from db.models import Attempt, Batch, LlmRequest
 from db.states import Priority
 from db.tenants import create_api_key
 from headrace.stack import EmbeddedStack
@@ -44,8 +44,8 @@ def _starts(stack: EmbeddedStack, batch_id: str) -> list[datetime]:
         return list(
             session.scalars(
                 select(Attempt.started_at)
-                .join(Request, Request.id == Attempt.request_id)
-                .where(Request.batch_id == batch_id)
+                .join(LlmRequest, LlmRequest.id == Attempt.request_id)
+                .where(LlmRequest.batch_id == batch_id)
                 .order_by(Attempt.started_at)
             )
         )
@@ -97,8 +97,8 @@ def test_requests_committed_but_never_published_are_published_by_the_sweep(stack
     with db.session() as session:
         unpublished = session.scalar(
             select(func.count())
-            .select_from(Request)
-            .where(Request.batch_id == batch.id, Request.published_at.is_(None))
+            .select_from(LlmRequest)
+            .where(LlmRequest.batch_id == batch.id, LlmRequest.published_at.is_(None))
         )
     assert unpublished == 10
     deadline = time.monotonic() + 60

@@ -16,7 +16,7 @@ import redis as redis_lib
 from sqlalchemy import func, select
 
 from db.engine import get_database
-from db.models import Attempt, Request
+from db.models import Attempt, LlmRequest
 from headrace.simulator.config import SimConfig
 from headrace.simulator.server import running_simulator
 from headrace.stack import EmbeddedStack
@@ -119,7 +119,7 @@ def test_a_fifth_of_calls_failing_loses_nothing_and_every_call_is_costed(
     assert sorted(r["custom_id"] for r in results) == sorted(f"f-{i}" for i in range(500))
     assert view["request_counts"]["completed"] == 500 and all(r["status"] == "succeeded" for r in results)
     with get_database(stack.env["HEADRACE_DATABASE_URL"]).session() as session:
-        ids = select(Request.id).where(Request.batch_id == batch)
+        ids = select(LlmRequest.id).where(LlmRequest.batch_id == batch)
         attempts = session.scalar(
             select(func.count()).select_from(Attempt).where(Attempt.request_id.in_(ids))
         )
@@ -145,7 +145,7 @@ def test_hung_calls_are_cut_at_the_timeout_and_the_batch_completes(
     view = wait_ended(http, [batch], timeout_s=120)[batch]
     assert view["request_counts"]["completed"] == 60 and time.monotonic() - started < 30
     with get_database(stack.env["HEADRACE_DATABASE_URL"]).session() as session:
-        ids = select(Request.id).where(Request.batch_id == batch)
+        ids = select(LlmRequest.id).where(LlmRequest.batch_id == batch)
         cut = list(
             session.scalars(
                 select(Attempt.latency_ms).where(Attempt.request_id.in_(ids), Attempt.outcome == "retry")
@@ -178,8 +178,8 @@ def test_an_outage_of_the_primary_falls_back_then_returns(stack: EmbeddedStack, 
     wait_ended(http, [b for _, b in batches], timeout_s=120)
     with get_database(stack.env["HEADRACE_DATABASE_URL"]).session() as session:
         rows = session.execute(
-            select(Request.id, Request.status, Request.deployment, Request.created_at).where(
-                Request.batch_id.in_([b for _, b in batches])
+            select(LlmRequest.id, LlmRequest.status, LlmRequest.deployment, LlmRequest.created_at).where(
+                LlmRequest.batch_id.in_([b for _, b in batches])
             )
         ).all()
         tried: dict[str, list[str]] = {}

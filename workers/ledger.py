@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from db.batch_state import count_request_end
 from db.engine import Database
-from db.models import Attempt, Batch, Request, Tenant
+from db.models import Attempt, Batch, LlmRequest, Tenant
 from db.states import TERMINAL_REQUEST_STATUSES, AttemptOutcome, RequestStatus
 from db.types import utcnow
 from workers.providers.base import Usage
@@ -60,8 +60,8 @@ class RequestEnd:
     deployment: str | None = None
 
 
-def _lock_request(session: Session, request_id: str) -> Request | None:
-    return session.get(Request, request_id, with_for_update=True)
+def _lock_request(session: Session, request_id: str) -> LlmRequest | None:
+    return session.get(LlmRequest, request_id, with_for_update=True)
 
 
 def _lock_batch(session: Session, batch_id: str) -> Batch:
@@ -70,7 +70,7 @@ def _lock_batch(session: Session, batch_id: str) -> Batch:
     return batch
 
 
-def end_request(session: Session, request: Request, batch: Batch, end: RequestEnd, now: datetime) -> None:
+def end_request(session: Session, request: LlmRequest, batch: Batch, end: RequestEnd, now: datetime) -> None:
     """Move a request to its final state and count it on its batch, exactly once."""
     if request.status in TERMINAL_REQUEST_STATUSES:
         return
@@ -84,7 +84,7 @@ def end_request(session: Session, request: Request, batch: Batch, end: RequestEn
 
 
 def _mark_lost_attempts(
-    session: Session, request: Request, batch: Batch, claim: Claim, now: datetime
+    session: Session, request: LlmRequest, batch: Batch, claim: Claim, now: datetime
 ) -> None:
     """Attempts left in flight by a dead worker get their cost row, marked estimated.
 
@@ -115,7 +115,7 @@ def _mark_lost_attempts(
 
 
 def _add_usage(
-    request: Request, batch: Batch, tokens_in: int, tokens_out: int, cost: Decimal | None, sign: int = 1
+    request: LlmRequest, batch: Batch, tokens_in: int, tokens_out: int, cost: Decimal | None, sign: int = 1
 ) -> None:
     """Count one call's tokens and cost on its request and batch (``sign=-1`` takes them back)."""
     request.input_tokens += sign * tokens_in
@@ -346,7 +346,7 @@ def running_owners(db: Database) -> dict[str, list[str]]:
     """Requests now RUNNING, by owner."""
     with db.session() as session:
         rows = session.execute(
-            select(Request.id, Request.owner).where(Request.status == RequestStatus.RUNNING)
+            select(LlmRequest.id, LlmRequest.owner).where(LlmRequest.status == RequestStatus.RUNNING)
         ).all()
     owners: dict[str, list[str]] = {}
     for request_id, owner in rows:

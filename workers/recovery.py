@@ -20,7 +20,7 @@ from sqlalchemy import select
 from broker_config import keys
 from broker_config.queues import broker_lists
 from db.engine import Database
-from db.models import Request
+from db.models import LlmRequest
 from db.states import RequestStatus
 from db.types import utcnow
 from workers import ledger
@@ -62,10 +62,10 @@ def requeue_lost_messages(
         return 0  # work is still queued: these requests may simply be waiting their turn
     with db.session() as session:
         rows = session.execute(
-            select(Request.id, Request.priority)
+            select(LlmRequest.id, LlmRequest.priority)
             .where(
-                Request.status == RequestStatus.QUEUED,
-                Request.published_at < utcnow() - timedelta(seconds=older_than_s),
+                LlmRequest.status == RequestStatus.QUEUED,
+                LlmRequest.published_at < utcnow() - timedelta(seconds=older_than_s),
             )
             .limit(limit)
         ).all()

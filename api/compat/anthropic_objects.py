@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from api.compat.anthropic_wire import chat_to_message, error_result
-from db.models import Batch, Request
+from db.models import Batch, LlmRequest
 from db.states import RequestStatus
 
 # Failures that are the request's own fault (Anthropic: do not resubmit as is).
@@ -52,7 +52,7 @@ def _failure_kind(error: dict[str, Any]) -> str:
     return "api_error"  # the providers' trouble: the request may be sent again as is
 
 
-def result_line(request: Request) -> dict[str, Any]:
+def result_line(request: LlmRequest) -> dict[str, Any]:
     result: dict[str, Any]
     if request.status == RequestStatus.SUCCEEDED and request.response is not None:
         try:

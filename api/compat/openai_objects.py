@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from api.files_service import BatchFile, error_file_id, output_file_id
-from db.models import Batch, File, Request
+from db.models import Batch, File, LlmRequest
 from db.states import BatchStatus, RequestStatus
 
 # Our batch states are OpenAI's, but for "cancelling" which OpenAI spells the same way.
@@ -84,7 +84,7 @@ def batch_object(batch: Batch) -> dict[str, Any]:
     }
 
 
-def output_line(request: Request) -> dict[str, Any]:
+def output_line(request: LlmRequest) -> dict[str, Any]:
     """A line of the output file (succeeded) or the error file (everything else)."""
     line: dict[str, Any] = {
         "id": "batch_req_" + request.id.removeprefix("req_"),
