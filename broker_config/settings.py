@@ -26,6 +26,14 @@ class Settings(BaseSettings):
     max_batch_bytes: int = Field(default=200 * 1024 * 1024, ge=1)
     default_completion_window_s: int = Field(default=24 * 3600, ge=60)
     public_base_url: str | None = Field(default=None, description="Externally visible API URL.")
+    max_request_bytes: int = Field(
+        default=1024 * 1024, ge=1, description="Body cap of every route but the batch uploads."
+    )
+    # Anthropic's Messages API refuses requests over 32 MB: a longer line could never run.
+    max_line_bytes: int = Field(default=32 * 1024 * 1024, ge=1, description="Longest batch input line.")
+    file_retention_days: int = Field(
+        default=30, ge=1, description="Uploaded files and batch results are purged after this."
+    )
 
     # Workers
     worker_concurrency: int = Field(default=8, ge=1)
