@@ -3,23 +3,30 @@
 Each delivery is POSTed with ``webhook-id``, ``webhook-timestamp`` and ``webhook-signature``
 headers (the ``standardwebhooks`` library signs with the tenant's secret), never following
 redirects, and retried on any answer but 2xx along ``HEADRACE_WEBHOOK_RETRY_SCHEDULE_S``; then it
-is marked failed. Every POST is recorded. The URL is checked against SSRF again before each POST.
+is marked failed. Every POST is recorded. The URL is checked against SSRF again before each POST,
+and the POST goes to an address that check passed, never to the name resolved anew (DNS
+rebinding): the name travels only as the Host header and, for https, as the TLS server name that
+the certificate is verified against. URLs are logged by scheme and host only (they carry tokens).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
+import os
+import ssl
 import time
 from datetime import timedelta
 
+import certifi
 import httpx
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from standardwebhooks import Webhook
 
 from broker_config.settings import Settings
-from broker_config.webhook_urls import UnsafeWebhookUrl, check_webhook_url
+from broker_config.webhook_urls import UnsafeWebhookUrl, WebhookTarget, redact_url, resolve_webhook_target
 from db.engine import Database
 from db.models import Tenant, WebhookAttempt, WebhookDelivery
 from db.tenants import webhook_secret
@@ -35,7 +42,15 @@ class WebhookSender:
         self.settings = settings
         self.schedule_s = [float(x) for x in settings.webhook_retry_schedule_s.split(",") if x.strip()]
         self.http = httpx.Client(
-            timeout=settings.webhook_timeout_s, follow_redirects=False, headers={"User-Agent": USER_AGENT}
+            timeout=settings.webhook_timeout_s,
+            follow_redirects=False,
+            headers={"User-Agent": USER_AGENT},
+            verify=_tls_context(),
+            # No proxy from the environment: it would resolve the name itself, and an HTTP tunnel
+            # does not carry our SNI. No kept connections: pooled by address, one opened for a
+            # name could otherwise carry another name's request, its certificate never checked.
+            trust_env=False,
+            limits=httpx.Limits(max_keepalive_connections=0),
         )
 
     def deliver_due(self, limit: int = 20) -> int:
@@ -82,27 +97,23 @@ class WebhookSender:
         delivery, secret = claimed
         status, error, started = None, None, time.monotonic()
         try:
-            check_webhook_url(delivery.url, self.settings.webhook_allow_hosts)
+            target = resolve_webhook_target(delivery.url, self.settings.webhook_allow_hosts)
             body = json.dumps(delivery.payload, separators=(",", ":"))
             sent_at = utcnow()
             signature = Webhook(secret).sign(delivery.id, sent_at, body)
-            response = self.http.post(
-                delivery.url,
-                content=body,
-                headers={
-                    "content-type": "application/json",
-                    "webhook-id": delivery.id,
-                    "webhook-timestamp": str(int(sent_at.timestamp())),
-                    "webhook-signature": signature,
-                },
-            )
-            status = response.status_code
+            headers = {
+                "content-type": "application/json",
+                "webhook-id": delivery.id,
+                "webhook-timestamp": str(int(sent_at.timestamp())),
+                "webhook-signature": signature,
+            }
+            status = self._post(target, body, headers).status_code
             if not 200 <= status < 300:
                 error = f"HTTP {status}" + (" (redirects are not followed)" if 300 <= status < 400 else "")
         except UnsafeWebhookUrl as exc:
             error = f"refused: {exc}"
         except httpx.HTTPError as exc:
-            error = f"{type(exc).__name__}: {exc}"
+            error = f"{type(exc).__name__}: {_scrub(str(exc), delivery.url)}"
         self._record(
             delivery.id,
             status,
@@ -111,6 +122,26 @@ class WebhookSender:
             final=error is not None and error.startswith("refused"),
         )
         return True
+
+    def _post(self, target: WebhookTarget, body: str, headers: dict[str, str]) -> httpx.Response:
+        """POST to the checked addresses in turn (the next only when one refuses the connection)."""
+        url = httpx.URL(target.url)
+        pinned_headers = {**headers, "host": url.netloc.decode("ascii")}
+        named = not _is_literal(target.host)
+        extensions = {"sni_hostname": target.host} if named and target.scheme == "https" else {}
+        failure: httpx.TransportError | None = None
+        for address in target.addresses:
+            try:
+                return self.http.post(
+                    url.copy_with(host=str(address)),
+                    content=body,
+                    headers=pinned_headers,
+                    extensions=extensions,
+                )
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                failure = exc
+        assert failure is not None, "resolve_webhook_target returns at least one address"
+        raise failure
 
     def _record(
         self, delivery_id: str, status: int | None, error: str | None, duration_ms: int, *, final: bool
@@ -136,8 +167,32 @@ class WebhookSender:
                 delivery.state, delivery.delivered_at, delivery.next_attempt_at = "delivered", now, None
             elif final or delivery.attempts > len(self.schedule_s):
                 delivery.state, delivery.next_attempt_at = "failed", None
-                log.warning("webhook %s to %s failed for good: %s", delivery_id, delivery.url, error)
+                log.warning(
+                    "webhook %s to %s failed for good: %s", delivery_id, redact_url(delivery.url), error
+                )
             else:
                 delivery.next_attempt_at = now + timedelta(seconds=self.schedule_s[delivery.attempts - 1])
 
         self.db.transact(unit)
+
+
+def _tls_context() -> ssl.SSLContext:
+    """httpx's default (certifi's roots, or SSL_CERT_FILE / SSL_CERT_DIR when set), built here
+    because ``trust_env=False`` would also drop those two variables."""
+    cafile, capath = os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR")
+    if cafile or capath:
+        return ssl.create_default_context(cafile=cafile, capath=capath)
+    return ssl.create_default_context(cafile=certifi.where())
+
+
+def _is_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _scrub(text: str, url: str) -> str:
+    """An HTTP error's text without the webhook URL in it (some name the URL they failed on)."""
+    return text.replace(url, redact_url(url))
