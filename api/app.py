@@ -5,8 +5,10 @@ from __future__ import annotations
 import redis
 from fastapi import FastAPI
 
+from api.body_limit import BodyLimitMiddleware
 from api.context import AppContext
 from api.errors import install_error_handlers
+from api.log_redaction import redact_access_log
 from api.routes import anthropic_compat, batches, deployments, health, openai_compat, webhooks
 from broker_config.celery_app import configure as configure_broker
 from broker_config.deployments import load_config
@@ -30,6 +32,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     configure_broker(settings)
     install_error_handlers(app)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        upload_bytes=settings.max_batch_bytes,
+        request_bytes=settings.max_request_bytes,
+    )
+    redact_access_log()
     app.include_router(health.router)
     app.include_router(batches.router)
     app.include_router(deployments.router)

@@ -61,6 +61,7 @@ class ApiError(Exception):
             401: "authentication_error",
             403: "permission_error",
             404: "not_found_error",
+            410: "not_found_error",  # Anthropic has no "gone": what was purged is not found
             413: "request_too_large",
             429: "rate_limit_error",
         }.get(self.status)
@@ -73,15 +74,17 @@ def not_found(what: str, ident: str) -> ApiError:
     return ApiError(404, "not_found", f"no {what} with id {ident!r}")
 
 
-def render(request: Request, error: ApiError) -> JSONResponse:
-    path = request.url.path
+def error_body(path: str, error: ApiError) -> dict[str, Any]:
+    """The error in the dialect of the door ``path`` came through."""
     if path.startswith("/openai/"):
-        body = error.openai_body()
-    elif path.startswith("/anthropic/"):
-        body = error.anthropic_body()
-    else:
-        body = error.body()
-    return JSONResponse(body, status_code=error.status, headers=error.headers)
+        return error.openai_body()
+    if path.startswith("/anthropic/"):
+        return error.anthropic_body()
+    return error.body()
+
+
+def render(request: Request, error: ApiError) -> JSONResponse:
+    return JSONResponse(error_body(request.url.path, error), status_code=error.status, headers=error.headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -101,6 +104,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc.__cause__, RecursionError):
+            # FastAPI turns json.loads' RecursionError into a vague "error parsing the body".
+            return render(request, ApiError(400, "invalid_request", "the JSON body is nested too deeply"))
         type_ = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         error = ApiError(exc.status_code, type_, str(exc.detail), headers=getattr(exc, "headers", None))
         return render(request, error)
