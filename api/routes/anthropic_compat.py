@@ -10,6 +10,7 @@ become ``errored`` results, as on Anthropic; only envelope problems refuse the b
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Any
 
@@ -24,6 +25,7 @@ from api.compat.anthropic_objects import message_batch, result_line
 from api.compat.anthropic_wire import WireError, messages_params_to_chat
 from api.context import AppContext, Context, CurrentTenant, ReadSession
 from api.errors import ApiError, not_found
+from api.json_body import JsonBodyError, decode_object
 from api.routes.batches import accept_batch
 from api.schemas import list_page
 from api.webhook_settings import checked_webhook_url
@@ -34,6 +36,7 @@ from db.types import utcnow
 router = APIRouter(prefix="/anthropic/v1/messages/batches", tags=["anthropic-compatible"])
 CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 WINDOW_S = 24 * 3600
+METADATA_MAX_BYTES = 16_384
 
 
 def _base_url(context: AppContext, request: Request) -> str:
@@ -45,35 +48,48 @@ def _require_version(request: Request) -> None:
         raise ApiError(400, "invalid_request", "anthropic-version: header is required")
 
 
-def _lines(context: AppContext, requests: Any) -> list[BatchLine]:
-    if not isinstance(requests, list) or not requests:
-        raise ApiError(400, "invalid_request", "requests: must be a non-empty list")
-    if len(requests) > context.settings.max_batch_lines:
+def _line(context: AppContext, index: int, item: Any, seen: set[str]) -> BatchLine:
+    where = f"requests.{index}"
+    if index >= context.settings.max_batch_lines:
         raise ApiError(
             413, "batch_too_large", f"a batch holds at most {context.settings.max_batch_lines} requests"
         )
-    lines, seen = [], set()
-    for index, item in enumerate(requests):
-        where = f"requests.{index}"
-        if not isinstance(item, dict):
-            raise ApiError(400, "invalid_request", f"{where}: must be an object with custom_id and params")
-        custom_id, params = item.get("custom_id"), item.get("params")
-        if not isinstance(custom_id, str) or not CUSTOM_ID.match(custom_id):
-            raise ApiError(400, "invalid_request", f"{where}.custom_id: 1 to 64 of a-z, A-Z, 0-9, _ and -")
-        if custom_id in seen:
-            raise ApiError(400, "invalid_request", f"{where}.custom_id: duplicate custom_id {custom_id!r}")
-        seen.add(custom_id)
-        if not isinstance(params, dict):
-            raise ApiError(400, "invalid_request", f"{where}.params: must be an object")
-        error, body, model = None, {}, str(params.get("model", ""))
-        try:
-            body = messages_params_to_chat(params)
-            if context.config.resolve(model) is None:
-                error = {"kind": "config", "message": f"params.model: {model!r} is not served here"}
-        except WireError as exc:
-            error = {"kind": "invalid_request", "message": str(exc)}
-        lines.append(BatchLine(index + 1, custom_id, model, body, error))
-    return lines
+    if not isinstance(item, dict):
+        raise ApiError(400, "invalid_request", f"{where}: must be an object with custom_id and params")
+    custom_id, params = item.get("custom_id"), item.get("params")
+    if not isinstance(custom_id, str) or not CUSTOM_ID.match(custom_id):
+        raise ApiError(400, "invalid_request", f"{where}.custom_id: 1 to 64 of a-z, A-Z, 0-9, _ and -")
+    if custom_id in seen:
+        raise ApiError(400, "invalid_request", f"{where}.custom_id: duplicate custom_id {custom_id!r}")
+    seen.add(custom_id)
+    if not isinstance(params, dict):
+        raise ApiError(400, "invalid_request", f"{where}.params: must be an object")
+    error, body, model = None, {}, str(params.get("model", ""))
+    try:
+        body = messages_params_to_chat(params)
+        if context.config.resolve(model) is None:
+            error = {"kind": "config", "message": f"params.model: {model!r} is not served here"}
+    except WireError as exc:
+        error = {"kind": "invalid_request", "message": str(exc)}
+    return BatchLine(index + 1, custom_id, model, body, error)
+
+
+def _parse(context: AppContext, raw: bytes) -> tuple[list[BatchLine], dict[str, Any]]:
+    """The batch's lines and its metadata; runs in a worker thread (see api/json_body.py)."""
+    lines: list[BatchLine] = []
+    seen: set[str] = set()
+    try:
+        members = decode_object(raw, "requests", lambda i, item: lines.append(_line(context, i, item, seen)))
+    except JsonBodyError as exc:
+        message = str(exc) if exc.index is None else f"requests.{exc.index}: {exc.reason}"
+        raise ApiError(400, "invalid_request", message) from None
+    if "requests" not in members or not lines:
+        raise ApiError(400, "invalid_request", "requests: must be a non-empty list")
+    raw_metadata = members.get("metadata")
+    metadata: dict[str, Any] = raw_metadata if isinstance(raw_metadata, dict) else {}
+    if len(json.dumps(metadata)) > METADATA_MAX_BYTES:
+        raise ApiError(400, "invalid_request", f"metadata: larger than {METADATA_MAX_BYTES} bytes")
+    return lines, metadata
 
 
 @router.post("")
@@ -81,15 +97,7 @@ async def create(
     request: Request, context: Context, tenant: CurrentTenant, background: BackgroundTasks
 ) -> dict[str, Any]:
     _require_version(request)
-    try:
-        payload = await request.json()
-    except ValueError:
-        raise ApiError(400, "invalid_request", "the body is not valid JSON") from None
-    if not isinstance(payload, dict):
-        raise ApiError(400, "invalid_request", "the body must be a JSON object")
-    lines = _lines(context, payload.get("requests"))
-    raw_metadata = payload.get("metadata")
-    metadata: dict[str, Any] = raw_metadata if isinstance(raw_metadata, dict) else {}
+    lines, metadata = await run_in_threadpool(_parse, context, await request.body())
     try:
         priority = Priority(metadata.get("headrace_priority", Priority.DEFAULT))
     except ValueError:

@@ -12,9 +12,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from api import batch_service
-from api.batch_input import BatchLine, BatchValidator, LineSplitter
+from api.batch_input import BatchLine, BatchValidator, lines_from_stream
 from api.context import AppContext, Context, CurrentTenant, ReadSession
 from api.errors import ApiError
+from api.json_body import NESTED_TOO_DEEP, JsonBodyError, decode_object, too_deep
 from api.schemas import BatchList, BatchOut, CreateBatchIn
 from api.webhook_settings import checked_webhook_url
 from db.models import Batch
@@ -39,12 +40,18 @@ def _priority(value: str | None) -> Priority:
 
 def _metadata(value: Any) -> dict[str, Any] | None:
     if isinstance(value, str):
+        if len(value) > 16_384:
+            raise ApiError(400, "invalid_request", "metadata is larger than 16 KiB")
         try:
             value = json.loads(value) if value else None
         except json.JSONDecodeError as exc:
             raise ApiError(400, "invalid_request", f"metadata is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise ApiError(400, "invalid_request", f"metadata: {NESTED_TOO_DEEP}") from None
     if value is not None and not isinstance(value, dict):
         raise ApiError(400, "invalid_request", "metadata must be a JSON object")
+    if too_deep(value):  # before json.dumps, which would fail on it
+        raise ApiError(400, "invalid_request", f"metadata: {NESTED_TOO_DEEP}")
     if value is not None and len(json.dumps(value)) > 16_384:
         raise ApiError(400, "invalid_request", "metadata is larger than 16 KiB")
     return value
@@ -62,18 +69,32 @@ def _window(context: AppContext, value: Any) -> int:
     return seconds
 
 
-async def _lines_from_stream(chunks: Any, validator: BatchValidator, max_bytes: int) -> list[BatchLine]:
-    splitter = LineSplitter()
-    size = 0
-    async for chunk in chunks:
-        size += len(chunk)
-        if size > max_bytes:
-            raise ApiError(413, "batch_too_large", f"the upload is larger than {max_bytes} bytes")
-        for line_no, raw in splitter.feed(chunk):
-            validator.add_json_line(line_no, raw)
-    for line_no, raw in splitter.close():
-        validator.add_json_line(line_no, raw)
-    return validator.finish()
+def _json_batch(context: AppContext, raw: bytes) -> tuple[CreateBatchIn, list[BatchLine]]:
+    """A JSON body's envelope and lines; runs in a worker thread (see api/json_body.py)."""
+    validator = BatchValidator(context.config, context.settings.max_batch_lines, where="requests")
+    try:
+        members = decode_object(raw, "requests", lambda index, obj: validator.add_object(index + 1, obj))
+    except JsonBodyError as exc:
+        where = None if exc.index is None else [{"line": exc.index + 1, "param": None, "message": str(exc)}]
+        raise ApiError(400, "invalid_request", str(exc), errors=where) from None
+    try:
+        payload = CreateBatchIn.model_validate(members)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        param = ".".join(str(p) for p in err["loc"]) or "body"
+        raise ApiError(400, "invalid_request", f"{param}: {err['msg']}") from None
+    payload.metadata = _metadata(payload.metadata)
+    return payload, validator.finish()
+
+
+def _stream_lines(context: AppContext, chunks: Any) -> Any:
+    settings = context.settings
+    return lines_from_stream(
+        chunks,
+        BatchValidator(context.config, settings.max_batch_lines),
+        max_bytes=settings.max_batch_bytes,
+        max_line_bytes=settings.max_line_bytes,
+    )
 
 
 async def _upload_chunks(upload: UploadFile) -> Any:
@@ -88,19 +109,9 @@ async def create_batch(
     """Submit a batch as JSON ``{requests, priority, metadata}``, or as JSONL (a raw body, or a
     multipart ``file`` field; priority and metadata then come as query or form fields)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    settings = context.settings
     params: dict[str, Any] = dict(request.query_params)
     if content_type == "application/json":
-        try:
-            payload = CreateBatchIn.model_validate_json(await request.body())
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            where = ".".join(str(p) for p in err["loc"]) or "body"
-            raise ApiError(400, "invalid_request", f"{where}: {err['msg']}") from None
-        validator = BatchValidator(context.config, settings.max_batch_lines, where="requests")
-        for index, obj in enumerate(payload.requests, start=1):
-            validator.add_object(index, obj)
-        lines = validator.finish()
+        payload, lines = await run_in_threadpool(_json_batch, context, await request.body())
         priority, metadata = payload.priority, payload.metadata
         params["completion_window_s"] = payload.completion_window_s
         params["webhook_url"] = payload.webhook_url
@@ -110,12 +121,10 @@ async def create_batch(
         if not isinstance(upload, UploadFile):
             raise ApiError(400, "invalid_request", "multipart upload needs a 'file' field holding the JSONL")
         params.update({k: v for k, v in form.items() if isinstance(v, str)})
-        validator = BatchValidator(context.config, settings.max_batch_lines)
-        lines = await _lines_from_stream(_upload_chunks(upload), validator, settings.max_batch_bytes)
+        lines = await _stream_lines(context, _upload_chunks(upload))
         priority, metadata = _priority(params.get("priority")), _metadata(params.get("metadata"))
     elif content_type in JSONL_TYPES:
-        validator = BatchValidator(context.config, settings.max_batch_lines)
-        lines = await _lines_from_stream(request.stream(), validator, settings.max_batch_bytes)
+        lines = await _stream_lines(context, request.stream())
         priority, metadata = _priority(params.get("priority")), _metadata(params.get("metadata"))
     else:
         raise ApiError(

@@ -157,17 +157,21 @@ def _lines_from_file(
             )
         content = file.content
     validator = BatchValidator(context.config, context.settings.max_batch_lines)
-    splitter = LineSplitter()
+    splitter = LineSplitter(context.settings.max_line_bytes)
     try:
         for line_no, raw in [*splitter.feed(content), *splitter.close()]:
             validator.add_json_line(line_no, raw)
         lines = validator.finish()
     except ApiError as refused:
         # OpenAI creates the batch and fails it, with the reasons, rather than answer 4xx.
-        code = {"empty_batch": "empty_file", "batch_too_large": "too_many_tasks"}.get(refused.type)
+        code = {
+            "empty_batch": "empty_file",
+            "batch_too_large": "too_many_tasks",
+            "line_too_large": "line_too_large",
+        }.get(refused.type)
         errors = [
             {
-                "code": validation_code(e),
+                "code": code or validation_code(e),
                 "line": e.get("line"),
                 "message": e["message"],
                 "param": e.get("param"),
