@@ -195,12 +195,17 @@ def list_batches(
     after: str | None = None,
     before: str | None = None,
     api: str | None = None,
+    exclude_deleted: bool = False,
 ) -> tuple[list[Batch], bool]:
     """Newest first. ``after``: the last id of the previous page (older ones follow); ``before``:
-    the first id of the next page (newer ones). Ids sort by creation time."""
+    the first id of the next page (newer ones). Ids sort by creation time. Deleted batches are
+    left out by the query itself when asked: filtered after the LIMIT, a page of them would come
+    back empty with has_more and no last id, and a client's pagination would stop there."""
     query = select(Batch).where(Batch.tenant_id == tenant_id)
     if api:
         query = query.where(Batch.api == api)
+    if exclude_deleted:
+        query = query.where(Batch.deleted_at.is_(None))
     if before:
         newer = list(session.scalars(query.where(Batch.id > before).order_by(Batch.id).limit(limit + 1)))
         return list(reversed(newer[:limit])), len(newer) > limit

@@ -134,9 +134,15 @@ def list_batches(
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
 ) -> dict[str, Any]:
     batches, has_more = batch_service.list_batches(
-        session, tenant.id, limit=limit, after=after_id, before=before_id, api="anthropic"
+        session,
+        tenant.id,
+        limit=limit,
+        after=after_id,
+        before=before_id,
+        api="anthropic",
+        exclude_deleted=True,
     )
-    data = [message_batch(b, _base_url(context, request)) for b in batches if b.deleted_at is None]
+    data = [message_batch(b, _base_url(context, request)) for b in batches]
     return list_page(data, has_more)
 
 
