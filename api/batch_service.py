@@ -12,7 +12,7 @@ from typing import Any
 
 import redis
 from kombu.exceptions import KombuError as BrokerError
-from sqlalchemy import insert, select
+from sqlalchemy import case, func, insert, select
 from sqlalchemy.orm import Session
 
 from api.batch_input import BatchLine
@@ -164,16 +164,22 @@ def cancel_batch(db: Database, tenant_id: str, batch_id: str) -> Batch:
     Cancelling an ended batch is refused; cancelling twice is harmless."""
 
     def unit(session: Session) -> Batch:
-        batch = session.get(Batch, batch_id, with_for_update=True)
+        # Read, not locked: the batch row is locked last, by the statement that counts the
+        # cancelled requests and marks it (requests before batch, as every writer does).
+        batch = session.get(Batch, batch_id)
         if batch is None or batch.tenant_id != tenant_id:
             raise not_found("batch", batch_id)
         if batch.status not in OPEN_BATCH_STATUSES:
             raise ApiError(400, "invalid_request", f"batch {batch_id} has already ended ({batch.status})")
         now = utcnow()
-        if batch.cancelled_at is None:
-            batch.cancelled_at = now
-            batch.status = BatchStatus.CANCELLING
-        end_queued_requests(session, batch, RequestStatus.CANCELLED, now, CANCELLED)
+        mark = {
+            "cancelled_at": func.coalesce(Batch.cancelled_at, now),
+            "status": case(
+                (Batch.status == BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING), else_=Batch.status
+            ),
+        }
+        end_queued_requests(session, batch_id, RequestStatus.CANCELLED, now, CANCELLED, also=mark)
+        session.refresh(batch)
         return batch
 
     return db.transact(unit)

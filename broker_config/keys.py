@@ -54,14 +54,19 @@ def breaker_failures(deployment: str) -> str:
     return f"{PREFIX}:{{{deployment}}}:breaker-failures"
 
 
-def worker_heartbeat(worker: str) -> str:
-    """String with a short TTL, refreshed while the worker process (host:pid) lives."""
-    return f"{PREFIX}:worker:{worker}"
+def lease(request_id: str) -> str:
+    """String with a short TTL: the token of the run that owns the request, refreshed while it lives."""
+    return f"{PREFIX}:lease:{request_id}"
 
 
 def recovery_sweep_lock() -> str:
-    """Held by the one worker looking for requests whose owner died."""
+    """Held by the one worker looking for requests whose run died, or whose message was lost."""
     return f"{PREFIX}:lock:recovery-sweep"
+
+
+def lost_message_lock() -> str:
+    """Held by the one worker looking for queued requests whose message was lost."""
+    return f"{PREFIX}:lock:lost-messages"
 
 
 def fallbacks() -> str:

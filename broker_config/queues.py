@@ -38,3 +38,9 @@ def broker_lists() -> list[str]:
     return [
         queue if step == 0 else f"{queue}\x06\x16{step}" for queue in ALL_QUEUES for step in PRIORITY_STEPS
     ]
+
+
+def broker_unacked_key() -> str:
+    """kombu's hash of delivered, unacknowledged messages (reserved or running in some worker);
+    its default name, which we never change."""
+    return "unacked"

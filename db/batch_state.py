@@ -1,14 +1,21 @@
-"""How a batch moves to its end, shared by the workers (a request ends) and the API (cancel).
+"""How a batch moves to its end, shared by the workers (a request ends) and the API (cancel, expiry).
 
-Every function here runs inside the caller's transaction, with the batch row locked.
+Lock order everywhere: request rows, then attempt rows, then the batch row. The batch row is the
+hot one (every request of a batch counts on it), so a transaction touches it once and last: one
+atomic ``UPDATE ... SET n = n + delta`` of its counters, no read-modify-write and no earlier
+``SELECT ... FOR UPDATE``. Its lock is then held only from that statement to the commit, and two
+workers ending requests of one batch never wait on each other for longer than that.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from datetime import datetime
-from typing import Any, cast
+from decimal import Decimal
+from typing import Any
 
-from sqlalchemy import CursorResult, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from db.models import Batch, LlmRequest
@@ -16,15 +23,62 @@ from db.states import BatchStatus, RequestStatus
 from db.webhooks import enqueue_batch_event
 
 OPEN_BATCH_STATUSES = (BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING)
+_ENDED_COLUMNS = ("succeeded_count", "failed_count", "cancelled_count", "expired_count")
 
 
-def count_request_end(
-    session: Session, batch: Batch, status: RequestStatus, now: datetime, n: int = 1
+@dataclass
+class BatchDelta:
+    """What one transaction adds to its batch's counters; ``apply_delta`` writes it, last."""
+
+    succeeded_count: int = 0
+    failed_count: int = 0
+    cancelled_count: int = 0
+    expired_count: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: Decimal = Decimal(0)
+    unpriced_attempts: int = 0
+
+    def ended(self, status: RequestStatus, n: int = 1) -> None:
+        name = f"{status.value}_count"
+        setattr(self, name, getattr(self, name) + n)
+
+    def usage(self, tokens_in: int, tokens_out: int, cost: Decimal | None, sign: int = 1) -> None:
+        """One call's tokens and cost (``sign=-1`` takes back an estimate the real figures replace)."""
+        self.input_tokens += sign * tokens_in
+        self.output_tokens += sign * tokens_out
+        if cost is None:
+            self.unpriced_attempts += sign
+        else:
+            self.cost_usd += sign * cost
+
+    def changes(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name)}
+
+
+def apply_delta(
+    session: Session, batch_id: str, delta: BatchDelta, now: datetime, also: Mapping[str, Any] | None = None
 ) -> None:
-    """Count ``n`` requests that ended with ``status`` on their batch; end the batch if that was all."""
-    counter = f"{status.value}_count"
-    setattr(batch, counter, getattr(batch, counter) + n)
-    finish_if_done(session, batch, now)
+    """Add ``delta`` to the batch in one statement (setting ``also`` in the same statement: a
+    cancel marks the batch here, not before, to keep the lock order); end the batch if that was
+    its last request."""
+    changes = delta.changes()
+    if not changes and not also:
+        return
+    counts = session.execute(
+        update(Batch)
+        .where(Batch.id == batch_id)
+        .values({name: getattr(Batch, name) + value for name, value in changes.items()} | dict(also or {}))
+        .returning(Batch.total_count, Batch.status, *(getattr(Batch, c) for c in _ENDED_COLUMNS))
+        .execution_options(synchronize_session=False)
+    ).one()
+    total, status, *ended = counts
+    counted_an_end = any(name in changes for name in _ENDED_COLUMNS) or bool(also)
+    if counted_an_end and sum(ended) >= total and status in OPEN_BATCH_STATUSES:
+        # The row is ours until the commit (the UPDATE locked it); read it fresh to end it.
+        batch = session.get(Batch, batch_id, populate_existing=True)
+        assert batch is not None
+        finish_if_done(session, batch, now)
 
 
 def finish_if_done(session: Session, batch: Batch, now: datetime) -> bool:
@@ -44,16 +98,32 @@ def finish_if_done(session: Session, batch: Batch, now: datetime) -> bool:
 
 
 def end_queued_requests(
-    session: Session, batch: Batch, status: RequestStatus, now: datetime, error: dict[str, Any]
+    session: Session,
+    batch_id: str,
+    status: RequestStatus,
+    now: datetime,
+    error: dict[str, Any],
+    also: Mapping[str, Any] | None = None,
 ) -> int:
     """End every request of the batch still waiting its turn (cancel, expiry); running ones finish
-    by themselves. Returns how many were ended."""
-    result = session.execute(
-        update(LlmRequest)
-        .where(LlmRequest.batch_id == batch.id, LlmRequest.status == RequestStatus.QUEUED)
-        .values(status=status.value, ended_at=now, error=error, owner=None)
-        .execution_options(synchronize_session=False)
+    by themselves. Locks the queued request rows first (in id order, as every transaction that
+    takes several does), then counts them on the batch. Returns how many were ended."""
+    queued = list(
+        session.scalars(
+            select(LlmRequest.id)
+            .where(LlmRequest.batch_id == batch_id, LlmRequest.status == RequestStatus.QUEUED)
+            .order_by(LlmRequest.id)
+            .with_for_update()
+        )
     )
-    ended = int(cast(CursorResult[Any], result).rowcount)
-    count_request_end(session, batch, status, now, n=ended)
-    return ended
+    for start in range(0, len(queued), 1000):
+        session.execute(
+            update(LlmRequest)
+            .where(LlmRequest.id.in_(queued[start : start + 1000]))
+            .values(status=status.value, ended_at=now, error=error, lease=None)
+            .execution_options(synchronize_session=False)
+        )
+    delta = BatchDelta()
+    delta.ended(status, len(queued))
+    apply_delta(session, batch_id, delta, now, also)
+    return len(queued)

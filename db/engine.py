@@ -11,23 +11,34 @@ roles share one engine.
 from __future__ import annotations
 
 import logging
-import random
-import time
+import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar
 
+import psycopg
+import stamina
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+POSTGRES_CONNECT_TIMEOUT_S = 5  # libpq waits forever by default; a dead host must not hang a thread
+DEFAULT_HOLD_S = 10.0  # how long a write is retried through transient failures, unless told otherwise
+
+# SQLSTATE classes worth running a unit of work again for: 08 connection exception, 40 transaction
+# rollback (serialization failure, deadlock), 53 insufficient resources (too many connections),
+# 57P operator intervention (admin/crash shutdown, "the database system is starting up"), and
+# 25006 read-only transaction, which is what a primary demoted by a failover answers.
+_TRANSIENT_SQLSTATE_PREFIXES = ("08", "40", "53", "57P", "25006")
+# SQLite's "database is locked" family, extended codes included (SQLITE_BUSY_SNAPSHOT is 517).
+_SQLITE_BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
 
 
 def _sqlite_engine(url: str, *, immediate: bool) -> Engine:
@@ -59,15 +70,21 @@ def _sqlite_engine(url: str, *, immediate: bool) -> Engine:
 class Database:
     """The ledger's connection: ``session()`` for reads, ``transact(fn)`` for writes."""
 
-    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+    def __init__(self, url: str, *, pool_size: int = 10, hold_s: float = DEFAULT_HOLD_S) -> None:
         self.url = url
+        self.hold_s = hold_s
         self.dialect = make_url(url).get_backend_name()
         if self.dialect == "sqlite":
             self.engine = _sqlite_engine(url, immediate=False)
             self.write_engine = _sqlite_engine(url, immediate=True)
         else:
             self.engine = create_engine(
-                url, pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size, pool_recycle=1800
+                url,
+                pool_pre_ping=True,
+                pool_size=pool_size,
+                max_overflow=pool_size,
+                pool_recycle=1800,
+                connect_args={"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S},
             )
             self.write_engine = self.engine
         self._reads = sessionmaker(self.engine, expire_on_commit=False)
@@ -85,23 +102,29 @@ class Database:
         with self._writes() as session, session.begin():
             yield session
 
-    def transact(self, unit: Callable[[Session], T], *, attempts: int = 8) -> T:
-        """Run ``unit`` in one write transaction, again from the top on a transient failure.
+    def transact(self, unit: Callable[[Session], T], *, hold_s: float | None = None) -> T:
+        """Run ``unit`` in one write transaction, again from the top on a transient failure, for up
+        to ``hold_s`` seconds (the database's own default when None); then the failure is raised.
 
-        Transient: a dropped connection (Postgres restarted) or SQLite's lock. Safe because
-        every unit of work in Headrace is idempotent.
+        Transient: see ``is_transient``. Safe because every unit of work in Headrace is idempotent.
+        A worker holding a provider's answer passes a long hold: the call was paid for, and only
+        the ledger can make it count (a managed PostgreSQL failover takes 30 to 120 s).
         """
-        for attempt in range(1, attempts + 1):
-            try:
-                with self.write() as session:
-                    return unit(session)
-            except (OperationalError, DBAPIError) as exc:
-                if attempt == attempts or not _is_transient(exc):
-                    raise
-                delay = min(0.05 * 2**attempt, 5.0) * (0.5 + random.random() / 2)
-                log.warning("ledger write failed (%s); retrying in %.2fs", type(exc.orig).__name__, delay)
-                time.sleep(delay)
-        raise AssertionError("unreachable")
+        hold_s = self.hold_s if hold_s is None else hold_s
+        if hold_s <= 0:
+            with self.write() as session:
+                return unit(session)
+        for attempt in stamina.retry_context(
+            on=is_transient,
+            attempts=None,
+            timeout=hold_s,
+            wait_initial=0.05,
+            wait_max=2.0,
+            wait_jitter=0.25,
+        ):
+            with attempt, self.write() as session:
+                return unit(session)
+        raise AssertionError("unreachable: stamina re-raises the last failure")
 
     def ping(self) -> None:
         with self.engine.connect() as conn:
@@ -113,15 +136,25 @@ class Database:
             self.write_engine.dispose()
 
 
-def _is_transient(exc: DBAPIError) -> bool:
+def is_transient(exc: Exception) -> bool:
+    """Would the same unit of work succeed if run again shortly? Decided from the driver's error
+    codes (SQLSTATE on PostgreSQL, the result code on SQLite), never from message text."""
+    if not isinstance(exc, DBAPIError):
+        return False
     if exc.connection_invalidated:
         return True
-    message = str(exc.orig).lower()
-    transient = ("database is locked", "connection", "server closed", "terminating", "deadlock")
-    return any(word in message for word in transient)
+    orig = exc.orig
+    if isinstance(orig, sqlite3.OperationalError):
+        return (getattr(orig, "sqlite_errorcode", 0) & 0xFF) in _SQLITE_BUSY_CODES
+    if isinstance(orig, psycopg.Error):
+        if orig.sqlstate is None:
+            # No SQLSTATE: the client could not talk to a server at all (refused, reset, timed out).
+            return isinstance(orig, psycopg.OperationalError)
+        return orig.sqlstate.startswith(_TRANSIENT_SQLSTATE_PREFIXES)
+    return False
 
 
 @lru_cache(maxsize=8)
-def get_database(url: str) -> Database:
-    """One Database per URL per process (engines are thread-safe; sessions are not)."""
-    return Database(url)
+def get_database(url: str, hold_s: float = DEFAULT_HOLD_S) -> Database:
+    """One Database per URL (and hold) per process (engines are thread-safe; sessions are not)."""
+    return Database(url, hold_s=hold_s)

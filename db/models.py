@@ -119,9 +119,10 @@ class LlmRequest(Base):
     deployment: Mapped[str | None] = mapped_column(String(200))
     attempt_count: Mapped[int] = mapped_column(Integer, default=0)
     deliveries: Mapped[int] = mapped_column(Integer, default=0)
-    # The worker process running it (host:pid) while RUNNING: a redelivery leaves a request alone
-    # while its owner's heartbeat is alive, and the recovery sweep requeues it once that stops.
-    owner: Mapped[str | None] = mapped_column(String(200))
+    # The lease token of the run that owns it while RUNNING (random per run; see workers/leases.py).
+    # Every change of a running request is guarded by it; the recovery sweep requeues a request
+    # whose lease has expired in Redis.
+    lease: Mapped[str | None] = mapped_column(String(64))
     input_tokens: Mapped[int] = mapped_column(Integer, default=0)
     output_tokens: Mapped[int] = mapped_column(Integer, default=0)
     cost_usd: Mapped[Decimal] = mapped_column(Money, default=Decimal(0))
@@ -159,7 +160,8 @@ class Attempt(Base):
     cost_estimated: Mapped[bool] = mapped_column(Boolean, default=False)
     estimated_input_tokens: Mapped[int] = mapped_column(Integer, default=0)
     provider_request_id: Mapped[str | None] = mapped_column(String(200))
-    worker: Mapped[str | None] = mapped_column(Text)
+    worker: Mapped[str | None] = mapped_column(Text)  # for people: which worker process made the call
+    lease: Mapped[str | None] = mapped_column(String(64))  # the run that made it (in flight: alive?)
 
 
 class File(Base):

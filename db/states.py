@@ -40,9 +40,15 @@ ENDED_BATCH_STATUSES = frozenset(
 
 
 class AttemptOutcome(StrEnum):
+    """How one provider call ended. For a failed call it is the policy's decision
+    (``workers.policy.decide``): the one vocabulary of what happens next."""
+
     IN_FLIGHT = "in_flight"  # written before the call; a crash leaves it so
     SUCCESS = "success"
-    RETRY = "retry"  # failed; the same deployment was (or could be) tried again
-    FALLBACK = "fallback"  # failed; the next deployment in the chain was tried
-    FATAL = "fatal"  # failed; the request's own fault, not retried anywhere
-    LOST = "lost"  # its worker died mid-call; cost estimated
+    RETRY = "retry"  # failed; the same deployment may be tried again, after a backoff
+    FALL_BACK = "fallback"  # failed; the next deployment of the chain is tried
+    FAIL = "fail"  # failed; the request's own fault, not retried anywhere: it ends failed
+    LOST = "lost"  # its run died mid-call; cost estimated
+
+
+FAILED_CALL_DECISIONS = (AttemptOutcome.RETRY, AttemptOutcome.FALL_BACK, AttemptOutcome.FAIL)

@@ -40,7 +40,7 @@ def stack(
         worker_concurrency=6,
         simulator_args=("--latency-ms", "250", "--latency-jitter-ms", "100"),
         extra_env={
-            "HEADRACE_HEARTBEAT_TTL_S": "3",
+            "HEADRACE_LEASE_TTL_S": "3",
             "HEADRACE_SWEEP_INTERVAL_S": "1",
             "HEADRACE_PUBLISH_GRACE_S": "2",
             "HEADRACE_LOST_MESSAGE_CHECK_S": "5",

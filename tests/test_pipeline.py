@@ -29,13 +29,12 @@ from db.states import Priority
 from db.tenants import create_api_key
 from headrace.embedded import free_port
 from tests.simulator_fixture import SimControl
-from workers.breaker import Breaker
+from workers.breaker import Breaker, FallbackCounter
 from workers.bucket import Bucket
 from workers.delays import DelayQueue
-from workers.fallbacks import FallbackCounter
+from workers.leases import Leases
 from workers.pipeline import Deps, run_request
 from workers.providers import default_adapters
-from workers.recovery import Heartbeats
 
 KEY_ENV = "HEADRACE_TEST_SIM_KEY"
 
@@ -129,7 +128,7 @@ def deps(
         bucket=Bucket(redis),
         delays=DelayQueue(redis),
         breaker=Breaker(redis),
-        heartbeats=Heartbeats(redis, "test", 15),
+        leases=Leases(redis, 15),
         fallbacks=FallbackCounter(redis),
         worker="test",
         sleep=lambda _s: None,
@@ -196,7 +195,7 @@ def test_a_request_fault_fails_at_once_without_trying_the_rest_of_the_chain(deps
     (rid,) = _submit(deps, "cross", "[[sim:status=400]] hi")
     run_request(rid, deps)
     request, attempts, _ = _state(deps, rid)
-    assert request.status == "failed" and [(a.deployment, a.outcome) for a in attempts] == [("oa", "fatal")]
+    assert request.status == "failed" and [(a.deployment, a.outcome) for a in attempts] == [("oa", "fail")]
     assert request.error["status"] == 400  # type: ignore[index]
 
 

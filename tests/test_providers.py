@@ -14,7 +14,7 @@ from headrace.embedded import free_port
 from tests.simulator_fixture import SimControl
 from workers.costing import call_cost_usd
 from workers.pipeline import call_provider
-from workers.policy import Step, backoff_s, classify
+from workers.policy import FAIL, FALL_BACK, RETRY, Decision, backoff_s, decide
 from workers.providers.anthropic import AnthropicAdapter
 from workers.providers.base import CallFailed, ProviderCall, ProviderReply
 from workers.providers.openai import OpenAIAdapter
@@ -77,29 +77,29 @@ def test_a_successful_call_gives_a_canonical_completion_with_usage_and_a_price(
 @pytest.mark.parametrize(
     ("provider", "directive", "status", "step"),
     [
-        ("openai", "[[sim:status=429]] [[sim:retry_after=3]]", 429, Step.RETRY),
-        ("anthropic", "[[sim:status=429]] [[sim:retry_after=3]]", 429, Step.RETRY),
-        ("openai", "[[sim:status=500]]", 500, Step.RETRY),
-        ("openai", "[[sim:status=503]]", 503, Step.RETRY),
-        ("anthropic", "[[sim:status=529]]", 529, Step.RETRY),
-        ("anthropic", "[[sim:status=500]]", 500, Step.RETRY),
-        ("openai", "[[sim:status=400]]", 400, Step.FAIL),
-        ("anthropic", "[[sim:status=400]]", 400, Step.FAIL),
-        ("openai", "[[sim:status=422]]", 422, Step.FAIL),
-        ("anthropic", "[[sim:status=413]]", 413, Step.FAIL),
-        ("openai", "[[sim:error=context_length]]", 400, Step.FALL_BACK),
-        ("anthropic", "[[sim:error=context_length]]", 400, Step.FALL_BACK),
-        ("openai", "[[sim:status=401]]", 401, Step.FALL_BACK),
-        ("anthropic", "[[sim:status=403]]", 403, Step.FALL_BACK),
-        ("openai", "[[sim:status=404]]", 404, Step.FALL_BACK),
+        ("openai", "[[sim:status=429]] [[sim:retry_after=3]]", 429, RETRY),
+        ("anthropic", "[[sim:status=429]] [[sim:retry_after=3]]", 429, RETRY),
+        ("openai", "[[sim:status=500]]", 500, RETRY),
+        ("openai", "[[sim:status=503]]", 503, RETRY),
+        ("anthropic", "[[sim:status=529]]", 529, RETRY),
+        ("anthropic", "[[sim:status=500]]", 500, RETRY),
+        ("openai", "[[sim:status=400]]", 400, FAIL),
+        ("anthropic", "[[sim:status=400]]", 400, FAIL),
+        ("openai", "[[sim:status=422]]", 422, FAIL),
+        ("anthropic", "[[sim:status=413]]", 413, FAIL),
+        ("openai", "[[sim:error=context_length]]", 400, FALL_BACK),
+        ("anthropic", "[[sim:error=context_length]]", 400, FALL_BACK),
+        ("openai", "[[sim:status=401]]", 401, FALL_BACK),
+        ("anthropic", "[[sim:status=403]]", 403, FALL_BACK),
+        ("openai", "[[sim:status=404]]", 404, FALL_BACK),
     ],
 )
 def test_provider_errors_are_classified(
-    provider: str, directive: str, status: int, step: Step, sim: SimControl
+    provider: str, directive: str, status: int, step: Decision, sim: SimControl
 ) -> None:
     failure = _run(provider, sim.url, f"{directive} please")
     assert isinstance(failure, CallFailed) and failure.kind == "status" and failure.status == status
-    assert classify(failure) is step
+    assert decide(failure) is step
     if status == 429:
         assert failure.retry_after_s == pytest.approx(3, abs=0.01)
 
@@ -107,14 +107,14 @@ def test_provider_errors_are_classified(
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
 def test_a_hung_call_is_cut_at_its_timeout_and_retried(provider: str, sim: SimControl) -> None:
     failure = _run(provider, sim.url, "[[sim:hang]]", timeout_s=0.5)
-    assert isinstance(failure, CallFailed) and failure.kind == "timeout" and classify(failure) is Step.RETRY
+    assert isinstance(failure, CallFailed) and failure.kind == "timeout" and decide(failure) is RETRY
 
 
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
 def test_a_refused_connection_is_retried(provider: str) -> None:
     failure = _run(provider, f"http://127.0.0.1:{free_port()}")
     assert (
-        isinstance(failure, CallFailed) and failure.kind == "connection" and classify(failure) is Step.RETRY
+        isinstance(failure, CallFailed) and failure.kind == "connection" and decide(failure) is RETRY
     )
 
 
@@ -122,14 +122,14 @@ def test_a_deployment_without_its_key_falls_back(monkeypatch: pytest.MonkeyPatch
     monkeypatch.delenv(KEY_ENV)
     failure = _run("openai", sim.url)
     assert isinstance(failure, CallFailed) and failure.kind == "unavailable" and KEY_ENV in failure.message
-    assert classify(failure) is Step.FALL_BACK
+    assert decide(failure) is FALL_BACK
 
 
 def test_a_request_anthropic_cannot_express_fails_without_a_call(sim: SimControl) -> None:
     """n=2 has no Anthropic equivalent: the request's fault, decided before any call is made."""
     failure = _run("anthropic", sim.url, n=2)
     assert (
-        isinstance(failure, CallFailed) and failure.kind == "translation" and classify(failure) is Step.FAIL
+        isinstance(failure, CallFailed) and failure.kind == "translation" and decide(failure) is FAIL
     )
     assert sum(sim.stats()["received"].values()) == 0
 
@@ -168,5 +168,5 @@ def test_an_exhausted_quota_falls_back_instead_of_waiting() -> None:
     quota = CallFailed(
         "You exceeded your current quota", kind="status", status=429, error_code="insufficient_quota"
     )
-    assert classify(quota) is Step.FALL_BACK
-    assert classify(CallFailed("slow down", kind="status", status=429)) is Step.RETRY
+    assert decide(quota) is FALL_BACK
+    assert decide(CallFailed("slow down", kind="status", status=429)) is RETRY

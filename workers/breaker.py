@@ -1,4 +1,5 @@
-"""Circuit breakers: one per deployment, shared by every worker through Redis.
+"""Circuit breakers, one per deployment, and fallback counts, one per route: both shared by
+every worker through Redis, both written after a routing decision, best-effort.
 
 A deployment whose calls fail too often (server errors, timeouts, cut connections: the provider's
 health, not the request's fault nor a rate limit) is opened: requests go straight to the next
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import redis
 
 from broker_config import keys
-from workers.bucket import lua_script
+from workers.admission import lua_script
 from workers.providers.base import CallFailed, ProviderReply
 
 log = logging.getLogger(__name__)
@@ -103,3 +104,14 @@ class Breaker:
         elif transition == "closed":
             log.warning("circuit breaker CLOSED for deployment %s: its probes succeeded", deployment)
         return transition
+
+
+class FallbackCounter:
+    """How often each route had to fall back to each deployment of its chain."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+
+    def activated(self, route: str, deployment: str) -> None:
+        """The chain of ``route`` moved on to ``deployment`` (not its first) for one request."""
+        self.redis.hincrby(keys.fallbacks(), f"{route}|{deployment}", 1)

@@ -1,31 +1,54 @@
-"""Background jobs of every worker process, on one thread: the heartbeat, publishing delayed
-requests when they are due, the publisher sweep, crash recovery, webhook deliveries and batch
-expiry. Jobs that must not run twice at once across the pool take a Redis lock."""
+"""The periodic jobs of every worker process, and the threads that run them.
+
+Jobs (each safe to run twice; those that must not run on every worker at once take a Redis lock):
+- publish delayed requests when their wait is over (``DelayQueue.publish_due``);
+- the publisher sweep: requests committed but never published (a crash, Redis down) are sent;
+- the orphan sweep: a RUNNING request whose run's lease is gone goes back to the outbox;
+- the lost-message sweep: a QUEUED request whose message is nowhere (not in the broker's lists, not
+  reserved by a worker, not parked, not leased) goes back to the outbox;
+- batch expiry: queued requests of a batch past its window end ``expired``;
+- webhook deliveries.
+
+Each group runs on its own thread, so that slow I/O in one (a webhook receiver that hangs, a
+ledger that answers slowly) never delays another; request leases are refreshed on a thread of
+their own (``workers.leases``) and depend on none of these.
+"""
 
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 
 import redis
 from kombu.exceptions import KombuError as BrokerError
+from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from broker_config import keys
-from broker_config.publisher import publish_requests
+from broker_config.queues import broker_lists, broker_unacked_key
 from broker_config.settings import Settings
+from db.batch_state import OPEN_BATCH_STATUSES, end_queued_requests
 from db.engine import Database
-from workers.delays import DelayQueue
-from workers.expiry import expire_batches
-from workers.recovery import Heartbeats, recover_orphans, requeue_lost_messages
-from workers.sweeper import sweep_unpublished
-from workers.webhooks import WebhookSender
+from db.models import Batch
+from db.outbox import publish_pending, unpublished
+from db.states import RequestStatus
+from db.types import utcnow
+from workers import ledger
+from workers.leases import Leases, load_lua
 
 log = logging.getLogger(__name__)
 TICK_S = 0.25
+SWEEP_BATCH = 5000
+# The lost-message sweep reads the broker's lists to prove a message is missing; past this many
+# waiting messages it waits for the backlog to shrink rather than read them all.
+BROKER_SCAN_LIMIT = 20_000
+EXPIRED = {"kind": "expired", "message": "the batch's completion window passed before this request ran"}
 
 
 @dataclass
@@ -38,42 +61,14 @@ class Job:
 
 
 class Housekeeper(threading.Thread):
-    def __init__(
-        self,
-        db: Database,
-        settings: Settings,
-        client: redis.Redis,
-        delays: DelayQueue,
-        heartbeats: Heartbeats,
-    ) -> None:
-        super().__init__(name="headrace-housekeeper", daemon=True)
+    """Runs its jobs, each every ``every_s``, on one thread; a failing job is logged and retried."""
+
+    def __init__(self, name: str, client: redis.Redis, jobs: list[Job]) -> None:
+        super().__init__(name=f"headrace-{name}", daemon=True)
         self.redis = client
+        self.jobs = jobs
         self.stopping = threading.Event()
-        webhooks = WebhookSender(db, settings)
-        self.jobs = [
-            Job("heartbeat", settings.heartbeat_ttl_s / 3, heartbeats.beat),
-            Job("delayed", TICK_S, lambda: delays.publish_due(publish_requests)),
-            Job(
-                "publisher sweep",
-                settings.sweep_interval_s,
-                lambda: sweep_unpublished(db, settings),
-                keys.publisher_sweep_lock(),
-            ),
-            Job(
-                "recovery sweep",
-                settings.sweep_interval_s,
-                lambda: recover_orphans(db, heartbeats),
-                keys.recovery_sweep_lock(),
-            ),
-            Job("webhooks", 1.0, webhooks.deliver_due, keys.webhook_lock()),
-            Job("expiry", 5.0, lambda: expire_batches(db), keys.expiry_lock()),
-            Job(
-                "lost messages",
-                settings.lost_message_check_s,
-                lambda: requeue_lost_messages(db, client, older_than_s=settings.lost_message_check_s * 2),
-                keys.recovery_sweep_lock(),
-            ),
-        ]
+        self._release = client.register_script(load_lua("lease_release.lua"))
 
     def run(self) -> None:
         while not self.stopping.wait(TICK_S):
@@ -88,12 +83,13 @@ class Housekeeper(threading.Thread):
             if job.lock is None:
                 job.run()
                 return
-            if not self.redis.set(job.lock, "1", nx=True, px=int(max(job.every_s * 4, 30) * 1000)):
+            token = secrets.token_hex(8)
+            if not self.redis.set(job.lock, token, nx=True, px=int(max(job.every_s * 4, 30) * 1000)):
                 return
             try:
                 job.run()
             finally:
-                self.redis.delete(job.lock)
+                self._release(keys=[job.lock], args=[token])
         except (redis.RedisError, BrokerError) as exc:
             log.warning("%s skipped: Redis unreachable (%s)", job.name, exc)
         except SQLAlchemyError as exc:
@@ -103,3 +99,135 @@ class Housekeeper(threading.Thread):
 
     def stop(self) -> None:
         self.stopping.set()
+
+
+def sweep_unpublished(db: Database, settings: Settings) -> int:
+    """Publish every request committed more than the grace ago and still unpublished."""
+    total = 0
+    while True:
+        with db.session() as session:
+            pending = unpublished(
+                session,
+                created_before=utcnow() - timedelta(seconds=settings.publish_grace_s),
+                limit=SWEEP_BATCH,
+            )
+        if not pending:
+            return total
+        total += publish_pending(db, pending)
+        log.info("publisher sweep: published %d request(s) that had not been", len(pending))
+
+
+@dataclass
+class Suspects:
+    """Requests seen in a suspicious state, with when that was first seen. One sighting is not
+    proof: a lease whose key Redis lost in a restart is written again by its keeper within a
+    quarter TTL, and a message moves from the broker's list to its unacked hash in two steps."""
+
+    confirm_s: float
+    clock: Callable[[], float] = time.monotonic
+    first_seen: dict[tuple[str, str | None], float] = field(default_factory=dict)
+
+    def confirmed(self, now_suspect: set[tuple[str, str | None]]) -> list[tuple[str, str | None]]:
+        """Record this sighting; those suspect on every sighting for ``confirm_s`` at least."""
+        now = self.clock()
+        self.first_seen = {key: self.first_seen.get(key, now) for key in now_suspect}
+        return [key for key, first in self.first_seen.items() if now - first >= self.confirm_s]
+
+    def cleared(self, key: tuple[str, str | None]) -> None:
+        self.first_seen.pop(key, None)
+
+
+class OrphanSweep:
+    """Requeue RUNNING requests whose run's lease has expired (the run died)."""
+
+    def __init__(self, db: Database, leases: Leases, claim: ledger.Claim, confirm_s: float) -> None:
+        self.db, self.leases, self.claim = db, leases, claim
+        self.suspects = Suspects(confirm_s)
+
+    def __call__(self) -> int:
+        running = ledger.running_leases(self.db)
+        holders = self.leases.holders(running)
+        dead = {(rid, token) for rid, token in running.items() if token is None or holders.get(rid) != token}
+        returned = 0
+        for request_id, token in self.suspects.confirmed(dead):
+            # One request per transaction: a sweep holding several request rows could deadlock
+            # with workers that lock one request and then its batch.
+            if ledger.requeue_orphan(self.db, request_id, token, self.claim):
+                returned += 1
+            self.suspects.cleared((request_id, token))
+        if returned:
+            log.warning("%d running request(s) had lost their run; requeued", returned)
+        return returned
+
+
+class LostMessageSweep:
+    """Requeue QUEUED requests whose message is nowhere: decided from positive evidence (not in
+    the broker's lists, not reserved or running in a worker, not parked, no live lease), not from
+    empty queues."""
+
+    def __init__(self, db: Database, client: redis.Redis, leases: Leases, older_than_s: float) -> None:
+        self.db, self.redis, self.leases = db, client, leases
+        self.older_than_s = older_than_s
+        self.suspects = Suspects(confirm_s=older_than_s / 2)
+
+    def __call__(self) -> int:
+        candidates = ledger.queued_published_before(self.db, self.older_than_s)
+        if not candidates:
+            self.suspects.confirmed(set())
+            return 0
+        seen = self._broker_messages()
+        if seen is None:
+            return 0  # too long a backlog to read: wait for it to shrink
+        holders = self.leases.holders(rid for rid, _ in candidates)
+        pipe = self.redis.pipeline(transaction=False)
+        for request_id, priority in candidates:
+            pipe.zscore(keys.delayed_requests(), f"{priority}|{request_id}")
+        parked = pipe.execute()
+        missing: set[tuple[str, str | None]] = {
+            (request_id, None)
+            for (request_id, _), score in zip(candidates, parked, strict=True)
+            if score is None and holders.get(request_id) is None and request_id.encode() not in seen
+        }
+        returned = 0
+        for key in self.suspects.confirmed(missing):
+            if ledger.hand_back(self.db, key[0], None, clean=True):
+                returned += 1
+            self.suspects.cleared(key)
+        if returned:
+            log.warning("%d queued request(s) had no message anywhere; requeued", returned)
+        return returned
+
+    def _broker_messages(self) -> bytes | None:
+        """Every message the broker holds for workers (waiting or delivered but unacked), as one
+        blob to search request ids in; None when the lists are too long to read now."""
+        lists = broker_lists()
+        pipe = self.redis.pipeline(transaction=False)
+        for name in lists:
+            pipe.llen(name)
+        if sum(pipe.execute()) > BROKER_SCAN_LIMIT:
+            return None
+        pipe = self.redis.pipeline(transaction=False)
+        for name in lists:
+            pipe.lrange(name, 0, -1)
+        pipe.hvals(broker_unacked_key())
+        return b"\n".join(item for items in pipe.execute() for item in items)
+
+
+def expire_batches(db: Database, limit: int = 100) -> int:
+    """End the queued requests of every open batch past its window; returns how many batches.
+    Requests already running stop before their next call."""
+    with db.session() as session:
+        due = list(
+            session.scalars(
+                select(Batch.id)
+                .where(Batch.status.in_(OPEN_BATCH_STATUSES), Batch.expires_at <= utcnow())
+                .limit(limit)
+            )
+        )
+    for batch_id in due:
+
+        def unit(session: Session, batch_id: str = batch_id) -> None:
+            end_queued_requests(session, batch_id, RequestStatus.EXPIRED, utcnow(), EXPIRED)
+
+        db.transact(unit)
+    return len(due)

@@ -1,7 +1,11 @@
 """The worker's writes to the ledger. Each function is one idempotent transaction.
 
-Lock order everywhere: request, then attempt, then batch, so that two workers finishing
-requests of one batch never deadlock on PostgreSQL.
+Every change of a running request is guarded by its lease token: a run that was declared dead
+(its lease expired and another run took the request) can still record the calls it paid for, but
+it can no longer end, defer or hand back a request that is not its own.
+
+Lock order everywhere: request, then attempts, then batch (the batch row last and briefly: see
+``db.batch_state``), so that workers, cancels and sweeps never deadlock on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.batch_state import count_request_end
+from db.batch_state import BatchDelta, apply_delta
 from db.engine import Database
 from db.models import Attempt, Batch, LlmRequest, Tenant
 from db.states import TERMINAL_REQUEST_STATUSES, AttemptOutcome, RequestStatus
@@ -25,7 +29,7 @@ from workers.providers.base import Usage
 
 log = logging.getLogger(__name__)
 
-# Cost of a call whose worker died: (deployment name, estimated input, estimated output) -> USD.
+# Cost of a call whose run died: (deployment name, estimated input, estimated output) -> USD.
 LostCostEstimator = Callable[[str, int, int], Decimal | None]
 
 
@@ -60,18 +64,25 @@ class RequestEnd:
     deployment: str | None = None
 
 
+@dataclass(frozen=True)
+class Claim:
+    """How to judge what an earlier, dead run of a request left behind."""
+
+    estimate_lost: LostCostEstimator
+    estimated_output_tokens: Callable[[dict[str, Any]], int]
+    max_deliveries: int  # runs that never ended cleanly before the request is called poison
+
+
 def _lock_request(session: Session, request_id: str) -> LlmRequest | None:
     return session.get(LlmRequest, request_id, with_for_update=True)
 
 
-def _lock_batch(session: Session, batch_id: str) -> Batch:
-    batch = session.get(Batch, batch_id, with_for_update=True)
-    assert batch is not None, f"request of missing batch {batch_id}"
-    return batch
+def _owned(request: LlmRequest | None, lease: str) -> bool:
+    return request is not None and request.status == RequestStatus.RUNNING and request.lease == lease
 
 
-def end_request(session: Session, request: LlmRequest, batch: Batch, end: RequestEnd, now: datetime) -> None:
-    """Move a request to its final state and count it on its batch, exactly once."""
+def end_request(request: LlmRequest, delta: BatchDelta, end: RequestEnd, now: datetime) -> None:
+    """Move a request to its final state and count it for its batch, exactly once."""
     if request.status in TERMINAL_REQUEST_STATUSES:
         return
     request.status = end.status
@@ -79,18 +90,15 @@ def end_request(session: Session, request: LlmRequest, batch: Batch, end: Reques
     request.error = end.error
     request.deployment = end.deployment or request.deployment
     request.ended_at = now
-    request.owner = None
-    count_request_end(session, batch, end.status, now)
+    request.lease = None
+    delta.ended(end.status)
 
 
 def _mark_lost_attempts(
-    session: Session, request: LlmRequest, batch: Batch, claim: Claim, now: datetime
+    session: Session, request: LlmRequest, delta: BatchDelta, claim: Claim, now: datetime
 ) -> None:
-    """Attempts left in flight by a dead worker get their cost row, marked estimated.
-
-    Dead: its worker's heartbeat has stopped, or it started longer ago than any call can last.
-    """
-    stale_before = now - timedelta(seconds=claim.stale_attempt_s)
+    """Attempts left in flight by a run whose lease is gone get their cost row, marked estimated.
+    Called only once that run is known dead, so every in-flight attempt of the request is its."""
     in_flight = session.scalars(
         select(Attempt)
         .where(Attempt.request_id == request.id, Attempt.outcome == AttemptOutcome.IN_FLIGHT)
@@ -98,8 +106,6 @@ def _mark_lost_attempts(
     ).all()
     output_tokens = claim.estimated_output_tokens(request.body)
     for attempt in in_flight:
-        if attempt.started_at >= stale_before and attempt.worker and claim.owner_alive(attempt.worker):
-            continue
         cost = claim.estimate_lost(attempt.deployment, attempt.estimated_input_tokens, output_tokens)
         attempt.outcome = AttemptOutcome.LOST
         attempt.ended_at = now
@@ -107,43 +113,31 @@ def _mark_lost_attempts(
         attempt.cost_estimated = True
         attempt.input_tokens = attempt.estimated_input_tokens
         attempt.output_tokens = output_tokens
-        attempt.error = {"kind": "lost", "message": "the worker making this call stopped before it ended"}
-        _add_usage(request, batch, attempt.input_tokens, attempt.output_tokens, cost)
-        log.warning(
-            "request %s attempt %d lost with its worker; cost estimated", request.id, attempt.attempt_no
-        )
+        attempt.error = {"kind": "lost", "message": "the run making this call stopped before it ended"}
+        _add_usage(request, delta, attempt.input_tokens, attempt.output_tokens, cost)
+        log.warning("request %s attempt %d lost with its run; cost estimated", request.id, attempt.attempt_no)
 
 
 def _add_usage(
-    request: LlmRequest, batch: Batch, tokens_in: int, tokens_out: int, cost: Decimal | None, sign: int = 1
+    request: LlmRequest,
+    delta: BatchDelta,
+    tokens_in: int,
+    tokens_out: int,
+    cost: Decimal | None,
+    sign: int = 1,
 ) -> None:
     """Count one call's tokens and cost on its request and batch (``sign=-1`` takes them back)."""
     request.input_tokens += sign * tokens_in
     request.output_tokens += sign * tokens_out
-    batch.input_tokens += sign * tokens_in
-    batch.output_tokens += sign * tokens_out
-    if cost is None:
-        batch.unpriced_attempts += sign
-    else:
+    if cost is not None:
         request.cost_usd += sign * cost
-        batch.cost_usd += sign * cost
+    delta.usage(tokens_in, tokens_out, cost, sign)
 
 
-@dataclass(frozen=True)
-class Claim:
-    """Who claims a delivered request, and how to judge what an earlier delivery left behind."""
-
-    worker: str  # host:pid of this worker process
-    owner_alive: Callable[[str], bool]  # is that worker's heartbeat still beating?
-    stale_attempt_s: float  # an attempt older than this cannot still be in flight
-    estimate_lost: LostCostEstimator
-    estimated_output_tokens: Callable[[dict[str, Any]], int]
-    max_deliveries: int  # runs that never ended cleanly before the request is called poison
-
-
-def begin_run(db: Database, request_id: str, claim: Claim) -> RunStart | None:
-    """Claim a delivered request. None when there is nothing to do (already ended, cancelled,
-    or running under a live owner: a duplicate delivery)."""
+def begin_run(db: Database, request_id: str, lease: str, claim: Claim) -> RunStart | None:
+    """Make the run holding ``lease`` the request's owner. The caller already holds the lease in
+    Redis, so a run that owned the request before is dead: its in-flight calls are costed as lost.
+    None when there is nothing to do (already ended, cancelled, expired, or poison)."""
 
     def unit(session: Session) -> RunStart | None:
         now = utcnow()
@@ -153,38 +147,29 @@ def begin_run(db: Database, request_id: str, claim: Claim) -> RunStart | None:
             return None
         if request.status in TERMINAL_REQUEST_STATUSES:
             return None  # a redelivery of finished work: its result is already written once
-        owner = request.owner
-        if (
-            request.status == RequestStatus.RUNNING
-            and owner
-            and owner != claim.worker
-            and claim.owner_alive(owner)
-        ):
-            log.info("request %s is running on %s; this delivery is a duplicate", request_id, owner)
-            return None
-        batch = _lock_batch(session, request.batch_id)
-        _mark_lost_attempts(session, request, batch, claim, now)
+        batch = session.get(Batch, request.batch_id)
+        assert batch is not None, f"request {request_id} of a missing batch"
+        delta = BatchDelta()
+        _mark_lost_attempts(session, request, delta, claim, now)
+        stop: RequestEnd | None = None
         if request.deliveries >= claim.max_deliveries:
-            message = f"its worker died {request.deliveries} times running it: not trying again"
-            end_request(
-                session,
-                request,
-                batch,
-                RequestEnd(RequestStatus.FAILED, error={"kind": "poison", "message": message}),
-                now,
-            )
+            message = f"its run died {request.deliveries} times: not trying again"
+            stop = RequestEnd(RequestStatus.FAILED, error={"kind": "poison", "message": message})
+        elif batch.cancelled_at is not None:
+            stop = RequestEnd(RequestStatus.CANCELLED)
+        elif now >= batch.expires_at:
+            stop = RequestEnd(RequestStatus.EXPIRED)
+        if stop is not None:
+            end_request(request, delta, stop, now)
+        else:
+            request.status = RequestStatus.RUNNING
+            request.started_at = request.started_at or now
+            request.lease = lease
+            # Counts runs that have not ended cleanly; a deferral or a clean hand-back takes it back.
+            request.deliveries += 1
+        apply_delta(session, batch.id, delta, now)
+        if stop is not None:
             return None
-        if batch.cancelled_at is not None:
-            end_request(session, request, batch, RequestEnd(RequestStatus.CANCELLED), now)
-            return None
-        if now >= batch.expires_at:
-            end_request(session, request, batch, RequestEnd(RequestStatus.EXPIRED), now)
-            return None
-        request.status = RequestStatus.RUNNING
-        request.started_at = request.started_at or now
-        request.owner = claim.worker
-        # Counts runs that have not ended cleanly; a deferral or a clean hand-back takes it back.
-        request.deliveries += 1
         tenant = session.get(Tenant, batch.tenant_id)
         return RunStart(
             request_id=request.id,
@@ -203,6 +188,7 @@ def begin_run(db: Database, request_id: str, claim: Claim) -> RunStart | None:
 def begin_attempt(
     db: Database,
     request_id: str,
+    lease: str,
     *,
     deployment: str,
     provider: str,
@@ -210,25 +196,24 @@ def begin_attempt(
     estimated_input_tokens: int,
     worker: str,
 ) -> int | None:
-    """Write the attempt row before the call; its number, or None if the request ended meanwhile
-    (a duplicate delivery finished it, or its batch was cancelled: no new call then)."""
+    """Write the attempt row before the call; its number, or None when no call may be made: the
+    run lost the request (its lease was taken over), or the batch was cancelled meanwhile."""
 
     def unit(session: Session) -> int | None:
         request = _lock_request(session, request_id)
-        if request is None or request.status != RequestStatus.RUNNING:
+        if request is None or not _owned(request, lease):
             return None
-        batch = _lock_batch(session, request.batch_id)
-        if batch.cancelled_at is not None:
+        batch = session.get(Batch, request.batch_id)
+        if batch is not None and batch.cancelled_at is not None:
+            delta = BatchDelta()
+            message = "the batch was cancelled before this attempt"
             end_request(
-                session,
                 request,
-                batch,
-                RequestEnd(
-                    RequestStatus.CANCELLED,
-                    error={"kind": "cancelled", "message": "the batch was cancelled before this attempt"},
-                ),
+                delta,
+                RequestEnd(RequestStatus.CANCELLED, error={"kind": "cancelled", "message": message}),
                 utcnow(),
             )
+            apply_delta(session, request.batch_id, delta, utcnow())
             return None
         request.attempt_count += 1
         session.add(
@@ -242,6 +227,7 @@ def begin_attempt(
                 outcome=AttemptOutcome.IN_FLIGHT,
                 estimated_input_tokens=estimated_input_tokens,
                 worker=worker,
+                lease=lease,
                 input_tokens=0,
                 output_tokens=0,
                 cost_estimated=False,
@@ -253,11 +239,20 @@ def begin_attempt(
 
 
 def finish_attempt(
-    db: Database, request_id: str, attempt_no: int, result: AttemptResult, end: RequestEnd | None = None
-) -> None:
-    """Record a call's outcome and cost, and (if given) the request's end: one transaction."""
+    db: Database,
+    request_id: str,
+    lease: str,
+    attempt_no: int,
+    result: AttemptResult,
+    end: RequestEnd | None = None,
+) -> bool:
+    """Record a call's outcome and cost, and (if given) the request's end: one transaction.
 
-    def unit(session: Session) -> None:
+    The call was made, so its row is always written, even by a run that has lost the request.
+    Returns whether the request is still this run's (False: stop here, another run owns it).
+    """
+
+    def unit(session: Session) -> bool:
         now = utcnow()
         request = _lock_request(session, request_id)
         assert request is not None
@@ -266,13 +261,11 @@ def finish_attempt(
             .where(Attempt.request_id == request_id, Attempt.attempt_no == attempt_no)
             .with_for_update()
         ).one()
-        batch = _lock_batch(session, request.batch_id)
-        if attempt.outcome in (AttemptOutcome.IN_FLIGHT, AttemptOutcome.LOST):
+        delta = BatchDelta()
+        if attempt.lease == lease and attempt.outcome in (AttemptOutcome.IN_FLIGHT, AttemptOutcome.LOST):
             if attempt.outcome == AttemptOutcome.LOST:
                 # Declared lost too early; the real figures replace the estimate.
-                _add_usage(
-                    request, batch, attempt.input_tokens, attempt.output_tokens, attempt.cost_usd, sign=-1
-                )
+                _add_usage(request, delta, attempt.input_tokens, attempt.output_tokens, attempt.cost_usd, -1)
             usage = result.usage or Usage(0, 0)
             attempt.outcome = result.outcome
             attempt.ended_at = now
@@ -285,70 +278,111 @@ def finish_attempt(
             attempt.cost_estimated = False
             # A failed call before any tokens were used costs nothing; with usage, its price.
             attempt.cost_usd = result.cost_usd if result.usage is not None else Decimal(0)
-            _add_usage(request, batch, usage.input_tokens, usage.output_tokens, attempt.cost_usd)
-        if end is not None:
-            end_request(session, request, batch, end, now)
-
-    db.transact(unit)
-
-
-def end_run(db: Database, request_id: str, end: RequestEnd) -> None:
-    """End a request without a call (no route, chain exhausted, deadline passed)."""
-
-    def unit(session: Session) -> None:
-        request = _lock_request(session, request_id)
-        if request is None:
-            return
-        batch = _lock_batch(session, request.batch_id)
-        end_request(session, request, batch, end, utcnow())
-
-    db.transact(unit)
-
-
-def defer_run(db: Database, request_id: str) -> None:
-    """Hand a running request back to the queue (it waits in the delay queue meanwhile)."""
-
-    def unit(session: Session) -> None:
-        request = _lock_request(session, request_id)
-        if request is not None and request.status == RequestStatus.RUNNING:
-            request.status = RequestStatus.QUEUED
-            request.owner = None
-            request.deliveries -= 1  # a clean hand-back, not a crash
-
-    db.transact(unit)
-
-
-def return_to_outbox(db: Database, request_ids: list[str], *, clean: bool, owner: str | None = None) -> int:
-    """Queued and unpublished again, so that the publisher sweep sends them: after a Redis outage
-    mid-run (``clean``), or when their owner died (the recovery sweep; only while still RUNNING
-    under that ``owner``). Returns how many were returned."""
-
-    def unit(session: Session) -> int:
-        returned = 0
-        for request_id in request_ids:
-            request = _lock_request(session, request_id)
-            if request is None or request.status not in (RequestStatus.QUEUED, RequestStatus.RUNNING):
-                continue
-            if owner is not None and (request.status != RequestStatus.RUNNING or request.owner != owner):
-                continue
-            if clean and request.status == RequestStatus.RUNNING:
-                request.deliveries -= 1
-            request.status = RequestStatus.QUEUED
-            request.owner = None
-            request.published_at = None
-            returned += 1
-        return returned
+            _add_usage(request, delta, usage.input_tokens, usage.output_tokens, attempt.cost_usd)
+        owned = _owned(request, lease)
+        if owned and end is not None:
+            end_request(request, delta, end, now)
+        apply_delta(session, request.batch_id, delta, now)
+        return owned
 
     return db.transact(unit)
 
 
-def running_owners(db: Database) -> dict[str, list[str]]:
-    """Requests now RUNNING, by owner."""
+def end_run(db: Database, request_id: str, lease: str, end: RequestEnd) -> None:
+    """End a request without a call (no route, chain exhausted, deadline passed)."""
+
+    def unit(session: Session) -> None:
+        request = _lock_request(session, request_id)
+        if request is None or not _owned(request, lease):
+            return
+        delta = BatchDelta()
+        now = utcnow()
+        end_request(request, delta, end, now)
+        apply_delta(session, request.batch_id, delta, now)
+
+    db.transact(unit)
+
+
+def defer_run(db: Database, request_id: str, lease: str) -> bool:
+    """Hand a running request back to the queue; it waits in the delay queue meanwhile (parked
+    before this is called, so that it is never QUEUED with no message anywhere)."""
+
+    def unit(session: Session) -> bool:
+        request = _lock_request(session, request_id)
+        if request is None or not _owned(request, lease):
+            return False
+        request.status = RequestStatus.QUEUED
+        request.lease = None
+        request.deliveries -= 1  # a clean hand-back, not a crash
+        return True
+
+    return db.transact(unit)
+
+
+def hand_back(db: Database, request_id: str, lease: str | None, *, clean: bool) -> bool:
+    """Queued and unpublished again, so that the publisher sweep sends it: the run could not go on
+    (Redis unreachable: ``clean``, not counted against the poison cap; or a failure of its own).
+    With ``lease`` None (no run began) only a QUEUED request is touched."""
+
+    def unit(session: Session) -> bool:
+        request = _lock_request(session, request_id)
+        if request is None:
+            return False
+        if lease is None and request.status != RequestStatus.QUEUED:
+            return False
+        if lease is not None and not _owned(request, lease):
+            return False
+        if clean and request.status == RequestStatus.RUNNING:
+            request.deliveries -= 1
+        request.status = RequestStatus.QUEUED
+        request.lease = None
+        request.published_at = None
+        return True
+
+    return db.transact(unit)
+
+
+def requeue_orphan(db: Database, request_id: str, dead_lease: str | None, claim: Claim) -> bool:
+    """The recovery sweep: a RUNNING request whose run's lease expired goes back to the outbox,
+    its in-flight calls costed as lost. Guarded by the dead run's token, so a sweep acting on a
+    stale reading never touches a run that has taken the request since."""
+
+    def unit(session: Session) -> bool:
+        request = _lock_request(session, request_id)
+        if request is None or request.status != RequestStatus.RUNNING or request.lease != dead_lease:
+            return False
+        now = utcnow()
+        delta = BatchDelta()
+        _mark_lost_attempts(session, request, delta, claim, now)
+        request.status = RequestStatus.QUEUED
+        request.lease = None
+        request.published_at = None
+        apply_delta(session, request.batch_id, delta, now)
+        return True
+
+    return db.transact(unit)
+
+
+def running_leases(db: Database, limit: int = 5000) -> dict[str, str | None]:
+    """Requests now RUNNING: id -> the lease token of the run that owns each."""
     with db.session() as session:
         rows = session.execute(
-            select(LlmRequest.id, LlmRequest.owner).where(LlmRequest.status == RequestStatus.RUNNING)
+            select(LlmRequest.id, LlmRequest.lease)
+            .where(LlmRequest.status == RequestStatus.RUNNING)
+            .limit(limit)
         ).all()
-    owners: dict[str, list[str]] = {}
-    for request_id, owner in rows:
-        owners.setdefault(owner or "", []).append(request_id)
-    return owners
+    return {row.id: row.lease for row in rows}
+
+
+def queued_published_before(db: Database, seconds_ago: float, limit: int = 1000) -> list[tuple[str, str]]:
+    """QUEUED requests published longer ago than ``seconds_ago``: (id, priority)."""
+    with db.session() as session:
+        rows = session.execute(
+            select(LlmRequest.id, LlmRequest.priority)
+            .where(
+                LlmRequest.status == RequestStatus.QUEUED,
+                LlmRequest.published_at < utcnow() - timedelta(seconds=seconds_ago),
+            )
+            .limit(limit)
+        ).all()
+    return [(row.id, row.priority) for row in rows]

@@ -1,4 +1,13 @@
-"""One request, top to bottom: claim it, walk its route's chain, reserve, call, classify, record."""
+"""One request, top to bottom: lease it, walk its route's chain, reserve, call, record, decide.
+
+After a call the ledger write comes first: the call was paid for, so its attempt row (usage, cost,
+outcome) is written before anything else and held through a ledger outage. Everything after it
+that touches Redis (bucket settlement, breaker, counters) is best-effort and can never lose it.
+
+Every way out leaves the request ended, or in a state a sweep picks up: parked in the delay
+queue, handed back to the outbox, or RUNNING under a lease that is released on the way out (the
+recovery sweep requeues a running request whose lease is gone).
+"""
 
 from __future__ import annotations
 
@@ -8,9 +17,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
-from enum import Enum
 from functools import partial
 from typing import Any
+
+import redis
+from kombu.exceptions import KombuError as BrokerError
 
 from broker_config.deployments import Deployment, DeploymentsConfig, Route
 from broker_config.settings import Settings
@@ -18,25 +29,27 @@ from db.engine import Database
 from db.states import AttemptOutcome, RequestStatus
 from db.types import utcnow
 from workers import ledger
-from workers.accounting import DEFAULT_PAUSE_S, estimate_call, settlement
-from workers.admission import TooLarge, Wait, admit, settle
-from workers.breaker import Breaker, is_provider_failure
-from workers.bucket import Bucket
+from workers.admission import (
+    DEFAULT_PAUSE_S,
+    Bucket,
+    Estimate,
+    Ticket,
+    TooLarge,
+    Wait,
+    admit,
+    estimate_call,
+    requested_max_tokens,
+    settle,
+    settlement,
+)
+from workers.breaker import Breaker, FallbackCounter, Permit, is_provider_failure
 from workers.costing import call_cost_usd
 from workers.delays import DelayQueue
-from workers.estimate import requested_max_tokens
-from workers.fallbacks import FallbackCounter
-from workers.policy import Step, backoff_s, classify
+from workers.leases import Lease, Leases
+from workers.policy import FAIL, FALL_BACK, RETRY, Decision, backoff_s, decide
 from workers.providers.base import CallFailed, ProviderAdapter, ProviderCall, ProviderReply, Usage
-from workers.recovery import Heartbeats
 
 log = logging.getLogger(__name__)
-
-_OUTCOME_OF_STEP = {
-    Step.RETRY: AttemptOutcome.RETRY,
-    Step.FALL_BACK: AttemptOutcome.FALLBACK,
-    Step.FAIL: AttemptOutcome.FATAL,
-}
 
 
 @dataclass(frozen=True)
@@ -50,25 +63,24 @@ class Deps:
     bucket: Bucket
     delays: DelayQueue
     breaker: Breaker
-    heartbeats: Heartbeats
+    leases: Leases
     fallbacks: FallbackCounter
-    worker: str
+    worker: str  # this process's name on the attempts it makes
     sleep: Callable[[float], None] = field(default=time.sleep)
 
 
-class Next(Enum):
-    DONE = "done"  # the request has ended (any way)
-    FALL_BACK = "fall_back"  # try the next deployment of the chain
-
-
 @dataclass
-class Chain:
-    """What the walk down a route's chain has learned so far."""
+class Walk:
+    """One run's walk down its route's chain, and what it has learned so far."""
 
+    run: ledger.RunStart
+    lease: Lease
+    route: Route
     deadline: datetime  # no call starts after this: the batch's window, or the route's deadline
+    over: bool = False  # the request ended, or this run no longer owns it: stop here
     failures: list[dict[str, Any]] = field(default_factory=list)
     soonest_room_s: float | None = None  # the shortest wait a busy deployment asked for
-    attempts: int = 0  # the request's attempts so far, all deliveries included
+    attempts: int = 0  # the request's attempts so far, all runs included
 
     def busy(self, wait: Wait) -> None:
         if self.soonest_room_s is None or wait.seconds < self.soonest_room_s:
@@ -76,50 +88,92 @@ class Chain:
 
 
 def run_request(request_id: str, deps: Deps) -> None:
-    """Run one request to its end, or park it until a deployment has room. Safe to call again."""
-    claim = ledger.Claim(
-        worker=deps.worker,
-        owner_alive=deps.heartbeats.alive,
-        # An attempt older than any call can last has lost its worker, whatever its heartbeat says.
-        stale_attempt_s=longest_call_s(deps.config, deps.settings) + 60,
+    """Run one request to its end, or park it until a deployment has room. Safe to call again: a
+    delivery of a request whose run is alive elsewhere does nothing. Never raises."""
+    try:
+        lease = deps.leases.acquire(request_id)
+    except redis.RedisError as exc:
+        log.warning("request %s handed back: Redis unreachable (%s)", request_id, exc)
+        _hand_back(deps, request_id, None, clean=True)
+        return
+    if lease is None:
+        log.info("request %s is running elsewhere; this delivery is a duplicate", request_id)
+        return
+    try:
+        run = ledger.begin_run(deps.db, request_id, lease.token, recovery_claim(deps))
+        if run is not None:
+            _walk_chain(run, lease, deps)
+    except (redis.RedisError, BrokerError) as exc:
+        # Redis went away mid-run: the outbox's publisher sweep sends it again once it is back.
+        log.warning("request %s handed back: Redis unreachable (%s)", request_id, exc)
+        _hand_back(deps, request_id, lease.token, clean=True)
+    except Exception:
+        log.exception("request %s: its run failed; handing it back", request_id)
+        _hand_back(deps, request_id, lease.token, clean=False)
+    finally:
+        deps.leases.release(lease)
+
+
+def _hand_back(deps: Deps, request_id: str, token: str | None, *, clean: bool) -> None:
+    """Back to the outbox. If even that fails (the ledger is down), the request stays RUNNING
+    under a lease released on the way out, or QUEUED with no message: the recovery and
+    lost-message sweeps find it once the ledger is back."""
+    try:
+        if not ledger.hand_back(deps.db, request_id, token, clean=clean) and token is not None:
+            ledger.hand_back(deps.db, request_id, None, clean=clean)  # begin_run never committed
+    except Exception as exc:
+        log.warning("request %s left for the sweeps: %s", request_id, type(exc).__name__)
+
+
+def recovery_claim(deps: Deps) -> ledger.Claim:
+    return ledger.Claim(
         estimate_lost=partial(_estimate_cost, deps.config),
         estimated_output_tokens=lambda body: requested_max_tokens(body, deps.settings.default_max_tokens),
         max_deliveries=deps.settings.max_deliveries,
     )
-    run = ledger.begin_run(deps.db, request_id, claim)
-    if run is None:
-        return
+
+
+def _walk_chain(run: ledger.RunStart, lease: Lease, deps: Deps) -> None:
     route = deps.config.resolve(run.model)
     if route is None:
         message = f"no route or deployment serves model {run.model!r} any more"
-        _end(deps, request_id, RequestStatus.FAILED, {"kind": "config", "message": message})
+        _end(deps, run, lease, RequestStatus.FAILED, {"kind": "config", "message": message})
         return
-    chain = Chain(deadline=_deadline(run, route))
+    walk = Walk(run, lease, route, deadline=_deadline(run, route))
     for position, name in enumerate(route.deployments):
         if position:
-            deps.fallbacks.activated(route.name, name)
-        if _try_deployment(run, deps.config.deployment(name), route, deps, chain) is Next.DONE:
+            _best_effort("fallback count", deps.fallbacks.activated, route.name, name)
+        _try_deployment(walk, deps.config.deployment(name), deps)
+        if walk.over:
             return
     budget = route.max_attempts_per_request or deps.settings.max_attempts_per_request
-    if chain.soonest_room_s is not None and chain.attempts < budget:
-        # Every deployment that could take it is full for now: wait in the delay queue, not in a slot.
-        ledger.defer_run(deps.db, request_id)
-        deps.delays.park(request_id, run.priority, chain.soonest_room_s)
+    if walk.soonest_room_s is not None and walk.attempts < budget:
+        # Every deployment that could take it is full for now: wait in the delay queue, not in a
+        # slot. Parked first, then handed back, so it is never QUEUED with no message anywhere.
+        deps.delays.park(run.request_id, run.priority, walk.soonest_room_s)
+        ledger.defer_run(deps.db, run.request_id, lease.token)
         return
     message = f"every deployment of route {route.name!r} failed"
     _end(
         deps,
-        request_id,
+        run,
+        lease,
         RequestStatus.FAILED,
-        {"kind": "exhausted", "message": message, "deployments": chain.failures},
-        deployment=chain.failures[-1]["deployment"] if chain.failures else None,
+        {"kind": "exhausted", "message": message, "deployments": walk.failures},
+        deployment=walk.failures[-1]["deployment"] if walk.failures else None,
     )
 
 
 def _end(
-    deps: Deps, request_id: str, status: RequestStatus, error: dict[str, Any], deployment: str | None = None
+    deps: Deps,
+    run: ledger.RunStart,
+    lease: Lease,
+    status: RequestStatus,
+    error: dict[str, Any],
+    deployment: str | None = None,
 ) -> None:
-    ledger.end_run(deps.db, request_id, ledger.RequestEnd(status, error=error, deployment=deployment))
+    end = ledger.RequestEnd(status, error=error, deployment=deployment)
+    ledger.end_run(deps.db, run.request_id, lease.token, end)
 
 
 def _deadline(run: ledger.RunStart, route: Route) -> datetime:
@@ -138,7 +192,8 @@ def longest_call_s(config: DeploymentsConfig, settings: Settings) -> float:
 
 def longest_run_s(config: DeploymentsConfig, settings: Settings) -> float:
     """A bound on how long one delivery of a request may hold its message before acknowledging
-    it: every attempt on every deployment of the longest chain, with its waits and backoffs."""
+    it: every attempt on every deployment of the longest chain, with its waits and backoffs, and
+    one ledger outage held through."""
     chain = max((len(r.deployments) for r in config.routes), default=1)
     attempts = max(
         [r.max_attempts_per_deployment or settings.max_attempts_per_deployment for r in config.routes]
@@ -149,110 +204,148 @@ def longest_run_s(config: DeploymentsConfig, settings: Settings) -> float:
         + 2 * settings.bucket_max_inline_wait_s
         + max(settings.backoff_max_s, settings.max_inline_wait_s)
     )
-    return chain * attempts * per_attempt
+    return chain * attempts * per_attempt + settings.ledger_hold_s
 
 
-def _try_deployment(
-    run: ledger.RunStart, deployment: Deployment, route: Route, deps: Deps, chain: Chain
-) -> Next:
-    """Attempts on one deployment, each with room reserved in its bucket first."""
+def _try_deployment(walk: Walk, deployment: Deployment, deps: Deps) -> None:
+    """Attempts on one deployment until it answers, the request ends, or the chain must go on."""
     settings = deps.settings
-    max_attempts = route.max_attempts_per_deployment or settings.max_attempts_per_deployment
+    max_attempts = walk.route.max_attempts_per_deployment or settings.max_attempts_per_deployment
     call = ProviderCall(
         deployment=deployment,
-        body=run.body,
+        body=walk.run.body,
         timeout_s=deployment.timeout_s or settings.call_timeout_s,
         connect_timeout_s=deployment.connect_timeout_s or settings.connect_timeout_s,
         default_max_tokens=deployment.max_output_tokens or settings.default_max_tokens,
     )
-    estimate = estimate_call(deployment, run.body, settings.default_max_tokens)
+    estimate = estimate_call(deployment, walk.run.body, settings.default_max_tokens)
     for retry_no in range(max_attempts):
-        left_s = (chain.deadline - utcnow()).total_seconds()
-        if left_s <= 0:
-            message = (
-                "its deadline passed" if chain.deadline < run.expires_at else "the batch's window passed"
-            )
-            _end(deps, run.request_id, RequestStatus.EXPIRED, {"kind": "expired", "message": message})
-            return Next.DONE
-        permit = deps.breaker.allow(deployment.name)
-        if not permit.allowed:
-            chain.busy(Wait(permit.wait_s, "circuit_open"))  # an open breaker: do not wait, go on
-            return Next.FALL_BACK
-        ticket = admit(
-            deps.bucket,
-            deployment,
-            estimate,
-            request_id=run.request_id,
-            priority=run.priority,
-            tenant=deps.config.tenant_limits(run.tenant),
-            max_inline_wait_s=settings.bucket_max_inline_wait_s,
-            sleep=deps.sleep,
+        failed = _attempt(walk, call, estimate, deps)
+        if failed is None:
+            return
+        failure, decision = failed
+        delay = _retry_delay(
+            walk, deployment, failure, decision, retry_no, final=retry_no + 1 == max_attempts, deps=deps
         )
-        if isinstance(ticket, Wait):
-            chain.busy(ticket)
-            return Next.FALL_BACK
-        if isinstance(ticket, TooLarge):
-            chain.failures.append(
-                {"kind": "too_large", "deployment": deployment.name, "message": ticket.message}
-            )
-            return Next.FALL_BACK
+        if delay is None:
+            return
+        deps.sleep(delay)
+
+
+def _attempt(
+    walk: Walk, call: ProviderCall, estimate: Estimate, deps: Deps
+) -> tuple[CallFailed, Decision] | None:
+    """One call, if one may be made now: reserve room, write the attempt row, call, record.
+    Returns the failure and the policy's decision when the call failed and the request goes on
+    (``walk.over`` tells a stop from a move down the chain when it returns None)."""
+    deployment = call.deployment
+    left_s = (walk.deadline - utcnow()).total_seconds()
+    if left_s <= 0:
+        message = (
+            "its deadline passed" if walk.deadline < walk.run.expires_at else "the batch's window passed"
+        )
+        _end(deps, walk.run, walk.lease, RequestStatus.EXPIRED, {"kind": "expired", "message": message})
+        walk.over = True
+        return None
+    permit = deps.breaker.allow(deployment.name)
+    if not permit.allowed:
+        walk.busy(Wait(permit.wait_s, "circuit_open"))  # an open breaker: do not wait, go on
+        return None
+    ticket = _reserve(walk, deployment, estimate, deps)
+    if ticket is None:
+        return None
+    attempt_no = None
+    if not walk.lease.lost:
         attempt_no = ledger.begin_attempt(
             deps.db,
-            run.request_id,
+            walk.run.request_id,
+            walk.lease.token,
             deployment=deployment.name,
             provider=deployment.provider,
             model=deployment.model,
             estimated_input_tokens=estimate.prompt_tokens,
             worker=deps.worker,
         )
-        chain.attempts = attempt_no or chain.attempts
-        if attempt_no is None:  # ended elsewhere (cancelled, or a duplicate delivery finished it)
-            settle(
-                deps.bucket,
-                ticket,
-                settlement(deployment, estimate, CallFailed("not called", kind="unavailable")),
-            )
-            return Next.DONE
-        started = time.monotonic()
-        # A call never outlives the request's deadline.
-        timed = replace(
-            call, timeout_s=max(0.1, min(call.timeout_s, left_s)), attempt_id=f"{run.request_id}:{attempt_no}"
+    if attempt_no is None:  # the request ended elsewhere, was cancelled, or is no longer ours
+        settle(
+            deps.bucket,
+            ticket,
+            settlement(deployment, estimate, CallFailed("not called", kind="unavailable")),
         )
-        outcome = call_provider(deps.adapters[deployment.provider], timed)
-        latency_ms = round((time.monotonic() - started) * 1000)
-        settle(deps.bucket, ticket, settlement(deployment, estimate, outcome))
-        deps.breaker.record(
-            deployment.name,
-            f"{run.request_id}:{attempt_no}",
-            failed=is_provider_failure(outcome),
-            probe=permit.probe,
-        )
-        step = _record(deps, run, deployment, attempt_no, outcome, latency_ms)
-        if step is None:
-            return Next.DONE
-        assert isinstance(outcome, CallFailed)
-        if outcome.status == 429 and step is Step.RETRY:
-            # The bucket now holds every worker back for the provider's retry-after: this request
-            # moves down the chain, or waits in the delay queue, rather than spend its attempts.
-            chain.busy(Wait(outcome.retry_after_s or DEFAULT_PAUSE_S, "rate_limited"))
-            chain.failures.append(outcome_error(outcome, deployment, attempt_no))
-            return Next.FALL_BACK
-        if step is Step.FALL_BACK or retry_no + 1 == max_attempts:
-            chain.failures.append(outcome_error(outcome, deployment, attempt_no))
-            return Next.FALL_BACK
-        delay = backoff_s(
-            retry_no,
-            base_s=settings.backoff_base_s,
-            max_s=settings.backoff_max_s,
-            retry_after_s=outcome.retry_after_s,
-        )
-        if delay > settings.max_inline_wait_s:
-            # Holding a worker slot this long starves every other request; let the chain go on.
-            error = outcome_error(outcome, deployment, attempt_no)
-            chain.failures.append({**error, "message": f"{error['message']} (asked to wait {delay:.0f}s)"})
-            return Next.FALL_BACK
-        deps.sleep(delay)
-    return Next.FALL_BACK
+        walk.over = True
+        return None
+    walk.attempts = attempt_no
+    started = time.monotonic()
+    # A call never outlives the request's deadline.
+    timed = replace(
+        call,
+        timeout_s=max(0.1, min(call.timeout_s, left_s)),
+        attempt_id=f"{walk.run.request_id}:{attempt_no}",
+    )
+    outcome = call_provider(deps.adapters[deployment.provider], timed)
+    latency_ms = round((time.monotonic() - started) * 1000)
+    decision = _record(walk, deployment, attempt_no, outcome, latency_ms, deps)  # first, and held
+    _after_call(deps, ticket, estimate, outcome, permit, f"{walk.run.request_id}:{attempt_no}")
+    if decision is None or walk.over:
+        return None
+    assert isinstance(outcome, CallFailed)
+    return outcome, decision
+
+
+def _reserve(walk: Walk, deployment: Deployment, estimate: Estimate, deps: Deps) -> Ticket | None:
+    """Room in the deployment's bucket, or None (the chain goes on: it is busy, or too small)."""
+    ticket = admit(
+        deps.bucket,
+        deployment,
+        estimate,
+        request_id=walk.run.request_id,
+        priority=walk.run.priority,
+        tenant=deps.config.tenant_limits(walk.run.tenant),
+        max_inline_wait_s=deps.settings.bucket_max_inline_wait_s,
+        sleep=deps.sleep,
+    )
+    if isinstance(ticket, Wait):
+        walk.busy(ticket)
+        return None
+    if isinstance(ticket, TooLarge):
+        walk.failures.append({"kind": "too_large", "deployment": deployment.name, "message": ticket.message})
+        return None
+    return ticket
+
+
+def _retry_delay(
+    walk: Walk,
+    deployment: Deployment,
+    failure: CallFailed,
+    decision: Decision,
+    retry_no: int,
+    *,
+    final: bool,
+    deps: Deps,
+) -> float | None:
+    """How long to wait before the same deployment is tried again; None: go down the chain."""
+    error = outcome_error(failure, deployment, walk.attempts)
+    if failure.status == 429 and decision is RETRY:
+        # The bucket now holds every worker back for the provider's retry-after: this request
+        # moves down the chain, or waits in the delay queue, rather than spend its attempts.
+        walk.busy(Wait(failure.retry_after_s or DEFAULT_PAUSE_S, "rate_limited"))
+        walk.failures.append(error)
+        return None
+    if decision is FALL_BACK or final:
+        walk.failures.append(error)
+        return None
+    settings = deps.settings
+    delay = backoff_s(
+        retry_no,
+        base_s=settings.backoff_base_s,
+        max_s=settings.backoff_max_s,
+        retry_after_s=failure.retry_after_s,
+    )
+    if delay > settings.max_inline_wait_s:
+        # Holding a worker slot this long starves every other request; let the chain go on.
+        walk.failures.append({**error, "message": f"{error['message']} (asked to wait {delay:.0f}s)"})
+        return None
+    return delay
 
 
 def outcome_error(outcome: CallFailed, deployment: Deployment, attempt_no: int) -> dict[str, Any]:
@@ -260,34 +353,32 @@ def outcome_error(outcome: CallFailed, deployment: Deployment, attempt_no: int) 
 
 
 def _record(
-    deps: Deps,
-    run: ledger.RunStart,
+    walk: Walk,
     deployment: Deployment,
     attempt_no: int,
     outcome: ProviderReply | CallFailed,
     latency_ms: int,
-) -> Step | None:
-    """Write the attempt (and, when it decides the request, its end). None when the request ended."""
+    deps: Deps,
+) -> Decision | None:
+    """Write the attempt (and, when it decides the request, its end). The policy's decision for a
+    failed call; None for an answer. Sets ``walk.over`` when the request ended or is not ours."""
     if isinstance(outcome, ProviderReply):
-        ledger.finish_attempt(
-            deps.db,
-            run.request_id,
-            attempt_no,
-            ledger.AttemptResult(
-                AttemptOutcome.SUCCESS,
-                latency_ms,
-                http_status=outcome.http_status,
-                usage=outcome.usage,
-                cost_usd=call_cost_usd(deployment, outcome.usage),
-                provider_request_id=outcome.provider_request_id,
-            ),
-            ledger.RequestEnd(RequestStatus.SUCCEEDED, response=outcome.body, deployment=deployment.name),
+        result = ledger.AttemptResult(
+            AttemptOutcome.SUCCESS,
+            latency_ms,
+            http_status=outcome.http_status,
+            usage=outcome.usage,
+            cost_usd=call_cost_usd(deployment, outcome.usage),
+            provider_request_id=outcome.provider_request_id,
         )
+        end = ledger.RequestEnd(RequestStatus.SUCCEEDED, response=outcome.body, deployment=deployment.name)
+        ledger.finish_attempt(deps.db, walk.run.request_id, walk.lease.token, attempt_no, result, end)
+        walk.over = True
         return None
-    step = classify(outcome)
+    decision = decide(outcome)
     error = outcome_error(outcome, deployment, attempt_no)
     result = ledger.AttemptResult(
-        _OUTCOME_OF_STEP[step],
+        decision,
         latency_ms,
         http_status=outcome.status,
         error=error,
@@ -295,18 +386,47 @@ def _record(
     )
     log.info(
         "request %s attempt %d on %s: %s -> %s",
-        run.request_id,
+        walk.run.request_id,
         attempt_no,
         deployment.name,
         outcome.message[:200],
-        step,
+        decision,
     )
-    if step is Step.FAIL:
-        end = ledger.RequestEnd(RequestStatus.FAILED, error=error, deployment=deployment.name)
-        ledger.finish_attempt(deps.db, run.request_id, attempt_no, result, end)
-        return None
-    ledger.finish_attempt(deps.db, run.request_id, attempt_no, result)
-    return step
+    ends = ledger.RequestEnd(RequestStatus.FAILED, error=error, deployment=deployment.name)
+    fails = decision is FAIL
+    owned = ledger.finish_attempt(
+        deps.db, walk.run.request_id, walk.lease.token, attempt_no, result, ends if fails else None
+    )
+    walk.over = fails or not owned
+    return decision
+
+
+def _after_call(
+    deps: Deps,
+    ticket: Ticket,
+    estimate: Estimate,
+    outcome: ProviderReply | CallFailed,
+    permit: Permit,
+    call_id: str,
+) -> None:
+    """Tell Redis how the call went: best-effort, after the ledger has the call."""
+    deployment = ticket.deployment
+    settle(deps.bucket, ticket, settlement(deployment, estimate, outcome))
+    _best_effort(
+        "breaker",
+        deps.breaker.record,
+        deployment.name,
+        call_id,
+        failed=is_provider_failure(outcome),
+        probe=permit.probe,
+    )
+
+
+def _best_effort(what: str, fn: Callable[..., object], *args: Any, **kwargs: Any) -> None:
+    try:
+        fn(*args, **kwargs)
+    except redis.RedisError as exc:
+        log.warning("%s not updated: Redis unreachable (%s)", what, exc)
 
 
 def call_provider(adapter: ProviderAdapter, call: ProviderCall) -> ProviderReply | CallFailed:

@@ -1,6 +1,7 @@
 """What to do after a provider call failed: the one place where that is decided.
 
-Every failure lands in a small closed set of next steps:
+Every failure lands in a small closed set of decisions, which is also how the failed attempt is
+recorded (``db.states.AttemptOutcome``): one vocabulary from the policy to the ledger.
 
 - ``RETRY``: the same deployment again, after a backoff (429, 408, 409, 5xx, 529, timeouts,
   connection errors): the provider is busy or flaky, not wrong.
@@ -14,15 +15,15 @@ Every failure lands in a small closed set of next steps:
 from __future__ import annotations
 
 import random
-from enum import StrEnum
+from typing import Final, Literal
 
+from db.states import AttemptOutcome
 from workers.providers.base import CallFailed
 
-
-class Step(StrEnum):
-    RETRY = "retry"
-    FALL_BACK = "fallback"
-    FAIL = "fail"
+RETRY: Final = AttemptOutcome.RETRY
+FALL_BACK: Final = AttemptOutcome.FALL_BACK
+FAIL: Final = AttemptOutcome.FAIL
+Decision = Literal[AttemptOutcome.RETRY, AttemptOutcome.FALL_BACK, AttemptOutcome.FAIL]
 
 
 _CONTEXT_LENGTH_CODES = frozenset({"context_length_exceeded", "string_above_max_length"})
@@ -36,24 +37,24 @@ def is_context_length(failure: CallFailed) -> bool:
     return any(word in message for word in _CONTEXT_LENGTH_WORDS)
 
 
-def classify(failure: CallFailed) -> Step:
+def decide(failure: CallFailed) -> Decision:
     """The next step after ``failure``, from its kind, status and the provider's error type."""
     if failure.kind in ("timeout", "connection"):
-        return Step.RETRY
+        return RETRY
     if failure.kind == "translation":
-        return Step.FAIL  # the request asks for something this provider cannot express
+        return FAIL  # the request asks for something this provider cannot express
     if failure.kind in ("invalid_reply", "unavailable"):
-        return Step.FALL_BACK
+        return FALL_BACK
     status = failure.status or 0
     if status == 429 and failure.error_code == "insufficient_quota":
-        return Step.FALL_BACK  # the account is out of money: waiting will not help
+        return FALL_BACK  # the account is out of money: waiting will not help
     if status in (408, 409, 429) or status >= 500:
-        return Step.RETRY  # busy, overloaded or flaky: 529 is Anthropic's "overloaded"
+        return RETRY  # busy, overloaded or flaky: 529 is Anthropic's "overloaded"
     if status == 400 and is_context_length(failure):
-        return Step.FALL_BACK  # a deployment with a larger window may fit it
+        return FALL_BACK  # a deployment with a larger window may fit it
     if status in (401, 402, 403, 404):
-        return Step.FALL_BACK  # this deployment's key or model is the problem, not the request
-    return Step.FAIL  # 400, 413, 422 and the rest of 4xx: the request's own fault
+        return FALL_BACK  # this deployment's key or model is the problem, not the request
+    return FAIL  # 400, 413, 422 and the rest of 4xx: the request's own fault
 
 
 def backoff_s(retry_no: int, *, base_s: float, max_s: float, retry_after_s: float | None = None) -> float:

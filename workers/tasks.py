@@ -1,35 +1,41 @@
-"""Celery tasks: thin shells that hand a request id to the pipeline."""
+"""Celery tasks: thin shells that hand a request id to the pipeline, and the worker's threads."""
 
 from __future__ import annotations
 
 import logging
 import os
 import socket
-import threading
 from functools import lru_cache
 from typing import Any
 
 import redis
 from celery.signals import worker_ready, worker_shutdown
-from kombu.exceptions import KombuError as BrokerError
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from broker_config import keys
 from broker_config.celery_app import app
 from broker_config.deployments import load_config
+from broker_config.publisher import publish_requests
 from broker_config.queues import RUN_REQUEST_TASK
 from broker_config.settings import Settings, get_settings
 from db.engine import get_database
 from db.states import Priority
-from workers import ledger
-from workers.breaker import Breaker, BreakerPolicy
-from workers.bucket import Bucket, BucketPolicy
+from workers.admission import Bucket, BucketPolicy
+from workers.breaker import Breaker, BreakerPolicy, FallbackCounter
 from workers.delays import DelayQueue
-from workers.fallbacks import FallbackCounter
-from workers.housekeeping import Housekeeper
-from workers.pipeline import Deps, run_request
+from workers.housekeeping import (
+    Housekeeper,
+    Job,
+    LostMessageSweep,
+    OrphanSweep,
+    expire_batches,
+    sweep_unpublished,
+)
+from workers.leases import LeaseKeeper, Leases
+from workers.pipeline import Deps, recovery_claim, run_request
 from workers.providers import default_adapters
-from workers.recovery import Heartbeats
+from workers.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
 # One INFO line per provider call from the HTTP clients would drown the worker's own log.
@@ -49,6 +55,11 @@ def bucket_redis(settings: Settings) -> redis.Redis:
     )
 
 
+def lease_redis(settings: Settings) -> redis.Redis:
+    """The lease keeper's own connection: one second to answer, no retries (it tries again soon)."""
+    return redis.Redis.from_url(settings.redis_url, socket_timeout=1, socket_connect_timeout=1)
+
+
 def bucket_policy(settings: Settings) -> BucketPolicy:
     return BucketPolicy(
         floors={
@@ -56,8 +67,10 @@ def bucket_policy(settings: Settings) -> BucketPolicy:
             Priority.DEFAULT: settings.bucket_floor_default,
             Priority.BULK: settings.bucket_floor_bulk,
         },
-        # A reservation outlives any call, so that a slow call still gets its refund.
-        reservation_ttl_s=settings.call_timeout_s * 2 + 60,
+        # A reservation outlives its call: each deployment's own timeouts (these for those that
+        # set none) plus a margin, so that a slow call still gets its refund.
+        call_timeout_s=settings.call_timeout_s,
+        connect_timeout_s=settings.connect_timeout_s,
         factor_drop=settings.rate_factor_on_429,
         factor_min=settings.rate_factor_min,
         factor_recovery_per_s=settings.rate_factor_recovery_per_s,
@@ -76,75 +89,77 @@ def breaker_policy(settings: Settings) -> BreakerPolicy:
 
 @lru_cache(maxsize=1)
 def default_deps() -> Deps:
-    """Built once per worker process: one engine, one SDK client per endpoint, shared by threads."""
+    """Built once per worker process: one engine, one SDK client per endpoint, shared by threads.
+    The lease keeper starts here, before the first task can take a lease."""
     settings = get_settings()
     client = bucket_redis(settings)
-    worker = f"{socket.gethostname()}:{os.getpid()}"
-    heartbeats = Heartbeats(client, worker, settings.heartbeat_ttl_s)
-    heartbeats.beat()  # alive before the first task, not only once the housekeeper starts
+    leases = Leases(client, settings.lease_ttl_s)
+    LeaseKeeper(leases, lease_redis(settings)).start()
     return Deps(
-        db=get_database(settings.database_url),
+        # Runs hold their writes through a ledger outage: a paid call's row must not be lost.
+        db=get_database(settings.database_url, hold_s=settings.ledger_hold_s),
         config=load_config(settings.config),
         settings=settings,
         adapters=default_adapters(),
         bucket=Bucket(client, bucket_policy(settings)),
         delays=DelayQueue(client),
         breaker=Breaker(client, breaker_policy(settings)),
-        heartbeats=heartbeats,
+        leases=leases,
         fallbacks=FallbackCounter(client),
-        worker=worker,
+        worker=settings.worker_id or f"{socket.gethostname()}:{os.getpid()}",
     )
-
-
-class _Running:
-    """Request ids this process is running: a duplicate delivery to the same process is dropped
-    here, since the ledger cannot tell this process's two threads apart."""
-
-    def __init__(self) -> None:
-        self._ids: set[str] = set()
-        self._lock = threading.Lock()
-
-    def claim(self, request_id: str) -> bool:
-        with self._lock:
-            if request_id in self._ids:
-                return False
-            self._ids.add(request_id)
-            return True
-
-    def release(self, request_id: str) -> None:
-        with self._lock:
-            self._ids.discard(request_id)
-
-
-_running = _Running()
 
 
 @app.task(name=RUN_REQUEST_TASK)
 def run_request_task(request_id: str) -> None:
-    if not _running.claim(request_id):
-        log.info("request %s is already running in this process; duplicate delivery dropped", request_id)
-        return
-    deps = default_deps()
-    try:
-        run_request(request_id, deps)
-    except (redis.RedisError, BrokerError) as exc:
-        # Redis went away mid-run: hand the request back to the ledger's outbox, from which the
-        # publisher sweep publishes it again once Redis is back. Nothing is lost.
-        log.warning("request %s returned to the outbox: Redis unreachable (%s)", request_id, exc)
-        ledger.return_to_outbox(deps.db, [request_id], clean=True)
-    finally:
-        _running.release(request_id)
+    run_request(request_id, default_deps())
 
 
 _housekeepers: list[Housekeeper] = []
 
 
+def housekeepers(deps: Deps) -> list[Housekeeper]:
+    """The worker's periodic jobs, in three groups that never wait on each other."""
+    settings, client = deps.settings, deps.bucket.redis
+    # Sweeps give up on a write after the default short hold: a ledger outage skips a round.
+    db = get_database(settings.database_url)
+    interval = settings.sweep_interval_s
+    sweeps = [
+        Job(
+            "publisher sweep", interval, lambda: sweep_unpublished(db, settings), keys.publisher_sweep_lock()
+        ),
+        Job(
+            "orphan sweep",
+            interval,
+            OrphanSweep(db, deps.leases, recovery_claim(deps), confirm_s=settings.lease_ttl_s / 2),
+            keys.recovery_sweep_lock(),
+        ),
+        Job(
+            "lost messages",
+            settings.lost_message_check_s,
+            LostMessageSweep(db, client, deps.leases, older_than_s=settings.lost_message_check_s),
+            keys.lost_message_lock(),
+        ),
+        Job("expiry", 5.0, lambda: expire_batches(db), keys.expiry_lock()),
+    ]
+    return [
+        Housekeeper(
+            "delays", client, [Job("delayed", 0.25, lambda: deps.delays.publish_due(publish_requests))]
+        ),
+        Housekeeper("sweeps", client, sweeps),
+        Housekeeper(
+            "webhooks",
+            client,
+            [Job("webhooks", 1.0, WebhookSender(db, settings).deliver_due, keys.webhook_lock())],
+        ),
+    ]
+
+
 @worker_ready.connect
 def _start_housekeeping(**_: Any) -> None:
-    deps = default_deps()
-    housekeeper = Housekeeper(deps.db, deps.settings, deps.bucket.redis, deps.delays, deps.heartbeats)
-    housekeeper.start()
-    _housekeepers.append(housekeeper)
+    for housekeeper in housekeepers(default_deps()):
+        housekeeper.start()
+        _housekeepers.append(housekeeper)
 
 
 @worker_shutdown.connect
