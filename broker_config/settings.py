@@ -74,7 +74,19 @@ class Settings(BaseSettings):
     breaker_probes: int = Field(default=2, ge=1)
 
     # Crash recovery
-    heartbeat_ttl_s: float = Field(default=15.0, gt=1, description="A worker silent this long is dead.")
+    lease_ttl_s: float = Field(
+        default=15.0,
+        gt=1,
+        description="A run whose lease is not refreshed this long is dead; its request is requeued.",
+    )
+    ledger_hold_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="How long a worker holds a write (a paid call's cost row first) through a ledger outage.",
+    )
+    worker_id: str | None = Field(
+        default=None, description="This worker process's name on the attempts it makes (default host:pid)."
+    )
     max_deliveries: int = Field(default=8, ge=1, description="Runs that may die with their worker.")
     lost_message_check_s: float = Field(default=60.0, gt=0)
     sweep_interval_s: float = Field(default=5.0, gt=0)
