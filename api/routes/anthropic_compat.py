@@ -25,6 +25,7 @@ from api.compat.anthropic_objects import message_batch, result_line
 from api.compat.anthropic_wire import WireError, messages_params_to_chat
 from api.context import AppContext, Context, CurrentTenant, ReadSession
 from api.errors import ApiError, not_found
+from api.files_service import ensure_results_kept
 from api.json_body import JsonBodyError, decode_object
 from api.routes.batches import accept_batch
 from api.schemas import list_page
@@ -183,6 +184,7 @@ def results(
     batch = _own(session, tenant.id, batch_id)
     if batch.ended_at is None:
         raise ApiError(400, "invalid_request", f"batch {batch_id} has not ended yet: no results")
+    ensure_results_kept(batch, context.settings)
     return StreamingResponse(
         batch_service.iter_jsonl(context.db, batch_id, result_line), media_type="application/x-jsonl"
     )

@@ -15,6 +15,7 @@ from api import batch_service
 from api.batch_input import BatchLine, BatchValidator, lines_from_stream
 from api.context import AppContext, Context, CurrentTenant, ReadSession
 from api.errors import ApiError
+from api.files_service import ensure_results_kept
 from api.json_body import NESTED_TOO_DEEP, JsonBodyError, decode_object, too_deep
 from api.schemas import BatchList, BatchOut, CreateBatchIn
 from api.webhook_settings import checked_webhook_url
@@ -189,8 +190,9 @@ async def cancel_batch(batch_id: str, context: Context, tenant: CurrentTenant) -
 def batch_results(
     batch_id: str, session: ReadSession, context: Context, tenant: CurrentTenant
 ) -> StreamingResponse:
-    """One JSONL line per request, in input order (partial while the batch runs)."""
-    batch_service.get_batch(session, tenant.id, batch_id)
+    """One JSONL line per request, in input order (partial while the batch runs); 410 once the
+    results are purged, ``HEADRACE_FILE_RETENTION_DAYS`` after the batch ended."""
+    ensure_results_kept(batch_service.get_batch(session, tenant.id, batch_id), context.settings)
     return StreamingResponse(
         batch_service.iter_results(context.db, batch_id),
         media_type="application/jsonl",

@@ -7,6 +7,7 @@ metadata keys are Headrace's own: ``headrace_webhook_url`` and ``headrace_priori
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, BackgroundTasks, Query, Request
@@ -33,6 +34,7 @@ from api.schemas import list_page
 from api.webhook_settings import checked_webhook_url
 from db.models import Batch, File
 from db.states import Priority
+from db.types import utcnow
 
 router = APIRouter(prefix="/openai/v1", tags=["openai-compatible"])
 PURPOSES = {"assistants", "batch", "fine-tune", "vision", "user_data", "evals"}
@@ -77,6 +79,7 @@ async def upload_file(request: Request, context: Context, tenant: CurrentTenant)
         )
     if not isinstance(upload, UploadFile):
         raise ApiError(400, "invalid_request", "the multipart 'file' part is missing", param="file")
+    expires_at = _expires_at(context, form.get("expires_after[anchor]"), form.get("expires_after[seconds]"))
     chunks, size = [], 0
     while chunk := await upload.read(1 << 20):
         size += len(chunk)
@@ -92,13 +95,39 @@ async def upload_file(request: Request, context: Context, tenant: CurrentTenant)
         upload.filename or "upload.jsonl",
         purpose,
         b"".join(chunks),
+        expires_at=expires_at,
     )
     return file_object(file)
+
+
+def _expires_at(context: AppContext, anchor: object, seconds: object) -> datetime:
+    """OpenAI's ``expires_after`` (anchor ``created_at``, 3600 to 2592000 s), never beyond
+    ``HEADRACE_FILE_RETENTION_DAYS``: an upload may ask to be kept less, not more."""
+    keep = timedelta(days=context.settings.file_retention_days)
+    if anchor is None and seconds is None:
+        return utcnow() + keep
+    if anchor != "created_at":
+        raise ApiError(
+            400, "invalid_request", "expires_after[anchor] must be 'created_at'", param="expires_after"
+        )
+    try:
+        asked = int(str(seconds))
+    except ValueError:
+        asked = -1
+    if not 3600 <= asked <= 30 * 24 * 3600:
+        raise ApiError(
+            400,
+            "invalid_request",
+            "expires_after[seconds] must be an integer from 3600 to 2592000",
+            param="expires_after",
+        )
+    return utcnow() + min(timedelta(seconds=asked), keep)
 
 
 @router.get("/files")
 def list_files(
     session: ReadSession,
+    context: Context,
     tenant: CurrentTenant,
     after: str | None = None,
     purpose: str | None = None,
@@ -106,7 +135,13 @@ def list_files(
     order: Literal["asc", "desc"] = "desc",
 ) -> dict[str, Any]:
     files, has_more = files_service.list_files(
-        session, tenant.id, limit=limit, after=after, ascending=order == "asc", purpose=purpose
+        session,
+        context.settings,
+        tenant.id,
+        limit=limit,
+        after=after,
+        ascending=order == "asc",
+        purpose=purpose,
     )
     data = [file_object(f) for f in files]
     return list_page(data, has_more)
@@ -121,7 +156,7 @@ def _batch_file_lines(context: AppContext, file: BatchFile) -> Any:
 def retrieve_file(
     file_id: str, session: ReadSession, context: Context, tenant: CurrentTenant
 ) -> dict[str, Any]:
-    file = files_service.find_file(session, tenant.id, file_id)
+    file = files_service.find_file(session, context.settings, tenant.id, file_id)
     if isinstance(file, BatchFile):  # its size is that of the content we would stream
         return file_object(file, size=sum(len(chunk) for chunk in _batch_file_lines(context, file)))
     return file_object(file)
@@ -131,14 +166,14 @@ def retrieve_file(
 def file_content(
     file_id: str, session: ReadSession, context: Context, tenant: CurrentTenant
 ) -> StreamingResponse:
-    file = files_service.find_file(session, tenant.id, file_id, with_content=True)
+    file = files_service.find_file(session, context.settings, tenant.id, file_id, with_content=True)
     content = _batch_file_lines(context, file) if isinstance(file, BatchFile) else iter([file.content])
     return StreamingResponse(content, media_type="application/octet-stream")
 
 
 @router.delete("/files/{file_id}")
 async def delete_file(file_id: str, context: Context, tenant: CurrentTenant) -> dict[str, Any]:
-    await run_in_threadpool(files_service.delete_file, context.db, tenant.id, file_id)
+    await run_in_threadpool(files_service.delete_file, context.db, context.settings, tenant.id, file_id)
     return {"id": file_id, "object": "file", "deleted": True}
 
 
@@ -150,7 +185,7 @@ def _lines_from_file(
 ) -> list[BatchLine] | Batch:
     """The file's lines, or (when they are invalid) the failed batch that says why."""
     with context.db.session() as session:
-        file = files_service.find_file(session, spec.tenant_id, file_id, with_content=True)
+        file = files_service.find_file(session, context.settings, spec.tenant_id, file_id, with_content=True)
         if not isinstance(file, File) or file.purpose != "batch":
             raise ApiError(
                 400, "invalid_request", f"file {file_id} is not a batch input file", param="input_file_id"
