@@ -36,6 +36,7 @@ class PostgresCluster:
     data: Path | None = None
     pg_ctl: str = ""
     user: str | None = None
+    options: str = ""  # the server options it was first started with, for a later start
 
     def _run(self, *args: str) -> None:
         argv = [self.pg_ctl, "-D", str(self.data / "db"), *args] if self.data else []
@@ -46,6 +47,15 @@ class PostgresCluster:
     @property
     def restartable(self) -> bool:
         return self.data is not None
+
+    def stop(self) -> None:
+        """A fast shutdown: open connections are cut, new ones refused until ``start``."""
+        assert self.restartable, "an external PostgreSQL cannot be stopped by the tests"
+        self._run("-m", "fast", "-w", "stop")
+
+    def start(self) -> None:
+        assert self.data is not None
+        self._run("-o", self.options, "-l", str(self.data / "log"), "-w", "start")
 
     def restart(self) -> None:
         """A fast shutdown (open connections are cut) and a start on the same port."""
@@ -86,8 +96,8 @@ def running_postgres() -> Iterator[PostgresCluster | None]:
     if user:
         initdb = ["su", user, "-s", "/bin/sh", "-c", " ".join(f"'{a}'" for a in initdb)]
     subprocess.run(initdb, check=True, capture_output=True)
-    options = f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300"
-    cluster._run("-o", options, "-l", str(data / "log"), "-w", "start")
+    cluster.options = f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300"
+    cluster._run("-o", cluster.options, "-l", str(data / "log"), "-w", "start")
     try:
         yield cluster
     finally:

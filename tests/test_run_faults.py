@@ -1,0 +1,239 @@
+"""A run under faults, in one process with its own Redis that the tests stop and start: the paid
+answer survives Redis going away mid-call, leases decide who runs a request, the keeper brings a
+lease back after Redis lost it, and the sweeps act only on positive evidence."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis as redis_lib
+from kombu import Consumer
+
+from broker_config import keys
+from broker_config.celery_app import app, configure
+from broker_config.deployments import parse_config
+from broker_config.publisher import publish_requests
+from broker_config.queues import ALL_QUEUES, broker_lists, broker_unacked_key
+from broker_config.settings import Settings
+from db.engine import Database
+from db.models import LlmRequest
+from headrace.embedded import start_redis
+from tests.simulator_fixture import SimControl
+from tests.test_pipeline import KEY_ENV, _config, _state, _submit
+from workers import ledger
+from workers.admission import Bucket
+from workers.breaker import Breaker, FallbackCounter
+from workers.delays import DelayQueue
+from workers.housekeeping import LostMessageSweep, OrphanSweep
+from workers.leases import LeaseKeeper, Leases
+from workers.pipeline import Deps, recovery_claim, run_request
+from workers.providers import default_adapters
+
+
+class PrivateRedis:
+    """A redis-server of this test's own, which it may stop and start on the same port."""
+
+    def __init__(self, home: Path, *, appendonly: bool = True) -> None:
+        self.home, self.appendonly = home, appendonly
+        self.proc, self.url = start_redis(home, appendonly=appendonly)
+        self.port = int(self.url.rsplit(":", 1)[1].split("/")[0])
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+    def start(self) -> None:
+        self.proc, _ = start_redis(self.home, port=self.port, appendonly=self.appendonly)
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    server = PrivateRedis(tmp_path / "redis")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def client(private_redis: PrivateRedis) -> Iterator[redis_lib.Redis]:
+    # Short timeouts and no retries: a stopped server is noticed at once.
+    connection = redis_lib.Redis.from_url(private_redis.url, socket_timeout=2, socket_connect_timeout=2)
+    yield connection
+    connection.close()
+
+
+@pytest.fixture
+def deps(
+    db: Database,
+    sim: SimControl,
+    monkeypatch: pytest.MonkeyPatch,
+    client: redis_lib.Redis,
+    private_redis: PrivateRedis,
+) -> Deps:
+    monkeypatch.setenv(KEY_ENV, "sk-test")
+    configure(Settings(redis_url=private_redis.url))
+    settings = Settings(database_url=db.url, redis_url=private_redis.url, call_timeout_s=10, lease_ttl_s=3)
+    return Deps(
+        db=db,
+        config=parse_config(_config(sim.url), Path("t.toml")),
+        settings=settings,
+        adapters=default_adapters(),
+        bucket=Bucket(client),
+        delays=DelayQueue(client),
+        breaker=Breaker(client),
+        leases=Leases(client, settings.lease_ttl_s),
+        fallbacks=FallbackCounter(client),
+        worker="test",
+        sleep=lambda _s: None,
+    )
+
+
+def _calls(sim: SimControl) -> int:
+    return sum(sim.stats()["received"].values())
+
+
+def test_redis_lost_during_a_call_loses_neither_the_answer_nor_its_cost(
+    deps: Deps, sim: SimControl, private_redis: PrivateRedis
+) -> None:
+    """Redis stops while the provider is answering. The answer was paid for: the attempt row gets
+    its usage and cost and the request ends succeeded, although settling the bucket, recording
+    the breaker and releasing the lease all fail afterwards. (Before, the Redis error sent the
+    request back to the outbox with its attempt in flight, and the rerun paid again.)"""
+    (rid,) = _submit(deps, "single", "[[sim:latency_ms=1500]] hi")
+    run = threading.Thread(target=run_request, args=(rid, deps))
+    run.start()
+    deadline = time.monotonic() + 10
+    while _calls(sim) == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    private_redis.stop()
+    run.join(60)
+    assert not run.is_alive()
+    request, attempts, batch = _state(deps, rid)
+    assert request.status == "succeeded" and [a.outcome for a in attempts] == ["success"]
+    assert attempts[0].cost_usd is not None and attempts[0].cost_usd > 0 and not attempts[0].cost_estimated
+    assert batch.succeeded_count == 1 and batch.cost_usd == attempts[0].cost_usd and _calls(sim) == 1
+
+
+def test_a_delivery_while_the_run_lives_does_nothing_and_after_it_died_takes_over(
+    deps: Deps, sim: SimControl, client: redis_lib.Redis
+) -> None:
+    """A live run holds the lease: another delivery makes no call and changes nothing. Once its
+    lease has expired (the run died mid-call), the next delivery takes the request over at once,
+    and the dead run's call gets its cost row, estimated."""
+    (rid,) = _submit(deps, "single")
+    lease = deps.leases.acquire(rid)
+    assert lease is not None
+    assert ledger.begin_run(deps.db, rid, lease.token, recovery_claim(deps)) is not None
+    assert ledger.begin_attempt(
+        deps.db,
+        rid,
+        lease.token,
+        deployment="oa",
+        provider="openai",
+        model="m",
+        estimated_input_tokens=9,
+        worker="w",
+    )
+    run_request(rid, deps)  # a duplicate delivery
+    request, attempts, _ = _state(deps, rid)
+    assert (request.status, request.lease, len(attempts), _calls(sim)) == ("running", lease.token, 1, 0)
+    client.delete(keys.lease(rid))  # what its expiry does once nothing refreshes it
+    run_request(rid, deps)
+    request, attempts, _ = _state(deps, rid)
+    assert request.status == "succeeded" and [a.outcome for a in attempts] == ["lost", "success"]
+    assert attempts[0].cost_estimated and attempts[0].cost_usd is not None and _calls(sim) == 1
+
+
+def test_the_keeper_keeps_leases_alive_writes_back_lost_ones_and_notices_a_takeover(tmp_path: Path) -> None:
+    """Refreshed every quarter TTL on its own connection; after a restart of a Redis that kept
+    nothing, the keeper writes the lease again within the TTL; a lease another run holds is
+    marked lost, and is never overwritten."""
+    server = PrivateRedis(tmp_path / "volatile", appendonly=False)
+    client = redis_lib.Redis.from_url(server.url, socket_timeout=1, socket_connect_timeout=1)
+    leases = Leases(client, ttl_s=2)
+    keeper = LeaseKeeper(
+        leases, redis_lib.Redis.from_url(server.url, socket_timeout=1, socket_connect_timeout=1)
+    )
+    keeper.start()
+    try:
+        mine, theirs = leases.acquire("r1"), leases.acquire("r2")
+        assert mine is not None and theirs is not None and leases.acquire("r1") is None
+        time.sleep(3)  # longer than the TTL: alive only because it is refreshed
+        assert client.get(keys.lease("r1")) == mine.token.encode()
+        server.stop()
+        server.start()  # no append-only file: every key is gone
+        assert client.get(keys.lease("r1")) is None
+        client.set(keys.lease("r2"), "another-run", px=60_000)
+        deadline = time.monotonic() + 2
+        while client.get(keys.lease("r1")) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.get(keys.lease("r1")) == mine.token.encode()
+        time.sleep(1)
+        assert theirs.lost and not mine.lost and client.get(keys.lease("r2")) == b"another-run"
+        leases.release(mine)
+        assert client.get(keys.lease("r1")) is None
+    finally:
+        keeper.stop()
+        server.stop()
+
+
+def test_the_orphan_sweep_requeues_a_dead_run_only_once_its_lease_stays_gone(
+    deps: Deps, client: redis_lib.Redis
+) -> None:
+    """A lease missing on one sighting may be a Redis restart its keeper has not repaired yet:
+    the sweep requeues only what stays missing for the confirmation time, and never a request
+    whose lease came back meanwhile."""
+    dead, revived = _submit(deps, "single", n=2)
+    tokens = {}
+    for rid in (dead, revived):
+        lease = deps.leases.acquire(rid)
+        assert lease is not None
+        ledger.begin_run(deps.db, rid, lease.token, recovery_claim(deps))
+        tokens[rid] = lease.token
+    client.delete(keys.lease(dead), keys.lease(revived))
+    sweep = OrphanSweep(deps.db, deps.leases, recovery_claim(deps), confirm_s=0.5)
+    assert sweep() == 0
+    client.set(keys.lease(revived), tokens[revived], px=5000)  # its keeper wrote it back
+    time.sleep(0.6)
+    assert sweep() == 1
+    assert _state(deps, dead)[0].status == "queued" and _state(deps, dead)[0].published_at is None
+    assert _state(deps, revived)[0].status == "running"
+
+
+def test_the_lost_message_sweep_requeues_only_what_is_nowhere(
+    deps: Deps, client: redis_lib.Redis, private_redis: PrivateRedis
+) -> None:
+    """Five queued requests published long ago: one waits in a broker list, one was delivered to a
+    worker that has not acknowledged it (kombu's unacked hash), one is parked in the delay queue,
+    one is leased by a run about to begin, and one has no message anywhere. Only the last goes back
+    to the outbox, and only once it has been missing for the confirmation time."""
+    waiting, reserved, parked, leased, lost = _submit(deps, "single", n=5)
+    client.delete(*broker_lists())  # as if every message the batch's submission sent were lost
+    with deps.db.write() as session:
+        for row in session.query(LlmRequest).filter(
+            LlmRequest.id.in_([waiting, reserved, parked, leased, lost])
+        ):
+            row.published_at = row.created_at.replace(year=2000)
+    publish_requests([(reserved, "default")])
+    with app.connection_for_read() as connection:
+        taken: list[object] = []
+        queues = [q for q in app.amqp.queues.values() if q.name in ALL_QUEUES]
+        with Consumer(
+            connection, queues=queues, callbacks=[lambda _body, msg: taken.append(msg)], prefetch_count=1
+        ):
+            connection.drain_events(timeout=5)
+            # Delivered and not acknowledged: in kombu's unacked hash, in no list.
+            assert len(taken) == 1 and client.hlen(broker_unacked_key()) == 1
+            assert sum(client.llen(name) for name in broker_lists()) == 0
+            publish_requests([(waiting, "default")])
+            deps.delays.park(parked, "default", 300)
+            assert deps.leases.acquire(leased) is not None
+            sweep = LostMessageSweep(deps.db, client, deps.leases, older_than_s=1.0)
+            assert sweep() == 0  # one sighting is not proof
+            time.sleep(0.6)
+            assert sweep() == 1
+    states = {rid: _state(deps, rid)[0] for rid in (waiting, reserved, parked, leased, lost)}
+    assert states[lost].published_at is None
+    assert all(states[rid].published_at is not None for rid in (waiting, reserved, parked, leased))
