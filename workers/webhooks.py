@@ -17,6 +17,7 @@ import logging
 import os
 import ssl
 import time
+from contextvars import ContextVar
 from datetime import timedelta
 
 import certifi
@@ -34,6 +35,17 @@ from db.types import utcnow
 
 log = logging.getLogger(__name__)
 USER_AGENT = "Headrace-Webhooks/1"
+_DELIVERING: ContextVar[bool] = ContextVar("headrace_webhook_delivering", default=False)
+
+
+class _RedactDeliveryUrls(logging.Filter):
+    """httpx logs every request's whole URL at INFO; a webhook's carries its token."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if _DELIVERING.get() and isinstance(args, tuple) and len(args) >= 2:
+            record.args = (args[0], redact_url(str(args[1])), *args[2:])
+        return True
 
 
 class WebhookSender:
@@ -52,6 +64,9 @@ class WebhookSender:
             trust_env=False,
             limits=httpx.Limits(max_keepalive_connections=0),
         )
+        httpx_log = logging.getLogger("httpx")
+        if not any(isinstance(f, _RedactDeliveryUrls) for f in httpx_log.filters):
+            httpx_log.addFilter(_RedactDeliveryUrls())
 
     def deliver_due(self, limit: int = 20) -> int:
         """Send every delivery whose time has come; returns how many were attempted."""
@@ -130,16 +145,20 @@ class WebhookSender:
         named = not _is_literal(target.host)
         extensions = {"sni_hostname": target.host} if named and target.scheme == "https" else {}
         failure: httpx.TransportError | None = None
-        for address in target.addresses:
-            try:
-                return self.http.post(
-                    url.copy_with(host=str(address)),
-                    content=body,
-                    headers=pinned_headers,
-                    extensions=extensions,
-                )
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                failure = exc
+        token = _DELIVERING.set(True)
+        try:
+            for address in target.addresses:
+                try:
+                    return self.http.post(
+                        url.copy_with(host=str(address)),
+                        content=body,
+                        headers=pinned_headers,
+                        extensions=extensions,
+                    )
+                except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                    failure = exc
+        finally:
+            _DELIVERING.reset(token)
         assert failure is not None, "resolve_webhook_target returns at least one address"
         raise failure
 
