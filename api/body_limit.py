@@ -64,16 +64,21 @@ class BodyLimitMiddleware:
             if length > cap:
                 await _answer(scope, send, _too_large(named, declared=length))
                 return
-        await _Limited(self.app, cap, named)(scope, receive, send)
+        chunked = "chunked" in Headers(scope=scope).get("transfer-encoding", "").lower()
+        expects_body = chunked or (declared is not None and int(declared) > 0)
+        await _Limited(self.app, cap, named, expects_body)(scope, receive, send)
 
 
 class _Limited:
     """One request's counting ``receive``, and a ``send`` that swaps whatever the route answers
-    after the cut (a 400 for a truncated body, a 500) for the 413."""
+    after the cut (a 400 for a truncated body, a 500) for the 413. Any answer given before the
+    body was read to its end (a 401 before an upload, a route's own 413) closes the connection:
+    the server would otherwise read and drop the rest of the body to keep it alive."""
 
-    def __init__(self, app: ASGIApp, cap: int, named: int) -> None:
+    def __init__(self, app: ASGIApp, cap: int, named: int, expects_body: bool) -> None:
         self.app, self.cap, self.named = app, cap, named
         self.received = 0
+        self.body_done = not expects_body
         self.exceeded = False
         self.started = False
         self.answered = False
@@ -84,6 +89,7 @@ class _Limited:
                 raise BodyTooLarge(self.named)
             message = await receive()
             if message["type"] == "http.request":
+                self.body_done = not message.get("more_body", False)
                 self.received += len(message.get("body", b""))
                 if self.received > self.cap:
                     self.exceeded = True
@@ -98,6 +104,8 @@ class _Limited:
                 return
             if message["type"] == "http.response.start":
                 self.started = True
+                if not self.body_done:
+                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             await send(message)
 
         try:
