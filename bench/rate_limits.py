@@ -36,7 +36,7 @@ from bench.measure import cpu_seconds, wait_batch
 from headrace.simulator.config import SimConfig
 from headrace.simulator.server import running_simulator
 from headrace.stack import EmbeddedStack
-from workers.estimate import estimate_prompt_tokens
+from workers.admission import estimate_prompt_tokens
 
 VOCABULARY = [
     "the",

@@ -1,13 +1,17 @@
 """Reading a deployment's bucket for people (the API and ``headrace status --deployments``).
 
-Read-only. The level arithmetic mirrors ``workers/lua/prelude.lua`` (refill since the stored
-time, capped at capacity; learned limits hold ten minutes; the rate factor recovers linearly);
-it only displays, and never decides an admission.
+Read-only. The levels are computed by ``workers/lua/bucket_read.lua`` with the same prelude
+functions (capacity, level, rate_factor, the monotonic clock) that ``bucket_take.lua`` decides
+admission with: what is shown is what is enforced, and there is no second copy of the arithmetic
+to drift from it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 from typing import cast
 
 import redis
@@ -15,7 +19,17 @@ import redis
 from broker_config import keys
 from broker_config.deployments import Deployment
 
-LEARNED_LIMIT_TTL_MS = 600_000
+# The script is read from the workers package's files rather than imported: broker_config
+# imports nothing above it, and the .lua files are data shipped in the same wheel (package data
+# of `workers` in pyproject.toml), so the path holds in a checkout and in site-packages alike. A
+# copy of the prelude kept here would be exactly the second copy of the arithmetic this avoids.
+LUA_DIR = Path(__file__).resolve().parent.parent / "workers" / "lua"
+
+
+@cache
+def _read_script() -> str:
+    # As workers.admission.lua_script: the prelude first, since Redis has no script imports.
+    return (LUA_DIR / "prelude.lua").read_text() + "\n" + (LUA_DIR / "bucket_read.lua").read_text()
 
 
 @dataclass(frozen=True)
@@ -44,71 +58,63 @@ class DeploymentState:
     follow_downs: int
     breaker: str  # closed | open | half_open
     breaker_opened: int  # times the breaker opened
-
-
-def _num(raw: dict[bytes, bytes], field: str) -> float | None:
-    value = raw.get(field.encode())
-    return float(value) if value is not None else None
+    # How far Redis's clock is behind the bucket's last stamp (it stepped back, e.g. a failover
+    # to a replica whose clock is behind): refill stalls until it catches up. 0 normally.
+    clock_behind_s: float = 0.0
 
 
 def read_state(
-    client: redis.Redis, deployment: Deployment, *, recovery_per_s: float = 0.01
+    client: redis.Redis,
+    deployment: Deployment,
+    *,
+    recovery_per_s: float = 0.01,
+    clock_ms: Callable[[], float] | None = None,
 ) -> DeploymentState:
-    seconds, micros = client.time()
-    now = seconds * 1000 + micros / 1000
-    raw = cast(dict[bytes, bytes], client.hgetall(keys.bucket(deployment.name)))
-    breaker = cast(dict[bytes, bytes], client.hgetall(keys.breaker(deployment.name)))
+    """One deployment's bucket and breaker; ``clock_ms`` exists only for tests (as Bucket's)."""
+    limits = deployment.limits()
+    args: list[str | float | int] = ["" if clock_ms is None else repr(clock_ms()), recovery_per_s / 1000]
+    args.append(len(limits))
+    for name, configured in limits.items():
+        args += [name, configured]
+    script = client.register_script(_read_script())
+    bucket_keys = [
+        keys.bucket(deployment.name),
+        keys.reservations(deployment.name),
+        keys.reservation_expiry(deployment.name),
+    ]
     # The client answers bytes (no decode_responses); redis-py's stubs allow for both.
-    live = cast(list[bytes], client.zrangebyscore(keys.reservation_expiry(deployment.name), now, "+inf"))
-    records = cast(list[bytes | None], client.hmget(keys.reservations(deployment.name), live) if live else [])
-    in_flight: dict[str, float] = {}
-    for record in records:
-        if record is None:
-            continue
-        charges = record.decode().split("|")[1]
-        for item in filter(None, charges.split(",")):
-            name, _, cost = item.partition("=")
-            in_flight[name] = in_flight.get(name, 0.0) + float(cost)
-    factor = _num(raw, "factor")
-    if factor is None:
-        factor = 1.0
-    else:
-        factor = min(1.0, factor + (now - (_num(raw, "factor_ts") or now)) * recovery_per_s / 1000)
-    since = _num(raw, "ts") or now
-    limits = []
-    for name, configured in deployment.limits().items():
-        learned = _num(raw, f"cap:{name}")
-        if learned is not None and now - (_num(raw, f"capts:{name}") or 0) >= LEARNED_LIMIT_TTL_MS:
-            learned = None
-        cap = min(configured, learned if learned is not None else configured) * factor
-        stored = _num(raw, f"lvl:{name}")
-        level = cap if stored is None else min(cap, stored + (now - since) * cap / 60000)
-        limits.append(
+    reply = [v.decode() if isinstance(v, bytes) else str(v) for v in script(keys=bucket_keys, args=args)]
+    factor, paused_ms, calls, behind_ms, grants, waits, never, limited, follows = reply[:9]
+    states = []
+    for i, (name, configured) in enumerate(limits.items()):
+        _, effective, level, learned, held = reply[9 + 5 * i : 14 + 5 * i]
+        states.append(
             LimitState(
                 name,
                 configured,
-                int(learned) if learned is not None and learned < configured else None,
-                cap,
-                level,
-                in_flight.get(name, 0.0),
+                int(float(learned)) if learned else None,
+                float(effective),
+                float(level),
+                float(held),
             )
         )
-    counters = {k: int(_num(raw, k) or 0) for k in ("n:grant", "n:wait", "n:never", "n:429", "n:follow")}
+    breaker = cast(dict[bytes, bytes], client.hgetall(keys.breaker(deployment.name)))
     return DeploymentState(
         name=deployment.name,
         provider=deployment.provider,
         model=deployment.model,
-        limits=limits,
-        paused_for_s=max(0.0, ((_num(raw, "pause") or 0) - now) / 1000),
-        rate_factor=factor,
-        in_flight_calls=len([r for r in records if r is not None]),
-        grants=counters["n:grant"],
-        waits=counters["n:wait"],
-        too_large=counters["n:never"],
-        rate_limited=counters["n:429"],
-        follow_downs=counters["n:follow"],
+        limits=states,
+        paused_for_s=float(paused_ms) / 1000,
+        rate_factor=float(factor),
+        in_flight_calls=int(calls),
+        grants=int(grants),
+        waits=int(waits),
+        too_large=int(never),
+        rate_limited=int(limited),
+        follow_downs=int(follows),
         breaker=(breaker.get(b"state") or b"closed").decode(),
         breaker_opened=int(breaker.get(b"n:opened") or 0),
+        clock_behind_s=float(behind_ms) / 1000,
     )
 
 

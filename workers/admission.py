@@ -1,8 +1,20 @@
-"""Getting room in a deployment's bucket before a call, and giving back what the call did not use.
+"""Rate-limit admission, top to bottom: how big a call is, what it takes from each limit, taking
+that from the shared bucket in one atomic step (or waiting, or never), and settling it once the
+call has ended.
 
-Short waits are spent in place (the slot stays busy for at most ``max_inline_wait_s``); a longer
-wait is handed back to the pipeline, which tries the next deployment of the chain or parks the
-request in the delay queue, so that no worker slot idles for long and no request is lost.
+    estimate_call(deployment, body)            estimated prompt + output cap x n
+    admit(bucket, deployment, estimate, ...)   Bucket.take -> lua/bucket_take.lua, all or nothing
+        -> Ticket | Wait (how long, and why) | TooLarge (can never fit there)
+    ... the provider call ...
+    settlement(deployment, estimate, outcome)  what the call really counted, limit by limit
+    settle(bucket, ticket, settlement)         Bucket.settle -> lua/bucket_settle.lua; never raises
+
+One bucket per deployment (and per tenant ceiling) in Redis, shared by every worker on every
+host. The algorithm, its units and its clock are in ``lua/prelude.lua``. What people see
+(``GET /v1/deployments``) is read by ``lua/bucket_read.lua`` with that same prelude
+(``broker_config/bucket_state.py``). How each provider counts (header names, which tokens count
+against which limit, the offline prompt estimate) is the pure table in ``workers/metering.py``,
+kept apart only so that this module stays one readable page.
 """
 
 from __future__ import annotations
@@ -10,16 +22,259 @@ from __future__ import annotations
 import logging
 import random
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
 
 import redis
 
+from broker_config import keys
 from broker_config.deployments import Deployment, TenantLimits
-from workers.accounting import Estimate, admission_charges, tenant_charges
-from workers.bucket import Bucket, Charge, Settlement
+from db.states import Priority
+from workers.metering import Observed, by_limit, counted_input_tokens, estimate_prompt_tokens, observed_limits
+from workers.providers.base import CallFailed, ProviderReply, requested_max_tokens
+
+__all__ = [
+    "DEFAULT_PAUSE_S",
+    "LUA_DIR",
+    "MAX_PAUSE_S",
+    "Admission",
+    "Bucket",
+    "BucketPolicy",
+    "Charge",
+    "Estimate",
+    "Observed",
+    "Settlement",
+    "Ticket",
+    "TooLarge",
+    "Wait",
+    "admission_charges",
+    "admit",
+    "estimate_call",
+    "estimate_prompt_tokens",
+    "lua_script",
+    "requested_max_tokens",
+    "settle",
+    "settlement",
+    "tenant_charges",
+]
 
 log = logging.getLogger(__name__)
+
+LUA_DIR = Path(__file__).parent / "lua"
+DEFAULT_PAUSE_S = 1.0  # a 429 without a usable retry-after still pauses everyone this long
+# The longest a 429 pauses a deployment for every worker. A per-minute limit refills well within
+# it; a longer retry-after (a spent quota, or a garbage value) pauses it again at the next 429
+# rather than holding a deployment shut on one header's word.
+MAX_PAUSE_S = 300.0
+
+
+def lua_script(name: str) -> str:
+    # The prelude holds the helpers every script shares; Redis has no script imports.
+    return (LUA_DIR / "prelude.lua").read_text() + "\n" + (LUA_DIR / name).read_text()
+
+
+# --- 1. How big the call is ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A call's size before it is made: estimated prompt tokens, and the output it may produce."""
+
+    prompt_tokens: int
+    output_tokens: int  # max_tokens x n: what the provider reserves
+
+
+def estimate_call(deployment: Deployment, body: Mapping[str, Any], default_max_tokens: int) -> Estimate:
+    """The output cap is the one the adapters send: the body's own, else the deployment's
+    ``max_output_tokens``, else ``default_max_tokens`` (``ProviderCall.default_max_tokens``)."""
+    n = body.get("n")
+    completions = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
+    max_tokens = requested_max_tokens(body, deployment.max_output_tokens or default_max_tokens)
+    return Estimate(estimate_prompt_tokens(body), max_tokens * completions)
+
+
+@dataclass(frozen=True)
+class Charge:
+    """One limit a call counts against: its per-minute size and what this call takes from it."""
+
+    name: str
+    limit: int
+    cost: float
+
+
+def admission_charges(deployment: Deployment, estimate: Estimate) -> list[Charge]:
+    """What the call takes from each of the deployment's limits, before it is made."""
+    costs = by_limit(1, estimate.prompt_tokens, estimate.output_tokens)
+    return [Charge(name, limit, costs[name] or 0.0) for name, limit in deployment.limits().items()]
+
+
+def tenant_charges(tenant: TenantLimits | None, estimate: Estimate) -> list[Charge]:
+    """The same call against a tenant's own ceiling: requests, and all its tokens together."""
+    if tenant is None:
+        return []
+    costs = by_limit(1, estimate.prompt_tokens, estimate.output_tokens)
+    return [Charge(name, limit, costs[name] or 0.0) for name, limit in tenant.limits().items()]
+
+
+# --- 2. The shared bucket ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BucketPolicy:
+    # Share of each limit a priority must leave unused, so that a waiting bulk request never
+    # stands between an interactive one and the tokens it needs.
+    floors: Mapping[str, float] = field(
+        default_factory=lambda: {Priority.INTERACTIVE: 0.0, Priority.DEFAULT: 0.05, Priority.BULK: 0.10}
+    )
+    # Timeouts of deployments that set none (settings.call_timeout_s, connect_timeout_s).
+    call_timeout_s: float = 60.0
+    connect_timeout_s: float = 5.0
+    # Time around the call that its reservation must also outlive: the attempt's ledger rows,
+    # the settlement's round trip, a slow Redis.
+    reservation_margin_s: float = 60.0
+    factor_drop: float = 0.7  # on a 429 the rate is multiplied by this...
+    factor_min: float = 0.2
+    factor_recovery_per_s: float = 0.01  # ...and recovers by this much per second
+    follow_tolerance: float = 0.02  # follow the provider down when it is lower by more than this
+
+    def reservation_ttl_s(self, deployment: Deployment) -> float:
+        """How long a reservation on ``deployment`` lives unsettled. It must outlive the call: an
+        expired one is settled as nothing (no refund, and an under-estimate is never charged)."""
+        read_s = deployment.timeout_s or self.call_timeout_s
+        connect_s = deployment.connect_timeout_s or self.connect_timeout_s
+        return read_s + connect_s + self.reservation_margin_s
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The bucket's answer to one take."""
+
+    status: Literal["granted", "wait", "never"]
+    wait_s: float = 0.0
+    reason: str = ""  # which limit made it wait, or is too small
+    limit: int = 0  # for "never": the limit the cost exceeds
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """How a call ended, for the bucket.
+
+    ``used``: per limit, what the call really counted (None keeps the reservation as charged,
+    when we cannot know, e.g. after a timeout). ``tenant_used`` likewise for the tenant's ceiling.
+    """
+
+    used: Mapping[str, float | None]
+    tenant_used: Mapping[str, float | None] = field(default_factory=dict)
+    observed: Mapping[str, Observed] = field(default_factory=dict)
+    rate_limited: bool = False
+    pause_s: float = 0.0
+
+
+class Bucket:
+    """Takes and settles reservations; ``clock_ms`` exists only for the property tests."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        policy: BucketPolicy | None = None,
+        clock_ms: Callable[[], float] | None = None,
+    ) -> None:
+        self.redis = client
+        self.policy = policy or BucketPolicy()
+        self._clock_ms = clock_ms
+        self._take = client.register_script(lua_script("bucket_take.lua"))
+        self._settle = client.register_script(lua_script("bucket_settle.lua"))
+
+    def _keys(self, deployment: str, tenant: str | None) -> list[str]:
+        return [
+            keys.bucket(deployment),
+            keys.reservations(deployment),
+            keys.reservation_expiry(deployment),
+            keys.tenant_bucket(deployment, tenant or "-"),
+        ]
+
+    def _clock(self) -> str:
+        return "" if self._clock_ms is None else repr(self._clock_ms())
+
+    def take(
+        self,
+        deployment: str,
+        reservation_id: str,
+        charges: Sequence[Charge],
+        *,
+        priority: str,
+        ttl_s: float,
+        tenant: str | None = None,
+        tenant_charges: Sequence[Charge] = (),
+    ) -> Admission:
+        """Take every charge at once, or nothing. One round trip."""
+        policy = self.policy
+        args: list[str | float | int] = [
+            self._clock(),
+            reservation_id,
+            policy.floors.get(priority, 0.0),
+            int(ttl_s * 1000),
+            policy.factor_recovery_per_s / 1000,
+            len(charges),
+        ]
+        for charge in charges:
+            args += [charge.name, charge.limit, charge.cost]
+        args.append(len(tenant_charges))
+        for charge in tenant_charges:
+            args += [charge.name, charge.limit, charge.cost]
+        status, amount, reason = self._take(keys=self._keys(deployment, tenant), args=args)
+        reason = reason.decode() if isinstance(reason, bytes) else str(reason)
+        if status == 1:
+            return Admission("granted")
+        if status == 0:
+            return Admission("wait", wait_s=int(amount) / 1000, reason=reason)
+        return Admission("never", reason=reason, limit=int(amount))
+
+    def settle(
+        self,
+        deployment: str,
+        reservation_id: str,
+        charges: Sequence[Charge],
+        settlement: Settlement,
+        *,
+        tenant: str | None = None,
+        tenant_charges: Sequence[Charge] = (),
+    ) -> bool:
+        """Give back (or take) the difference between reserved and used; learn from headers.
+        True if the reservation was still there to settle."""
+        policy = self.policy
+        args: list[str | float | int] = [
+            self._clock(),
+            reservation_id,
+            policy.factor_recovery_per_s / 1000,
+            int(settlement.pause_s * 1000),
+            1 if settlement.rate_limited else 0,
+            policy.factor_drop,
+            policy.factor_min,
+            policy.follow_tolerance,
+            len(charges),
+        ]
+        for charge in charges:
+            used = settlement.used.get(charge.name)
+            seen = settlement.observed.get(charge.name, Observed())
+            args += [
+                charge.name,
+                charge.limit,
+                -1 if used is None else used,
+                -1 if seen.limit is None else seen.limit,
+                -1 if seen.remaining is None else seen.remaining,
+            ]
+        args.append(len(tenant_charges))
+        for charge in tenant_charges:
+            used = settlement.tenant_used.get(charge.name)
+            args += [charge.name, charge.limit, -1 if used is None else used]
+        found = self._settle(keys=self._keys(deployment, tenant), args=args)
+        return bool(found)
+
+
+# --- 3. Before the call: admit -------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -55,9 +310,13 @@ def admit(
     max_inline_wait_s: float,
     sleep: Callable[[float], None],
 ) -> Ticket | Wait | TooLarge:
+    """Reserve room for one call. Short waits are spent in place (the slot stays busy for at most
+    ``2 x max_inline_wait_s``); a longer one is handed back, and the pipeline tries the next
+    deployment of the chain or parks the request in the delay queue."""
     charges = admission_charges(deployment, estimate)
     ceiling = tenant_charges(tenant, estimate)
     tenant_name = tenant.name if tenant else None
+    ttl_s = bucket.policy.reservation_ttl_s(deployment)
     waited = 0.0
     while True:
         reservation_id = f"{request_id}:{uuid.uuid4().hex[:10]}"
@@ -66,6 +325,7 @@ def admit(
             reservation_id,
             charges,
             priority=priority,
+            ttl_s=ttl_s,
             tenant=tenant_name,
             tenant_charges=ceiling,
         )
@@ -88,10 +348,41 @@ def admit(
         waited += pause
 
 
-def settle(bucket: Bucket, ticket: Ticket, settlement: Settlement) -> None:
-    """Never fails the request: a bucket we cannot reach only loses the refund (it over-throttles)."""
+# --- 4. After the call: settle -------------------------------------------------------------------
+
+
+def settlement(deployment: Deployment, estimate: Estimate, outcome: ProviderReply | CallFailed) -> Settlement:
+    """What the call really counted, limit by limit, from how it ended."""
+    observed = observed_limits(deployment, outcome.headers)
+    if isinstance(outcome, ProviderReply):
+        usage = outcome.usage
+        used = by_limit(1, counted_input_tokens(deployment, usage), usage.output_tokens)
+        return Settlement(used=used, tenant_used=used, observed=observed)
+    if outcome.status == 429:
+        # Refused at the door: nothing counted. Everyone pauses for the provider's retry-after.
+        nothing = by_limit(0, 0, 0)
+        return Settlement(
+            used=nothing,
+            tenant_used=nothing,
+            observed=observed,
+            rate_limited=True,
+            pause_s=min(outcome.retry_after_s or DEFAULT_PAUSE_S, MAX_PAUSE_S),
+        )
+    if outcome.kind == "status":
+        used = by_limit(1, estimate.prompt_tokens, 0)  # admitted, then failed: no output
+    elif outcome.kind in ("translation", "unavailable"):
+        used = by_limit(0, 0, 0)  # no call was made
+    else:
+        used = by_limit(None, None, None)  # timeouts, cut connections: it may all have counted
+    return Settlement(used=used, tenant_used=used, observed=observed)
+
+
+def settle(bucket: Bucket, ticket: Ticket, settlement: Settlement) -> bool:
+    """Never raises: a paid call's ledger row must not depend on the bucket. A bucket we cannot
+    reach only loses the refund (it over-throttles until the reservation expires). True if the
+    reservation was found and settled."""
     try:
-        bucket.settle(
+        return bucket.settle(
             ticket.deployment.name,
             ticket.reservation_id,
             ticket.charges,
@@ -101,3 +392,6 @@ def settle(bucket: Bucket, ticket: Ticket, settlement: Settlement) -> None:
         )
     except redis.RedisError as exc:
         log.warning("could not settle reservation %s (%s); it expires on its own", ticket.reservation_id, exc)
+    except Exception:  # a bug here must not lose the attempt's row either
+        log.exception("settling reservation %s failed", ticket.reservation_id)
+    return False

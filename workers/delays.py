@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 import redis
 
 from broker_config import keys
-from workers.bucket import LUA_DIR
+from workers.admission import LUA_DIR
 
 log = logging.getLogger(__name__)
 CLAIM_LEASE_MS = 60_000

@@ -1,14 +1,16 @@
 -- Record how a call to this deployment went, and open or close the breaker.
 --
 -- KEYS[1] breaker hash {dep}     KEYS[2] calls zset {dep}     KEYS[3] failures zset {dep}
---   (sliding window: member = call id, score = time in ms)
+--   (sliding window: member = call id, score = time in ms on the breaker's monotonic clock,
+--   prelude: monotonic_now, stamped as the hash's 'ts' on every call)
 -- ARGV[1] clock override (ms) or ''   ARGV[2] call id   ARGV[3] 1 if the call failed, else 0
 -- ARGV[4] window_ms   ARGV[5] fewest calls in the window before it may open
 -- ARGV[6] failure ratio that opens it (0..1)   ARGV[7] probes that must succeed to close it
 -- ARGV[8] 1 if this call was a half-open probe
 -- Returns the transition: 'opened', 'closed' or '' (none).
 local breaker, calls, failures = KEYS[1], KEYS[2], KEYS[3]
-local now = server_now_ms(ARGV[1])
+local now = monotonic_now(breaker, ARGV[1])
+redis.call('HSET', breaker, 'ts', num(now))
 local id, failed = ARGV[2], ARGV[3] == '1'
 local window, min_calls, ratio = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local needed, probe = tonumber(ARGV[7]), ARGV[8] == '1'

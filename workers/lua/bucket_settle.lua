@@ -12,8 +12,9 @@
 --
 -- Settling a reservation twice, or one that expired, gives nothing back: the books stay balanced.
 -- Returns 1 if the reservation was found, 0 if not.
+-- Time: the deployment's own monotonic clock (prelude: monotonic_now), stamped as 'ts' here.
 local bucket, resv, resv_exp, tenant = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local now = server_now_ms(ARGV[1])
+local now = monotonic_now(bucket, ARGV[1])
 local id, recover = ARGV[2], tonumber(ARGV[3])
 local pause_ms, limited = tonumber(ARGV[4]), ARGV[5] == '1'
 local drop, min_factor, tolerance = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
@@ -77,4 +78,9 @@ if limited then
   if now + pause_ms > paused then redis.call('HSET', bucket, 'pause', num(now + pause_ms)) end
 end
 redis.call('HSET', bucket, 'factor', num(factor), 'factor_ts', num(now))
+-- A settlement long after the last grant must not leave a key without expiry behind (the state
+-- Redis may run noeviction): what it wrote lives an hour, like everything bucket_take writes.
+for _, key in ipairs(m > 0 and {bucket, tenant} or {bucket}) do
+  if redis.call('PTTL', key) < 3600000 then redis.call('PEXPIRE', key, 3600000) end
+end
 return record and 1 or 0

@@ -6,15 +6,17 @@
 -- KEYS[4] tenant bucket hash        {dep}   levels of the tenant's own ceiling (may be unused)
 -- ARGV[1] clock override (ms) or ''        ARGV[2] reservation id
 -- ARGV[3] floor: fraction of each capacity this priority must leave in the bucket (0..1)
--- ARGV[4] reservation ttl (ms)             ARGV[5] factor recovery per ms
+-- ARGV[4] reservation ttl (ms): the call's own timeouts plus a margin, so it outlives the call
+-- ARGV[5] factor recovery per ms
 -- ARGV[6] n = number of deployment limits, then n triples: name, configured limit/min, cost
 -- then m = number of tenant limits, then m triples: name, limit/min, cost
 --
 -- Returns {1, 0, ''}                granted (the reservation is recorded under its id)
 --         {0, wait_ms, reason}      not now: nothing taken; try again in wait_ms
 --         {-1, limit, name}         never: the cost exceeds the limit itself
+-- Time: the deployment's own monotonic clock (prelude: monotonic_now), stamped as 'ts' on a grant.
 local bucket, resv, resv_exp, tenant = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local now = server_now_ms(ARGV[1])
+local now = monotonic_now(bucket, ARGV[1])
 local id, floor, ttl, recover = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 
 -- Reservations whose worker never settled them (it died) stop counting as in flight.
@@ -82,6 +84,7 @@ redis.call('HSET', bucket, 'factor', num(factor), 'factor_ts', num(now))
 redis.call('HINCRBY', bucket, 'n:grant', 1)
 redis.call('HSET', resv, id, num(now) .. '|' .. table.concat(charges, ',') .. '|' .. table.concat(tenant_charges, ','))
 redis.call('ZADD', resv_exp, now + ttl, id)
--- Idle deployments leave no keys behind: everything expires an hour after its last use.
-for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, 3600000) end
+-- Idle deployments leave no keys behind: everything expires an hour after its last use, or once
+-- the longest reservation has, so that no call's reservation vanishes while the call runs.
+for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, math.max(3600000, ttl)) end
 return {1, 0, ''}

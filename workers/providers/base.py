@@ -20,7 +20,7 @@ policy's job (``workers.policy``), in one place::
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
@@ -104,6 +104,20 @@ class CallFailed(Exception):
             "code": self.error_code,
             "message": self.message,
         }
+
+
+def requested_max_tokens(body: Mapping[str, Any], default: int) -> int:
+    """The output cap a canonical body asks for, or ``default`` when it names none.
+
+    Admission reserves this, and an adapter sends ``default`` when the body names no cap, so what
+    is reserved and what is sent are one number. It lives here, below both, because an adapter
+    must not import ``workers.admission`` (admission reads the adapters' replies).
+    """
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = body.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return default
 
 
 class TranslationError(ValueError):
