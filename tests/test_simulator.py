@@ -274,6 +274,19 @@ def test_429_directive_sends_the_requested_retry_after(sim: SimControl) -> None:
     assert anthropic_caught.value.response.headers["retry-after"] == "7"
 
 
+@pytest.mark.parametrize(("raw", "sent"), [("soon", "soon"), ("", ""), ("Wed%2C%2099%20Foo", "Wed, 99 Foo")])
+def test_raw_retry_after_directive_sends_the_header_verbatim(sim: SimControl, raw: str, sent: str) -> None:
+    """retry_after_raw sets retry-after to any text, percent-decoded, in both dialects: the
+    garbage a client must survive."""
+    with pytest.raises(openai.RateLimitError) as caught:
+        chat(oai(sim), f"[[sim:status=429,retry_after_raw={raw}]]")
+    assert caught.value.response.headers["retry-after"] == sent
+    assert "retry-after-ms" not in caught.value.response.headers
+    with pytest.raises(anthropic.RateLimitError) as anthropic_caught:
+        message(ant(sim), f"[[sim:status=429]] [[sim:retry_after_raw={raw}]]")
+    assert anthropic_caught.value.response.headers["retry-after"] == sent
+
+
 def test_hang_times_out_the_client_and_stops_when_it_leaves(sim: SimControl) -> None:
     with pytest.raises(openai.APITimeoutError):
         chat(oai(sim), "[[sim:hang]]", timeout=0.5)
@@ -510,9 +523,18 @@ def test_directive_parsing() -> None:
     parsed = parse_directives("x [[sim:status=429, retry_after=1.5]] y [[sim:hang]]")
     assert parsed.status == 429 and parsed.retry_after_s == 1.5 and parsed.hang and parsed.hang_s is None
     assert parse_directives("no directives here").forces_outcome is False
-    for bad in ("[[sim:status=200]]", "[[sim:stauts=500]]", "[[sim:error=other]]", "[[sim:latency_ms=x]]"):
+    for bad in (
+        "[[sim:status=200]]",
+        "[[sim:stauts=500]]",
+        "[[sim:error=other]]",
+        "[[sim:latency_ms=x]]",
+        "[[sim:retry_after_raw]]",  # no value at all (an empty one is retry_after_raw=)
+        "[[sim:retry_after_raw=a%0D%0Ab]]",  # a header value cannot hold a line break
+        "[[sim:retry_after=1,retry_after_raw=soon]]",
+    ):
         with pytest.raises(DirectiveError):
             parse_directives(bad)
+    assert parse_directives("[[sim:status=429,retry_after_raw=]]").retry_after_raw == ""
 
 
 def test_answers_are_prefixes_under_a_cap() -> None:

@@ -168,6 +168,8 @@ async def _answer(
         error = dialect.status_error(directives.status, spec.model)
         if directives.retry_after_s is not None:
             error.headers.update(dialect.retry_headers(directives.retry_after_s))
+        if directives.retry_after_raw is not None:
+            error.headers["retry-after"] = directives.retry_after_raw
         raise error
     if fault is not None:
         raise dialect.status_error(int(fault), spec.model)

@@ -2,8 +2,11 @@
 
 Directives live in the text of the last user message, e.g. ``[[sim:status=429,retry_after=2]]``
 or ``[[sim:hang]] [[sim:latency_ms=5]]``. Keys: status=<400..599>, error=context_length,
-hang or hang=<s>, latency_ms=<ms>, output_tokens=<n>, retry_after=<s>. An unknown key is a 400,
-so a typo in a test cannot pass silently.
+hang or hang=<s>, latency_ms=<ms>, output_tokens=<n>, retry_after=<s>, and
+retry_after_raw=<text>: the retry-after header of a status reply set to <text> verbatim, to see
+what clients make of a value no provider should send ("soon", "", a broken date). <text> is
+percent-decoded, so that the spaces and commas of a date can be written %20 and %2C.
+An unknown key is a 400, so a typo in a test cannot pass silently.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 from headrace.simulator.config import FaultKind
 
@@ -30,6 +34,7 @@ class Directives:
     latency_ms: float | None = None
     output_tokens: int | None = None
     retry_after_s: float | None = None
+    retry_after_raw: str | None = None
 
     @property
     def forces_outcome(self) -> bool:
@@ -45,7 +50,8 @@ def parse_directives(text: str) -> Directives:
                 values[key.strip()] = value.strip() if sep else None
     if not values:
         return Directives()
-    unknown = set(values) - {"status", "error", "hang", "latency_ms", "output_tokens", "retry_after"}
+    known = {"status", "error", "hang", "latency_ms", "output_tokens", "retry_after", "retry_after_raw"}
+    unknown = set(values) - known
     if unknown:
         raise DirectiveError(f"unknown simulator directive(s): {', '.join(sorted(unknown))}")
     status = _int(values, "status")
@@ -63,7 +69,23 @@ def parse_directives(text: str) -> Directives:
         latency_ms=_float(values, "latency_ms"),
         output_tokens=output_tokens,
         retry_after_s=_float(values, "retry_after"),
+        retry_after_raw=_raw_header(values),
     )
+
+
+def _raw_header(values: dict[str, str | None]) -> str | None:
+    if "retry_after_raw" not in values:
+        return None
+    raw = values["retry_after_raw"]
+    if raw is None:
+        raise DirectiveError("directive retry_after_raw needs a value (retry_after_raw= for an empty one)")
+    if "retry_after" in values:
+        raise DirectiveError("give retry_after or retry_after_raw, not both")
+    text = unquote(raw)
+    # A header value must stay one printable ASCII line, or the reply could not be sent at all.
+    if any(not " " <= char <= "~" for char in text):
+        raise DirectiveError("directive retry_after_raw must decode to printable ASCII")
+    return text
 
 
 def _float(values: dict[str, str | None], key: str) -> float | None:
