@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,25 +135,39 @@ class EmbeddedStack:
             flower.wait_http(f"{self.flower_url}/healthcheck", timeout_s=60)
         api.wait_http(f"{self.api_url}/readyz", timeout_s=60)
 
-    def start_worker(self, name: str, *, concurrency: int | None = None, wait: bool = True) -> ManagedProcess:
+    def start_worker(
+        self,
+        name: str,
+        *,
+        concurrency: int | None = None,
+        wait: bool = True,
+        env: dict[str, str] | None = None,
+    ) -> ManagedProcess:
         proc = self._spawn(
             name,
             ["worker", "--concurrency", str(concurrency or self.worker_concurrency), "--name", f"{name}@%h"],
             self.home / "logs",
+            env,
         )
         if wait:
             proc.wait_until(lambda: " ready." in proc.log_tail(200), timeout_s=60, what="ready")
         return proc
 
-    def _spawn(self, name: str, args: list[str], logs: Path) -> ManagedProcess:
-        proc = ManagedProcess(name, headrace_command(*args), log_dir=logs, env={**os.environ, **self.env})
+    def _spawn(
+        self, name: str, args: list[str], logs: Path, env: dict[str, str] | None = None
+    ) -> ManagedProcess:
+        proc = ManagedProcess(
+            name, headrace_command(*args), log_dir=logs, env={**os.environ, **self.env, **(env or {})}
+        )
         self.processes.append(proc)
         return proc
 
-    def restart_redis(self) -> None:
-        """Stop Redis (it writes its append-only file) and start it again on the same port."""
+    def restart_redis(self, down_s: float = 0.0) -> None:
+        """Stop Redis (it writes its append-only file), wait ``down_s``, and start it again on the
+        same port."""
         old = next(p for p in self.processes if p.name.startswith("redis-"))
         old.stop()
+        time.sleep(down_s)
         proc, _ = start_redis(self.home / "redis", port=self.redis_port, env=self.env)
         self.processes[self.processes.index(old)] = proc
 
