@@ -69,7 +69,8 @@ class AnthropicAdapter:
 
 
 def _build_client(call: ProviderCall, api_key: str) -> anthropic.Anthropic:
-    # Retries off: anthropic 2.x would otherwise sleep any retry-after inside our slot.
+    # Retries off: anthropic 2.x would otherwise sleep any retry-after inside our slot. No timeout
+    # here: each call passes its own (ClientCache keys clients on endpoint and key only).
     return anthropic.Anthropic(api_key=api_key, base_url=call.deployment.base_url, max_retries=0)
 
 

@@ -134,15 +134,17 @@ Client = TypeVar("Client")
 
 
 class ClientCache(Generic[Client]):
-    """One SDK client per endpoint, key and timeouts, shared by a worker's threads.
+    """One SDK client per endpoint and key, shared by a worker's threads.
 
     SDK clients are thread-safe and hold a connection pool, so building one per call would
-    throw the pool away every time.
+    throw the pool away every time. Timeouts are not part of the key: the pipeline clips each
+    call's timeout to its request's deadline, so a client per timeout meant a new client and a
+    pool (never closed) per attempt. Adapters pass the timeouts with each call instead.
     """
 
     def __init__(self, build: Callable[[ProviderCall, str], Client]) -> None:
         self._build = build
-        self._clients: dict[tuple[str | None, str, float, float], Client] = {}
+        self._clients: dict[tuple[str | None, str], Client] = {}
         self._lock = threading.Lock()
 
     def get(self, call: ProviderCall) -> Client:
@@ -150,7 +152,7 @@ class ClientCache(Generic[Client]):
         api_key = dep.api_key()
         if not api_key:
             raise CallFailed(f"deployment {dep.name!r}: no API key (set ${dep.key_env})", kind="unavailable")
-        key = (dep.base_url, api_key, call.timeout_s, call.connect_timeout_s)
+        key = (dep.base_url, api_key)
         with self._lock:
             client = self._clients.get(key)
             if client is None:

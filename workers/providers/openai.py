@@ -7,12 +7,22 @@ from typing import Any
 import openai
 from pydantic import ValidationError
 
-from workers.providers.base import CallFailed, ClientCache, ProviderCall, ProviderReply, Usage
+from workers.providers.base import (
+    CallFailed,
+    ClientCache,
+    ProviderCall,
+    ProviderReply,
+    Usage,
+    requested_max_tokens,
+)
 from workers.providers.headers import rate_limit_headers, retry_after_s
 
 # Keys sent as typed arguments; everything else in the canonical body rides in extra_body, so
 # fields this SDK version does not know yet still reach the endpoint unchanged.
 _TYPED = ("model", "messages")
+# Hosts that are OpenAI's own API (Azure OpenAI included), where the cap is max_completion_tokens.
+_OPENAI_HOSTS = ("api.openai.com",)
+_OPENAI_HOST_SUFFIXES = (".openai.azure.com",)
 
 
 class OpenAIAdapter:
@@ -24,12 +34,18 @@ class OpenAIAdapter:
     def complete(self, call: ProviderCall) -> ProviderReply:
         client = self._clients.get(call)
         extra = {k: v for k, v in call.body.items() if k not in _TYPED}
+        if requested_max_tokens(call.body, 0) == 0:
+            # Admission reserved this cap for an uncapped request (workers.admission.estimate_call);
+            # sent, it bounds the output to what was reserved instead of the model's own maximum.
+            extra[output_cap_field(client.base_url.host)] = call.default_max_tokens
         try:
             raw = client.chat.completions.with_raw_response.create(
                 model=call.deployment.model,
                 messages=call.body["messages"],
                 extra_body=extra,
                 extra_headers=call.headers(),
+                # Per call, not per client: the pipeline clips it to the request's deadline.
+                timeout=openai.Timeout(call.timeout_s, connect=call.connect_timeout_s),
             )
             completion = raw.parse()
             # Keep the provider's own JSON, not a re-serialisation: fields the SDK does not
@@ -60,12 +76,27 @@ class OpenAIAdapter:
         )
 
 
+def output_cap_field(host: str) -> str:
+    """The field that caps the output, for an endpoint's host.
+
+    OpenAI's own API documents ``max_tokens`` as deprecated and rejects it (400
+    unsupported_parameter) on o-series and newer models, so it gets ``max_completion_tokens``.
+    OpenAI-compatible servers (vLLM, llama.cpp, Ollama, gateways) all read ``max_tokens``, while
+    some reject ``max_completion_tokens`` as an unknown field or silently ignore it, which would
+    leave the output uncapped: they get ``max_tokens``.
+    """
+    host = host.lower()
+    if host in _OPENAI_HOSTS or host.endswith(_OPENAI_HOST_SUFFIXES):
+        return "max_completion_tokens"
+    return "max_tokens"
+
+
 def _build_client(call: ProviderCall, api_key: str) -> openai.OpenAI:
+    # No timeout here: each call passes its own (ClientCache keys clients on endpoint and key only).
     return openai.OpenAI(
         api_key=api_key,
         base_url=call.deployment.base_url,
         max_retries=0,  # our policy owns every retry, so every attempt is seen and costed
-        timeout=openai.Timeout(call.timeout_s, connect=call.connect_timeout_s),
     )
 
 
