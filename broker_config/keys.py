@@ -79,6 +79,11 @@ def webhook_lock() -> str:
     return f"{PREFIX}:lock:webhooks"
 
 
+def retention_lock() -> str:
+    """Held by the one worker purging files and results past their retention."""
+    return f"{PREFIX}:lock:retention"
+
+
 def expiry_lock() -> str:
     """Held by the one worker expiring batches past their window."""
     return f"{PREFIX}:lock:expiry"

@@ -7,6 +7,8 @@ Jobs (each safe to run twice; those that must not run on every worker at once ta
 - the lost-message sweep: a QUEUED request whose message is nowhere (not in the broker's lists, not
   reserved by a worker, not parked, not leased) goes back to the outbox;
 - batch expiry: queued requests of a batch past its window end ``expired``;
+- retention: uploaded files and results bodies past ``HEADRACE_FILE_RETENTION_DAYS`` are purged,
+  cost rows kept (``db.retention``);
 - webhook deliveries.
 
 Each group runs on its own thread, so that slow I/O in one (a webhook receiver that hangs, a
@@ -37,6 +39,7 @@ from db.batch_state import OPEN_BATCH_STATUSES, end_queued_requests
 from db.engine import Database
 from db.models import Batch
 from db.outbox import publish_pending, unpublished
+from db.retention import purge_expired
 from db.states import RequestStatus
 from db.types import utcnow
 from workers import ledger
@@ -231,3 +234,16 @@ def expire_batches(db: Database, limit: int = 100) -> int:
 
         db.transact(unit)
     return len(due)
+
+
+class RetentionSweep:
+    """Purge what is past keeping, resuming after the batches an earlier round finished."""
+
+    def __init__(self, db: Database, settings: Settings) -> None:
+        self.db, self.settings = db, settings
+        self.from_id: str | None = None
+
+    def __call__(self) -> int:
+        report = purge_expired(self.db, self.settings, from_id=self.from_id)
+        self.from_id = report.next_from_id or self.from_id
+        return report.batches_purged + report.files_deleted

@@ -20,6 +20,7 @@ from broker_config.publisher import publish_requests
 from broker_config.queues import RUN_REQUEST_TASK
 from broker_config.settings import Settings, get_settings
 from db.engine import get_database
+from db.retention import SUGGESTED_INTERVAL_S
 from db.states import Priority
 from workers.admission import Bucket, BucketPolicy
 from workers.breaker import Breaker, BreakerPolicy, FallbackCounter
@@ -29,6 +30,7 @@ from workers.housekeeping import (
     Job,
     LostMessageSweep,
     OrphanSweep,
+    RetentionSweep,
     expire_batches,
     sweep_unpublished,
 )
@@ -141,6 +143,7 @@ def housekeepers(deps: Deps) -> list[Housekeeper]:
             keys.lost_message_lock(),
         ),
         Job("expiry", 5.0, lambda: expire_batches(db), keys.expiry_lock()),
+        Job("retention", SUGGESTED_INTERVAL_S, RetentionSweep(db, settings), keys.retention_lock()),
     ]
     return [
         Housekeeper(
