@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import replace
 from decimal import Decimal
 
 import pytest
 from alembic import command
-from sqlalchemy import select
+from sqlalchemy import create_engine, select, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from api.batch_input import BatchLine
 from api.batch_service import BatchSpec, cancel_batch, create_batch
 from broker_config.celery_app import configure
 from broker_config.settings import Settings
-from db.engine import Database
+from db.engine import Database, is_transient
 from db.migrate import alembic_config
-from db.models import ApiKey, Attempt, Batch, LlmRequest
+from db.models import ApiKey, Attempt, Batch, LlmRequest, Tenant
 from db.states import AttemptOutcome, BatchStatus, Priority, RequestStatus
 from db.tenants import create_api_key, tenant_for_key
+from db.types import utcnow
+from headrace.embedded import free_port
+from tests.infra.postgres import PostgresCluster
 from workers import ledger
 from workers.providers.base import Usage
 
@@ -294,3 +302,78 @@ def test_cancel_and_workers_share_one_lock_order(db: Database, round_no: int) ->
 def tenant_of(db: Database, batch_id: str) -> str:
     with db.session() as session:
         return session.get(Batch, batch_id).tenant_id  # type: ignore[union-attr]
+
+
+def test_only_failures_worth_retrying_are_retried(database_url: str) -> None:
+    """A duplicate key is the caller's bug and raised at once, even when its message says
+    "connection" (the words once decided it); a dropped or refused connection, a deadlock or
+    SQLite's lock is worth running the unit again. Decided by SQLSTATE class and SQLite result
+    code, never by the message's words."""
+    db = Database(database_url)
+    create_api_key(db, "connection lost")
+    started = time.monotonic()
+    with pytest.raises(IntegrityError) as duplicate:
+        db.transact(lambda s: s.add(Tenant(id="t_2", name="connection lost", created_at=utcnow())))
+    assert not is_transient(duplicate.value) and time.monotonic() - started < 1
+    if db.dialect == "sqlite":
+        holder = sqlite3.connect(make_url(database_url).database or "", isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        impatient = create_engine(database_url, connect_args={"timeout": 0})
+        with pytest.raises(OperationalError) as locked, impatient.begin() as conn:
+            conn.exec_driver_sql("INSERT INTO tenants (id, name, created_at) VALUES ('x', 'x', '2026-01-01')")
+        holder.rollback()
+        holder.close()
+        impatient.dispose()
+        assert is_transient(locked.value)
+    else:
+        refused = Database(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/none")
+        with pytest.raises(OperationalError) as down:
+            refused.transact(lambda s: s.execute(text("SELECT 1")), hold_s=0)
+        assert is_transient(down.value)
+        assert is_transient(_deadlock(db))
+    db.dispose()
+
+
+def _deadlock(db: Database) -> DBAPIError:
+    """Two transactions that lock two rows in opposite orders: PostgreSQL kills one of them."""
+    create_api_key(db, "a"), create_api_key(db, "b")
+    barrier, failures = threading.Barrier(2), []
+
+    def lock(first: str, second: str) -> None:
+        try:
+            with db.engine.begin() as conn:
+                conn.execute(text("SELECT 1 FROM tenants WHERE name = :n FOR UPDATE"), {"n": first})
+                barrier.wait()
+                conn.execute(text("SELECT 1 FROM tenants WHERE name = :n FOR UPDATE"), {"n": second})
+        except DBAPIError as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=lock, args=pair) for pair in (("a", "b"), ("b", "a"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(failures) == 1
+    return failures[0]
+
+
+def test_a_write_is_held_through_a_postgresql_outage(
+    make_database_url: Callable[[str], str], postgres_cluster: PostgresCluster | None
+) -> None:
+    """PostgreSQL stops for 4 s: a write given a 30 s hold waits it out and lands once."""
+    if postgres_cluster is None or not postgres_cluster.restartable:
+        pytest.skip("needs a PostgreSQL cluster the tests can stop and start")
+    db = Database(make_database_url("postgresql"))
+    create_api_key(db, "before")
+    postgres_cluster.stop()
+    timer = threading.Timer(4, postgres_cluster.start)
+    timer.start()
+    started = time.monotonic()
+    try:
+        db.transact(lambda s: s.add(Tenant(id="t_held", name="held", created_at=utcnow())), hold_s=30)
+    finally:
+        timer.join()
+    assert 3.5 < time.monotonic() - started < 30
+    with db.session() as session:
+        assert session.scalars(select(Tenant.name).where(Tenant.id == "t_held")).all() == ["held"]
+    db.dispose()
