@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Callable
 from typing import Any
+
+from api.gc_pause import enforce_bound
 
 # Any depth a real request needs is far below this; deeper would also break json.dumps when the
 # line is stored (the interpreter's recursion limit is shared by the encoder and the caller).
 MAX_JSON_DEPTH = 64
 NESTED_TOO_DEEP = f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
+YIELD_EVERY_ITEMS = 128  # hand the GIL to the event loop this often (see api/batch_input.py)
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 _DECODER = json.JSONDecoder()
 
@@ -70,6 +74,9 @@ def _array(text: str, pos: int, key: str, on_item: Callable[[int, Any], None]) -
             raise JsonBodyError(NESTED_TOO_DEEP, index, f"{key}[{index}]")
         on_item(index, item)
         index += 1
+        if index % YIELD_EVERY_ITEMS == 0:
+            time.sleep(0)
+            enforce_bound()
         pos = _skip(text, pos)
         if text.startswith(",", pos):
             pos = _skip(text, pos + 1)

@@ -26,11 +26,12 @@ from api.compat.anthropic_wire import WireError, messages_params_to_chat
 from api.context import AppContext, Context, CurrentTenant, ReadSession
 from api.errors import ApiError, not_found
 from api.files_service import ensure_results_kept
+from api.gc_pause import gc_paused
 from api.json_body import JsonBodyError, decode_object
 from api.routes.batches import accept_batch
 from api.schemas import list_page
 from api.webhook_settings import checked_webhook_url
-from db.models import Batch
+from db.models import Batch, Tenant
 from db.states import Priority
 from db.types import utcnow
 
@@ -81,7 +82,10 @@ def _parse(context: AppContext, raw: bytes) -> tuple[list[BatchLine], dict[str, 
     seen: set[str] = set()
     try:
         members = decode_object(raw, "requests", lambda i, item: lines.append(_line(context, i, item, seen)))
-    except JsonBodyError as exc:
+    except BaseException as exc:
+        lines.clear()  # freed in this thread, not on the loop with the traceback
+        if not isinstance(exc, JsonBodyError):
+            raise
         message = str(exc) if exc.index is None else f"requests.{exc.index}: {exc.reason}"
         raise ApiError(400, "invalid_request", message) from None
     if "requests" not in members or not lines:
@@ -98,6 +102,13 @@ async def create(
     request: Request, context: Context, tenant: CurrentTenant, background: BackgroundTasks
 ) -> dict[str, Any]:
     _require_version(request)
+    with gc_paused():  # see api/gc_pause.py: no full collections over a batch being read
+        return await _create(request, context, tenant, background)
+
+
+async def _create(
+    request: Request, context: AppContext, tenant: Tenant, background: BackgroundTasks
+) -> dict[str, Any]:
     lines, metadata = await run_in_threadpool(_parse, context, await request.body())
     try:
         priority = Priority(metadata.get("headrace_priority", Priority.DEFAULT))

@@ -12,14 +12,15 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from api import batch_service
-from api.batch_input import BatchLine, BatchValidator, lines_from_stream
+from api.batch_input import BatchLine, BatchValidator, lines_from_stream, release
 from api.context import AppContext, Context, CurrentTenant, ReadSession
 from api.errors import ApiError
 from api.files_service import ensure_results_kept
+from api.gc_pause import gc_paused
 from api.json_body import NESTED_TOO_DEEP, JsonBodyError, decode_object, too_deep
 from api.schemas import BatchList, BatchOut, CreateBatchIn
 from api.webhook_settings import checked_webhook_url
-from db.models import Batch
+from db.models import Batch, Tenant
 from db.states import Priority
 
 router = APIRouter(prefix="/v1", tags=["batches"])
@@ -75,7 +76,10 @@ def _json_batch(context: AppContext, raw: bytes) -> tuple[CreateBatchIn, list[Ba
     validator = BatchValidator(context.config, context.settings.max_batch_lines, where="requests")
     try:
         members = decode_object(raw, "requests", lambda index, obj: validator.add_object(index + 1, obj))
-    except JsonBodyError as exc:
+    except BaseException as exc:
+        validator.lines.clear()  # freed in this thread, not on the loop with the traceback
+        if not isinstance(exc, JsonBodyError):
+            raise
         where = None if exc.index is None else [{"line": exc.index + 1, "param": None, "message": str(exc)}]
         raise ApiError(400, "invalid_request", str(exc), errors=where) from None
     try:
@@ -109,6 +113,13 @@ async def create_batch(
 ) -> BatchOut:
     """Submit a batch as JSON ``{requests, priority, metadata}``, or as JSONL (a raw body, or a
     multipart ``file`` field; priority and metadata then come as query or form fields)."""
+    with gc_paused():  # see api/gc_pause.py: no full collections over a batch being read
+        return await _create_batch(request, context, tenant, background)
+
+
+async def _create_batch(
+    request: Request, context: AppContext, tenant: Tenant, background: BackgroundTasks
+) -> BatchOut:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     params: dict[str, Any] = dict(request.query_params)
     if content_type == "application/json":
@@ -149,7 +160,13 @@ async def accept_batch(
     """Commit the batch; publish it before answering when small, after answering when large (the
     commit already guarantees it runs: a crash before publishing leaves it to the sweep)."""
     publish_now = len(lines) <= INLINE_PUBLISH_MAX
-    batch = await run_in_threadpool(batch_service.create_batch, context.db, spec, lines, publish=publish_now)
+    try:
+        batch = await run_in_threadpool(
+            batch_service.create_batch, context.db, spec, lines, publish=publish_now
+        )
+    finally:
+        if not publish_now:
+            await run_in_threadpool(release, lines)
     if not publish_now:
         background.add_task(batch_service.publish_batch, context.db, batch.id)
     return batch

@@ -14,8 +14,9 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-def healthz() -> dict[str, str]:
-    """The process answers."""
+async def healthz() -> dict[str, str]:
+    """The process answers. Async: it must not wait for a thread-pool slot (or the GIL hand-offs
+    one costs) while uploads are parsed there."""
     return {"status": "ok"}
 
 

@@ -29,6 +29,7 @@ from api.compat.openai_objects import (
 from api.context import AppContext, Context, CurrentTenant, ReadSession
 from api.errors import ApiError, not_found
 from api.files_service import BatchFile
+from api.gc_pause import gc_paused
 from api.routes.batches import accept_batch
 from api.schemas import list_page
 from api.webhook_settings import checked_webhook_url
@@ -194,8 +195,7 @@ def _lines_from_file(
     validator = BatchValidator(context.config, context.settings.max_batch_lines)
     splitter = LineSplitter(context.settings.max_line_bytes)
     try:
-        for line_no, raw in [*splitter.feed(content), *splitter.close()]:
-            validator.add_json_line(line_no, raw)
+        validator.add_json_lines([*splitter.feed(content), *splitter.close()])
         lines = validator.finish()
     except ApiError as refused:
         # OpenAI creates the batch and fails it, with the reasons, rather than answer 4xx.
@@ -248,10 +248,11 @@ async def create_batch(
         input_file_id=payload.input_file_id,
         webhook_url=await checked_webhook_url(context, metadata.get("headrace_webhook_url")),
     )
-    lines = await run_in_threadpool(_lines_from_file, context, spec, payload.input_file_id)
-    if isinstance(lines, Batch):
-        return batch_object(lines)
-    return batch_object(await accept_batch(context, spec, lines, background))
+    with gc_paused():  # see api/gc_pause.py: no full collections over a batch being read
+        lines = await run_in_threadpool(_lines_from_file, context, spec, payload.input_file_id)
+        if isinstance(lines, Batch):
+            return batch_object(lines)
+        return batch_object(await accept_batch(context, spec, lines, background))
 
 
 def _openai_batch(session: Any, tenant_id: str, batch_id: str) -> Batch:
