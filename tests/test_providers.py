@@ -113,9 +113,7 @@ def test_a_hung_call_is_cut_at_its_timeout_and_retried(provider: str, sim: SimCo
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
 def test_a_refused_connection_is_retried(provider: str) -> None:
     failure = _run(provider, f"http://127.0.0.1:{free_port()}")
-    assert (
-        isinstance(failure, CallFailed) and failure.kind == "connection" and decide(failure) is RETRY
-    )
+    assert isinstance(failure, CallFailed) and failure.kind == "connection" and decide(failure) is RETRY
 
 
 def test_a_deployment_without_its_key_falls_back(monkeypatch: pytest.MonkeyPatch, sim: SimControl) -> None:
@@ -128,9 +126,7 @@ def test_a_deployment_without_its_key_falls_back(monkeypatch: pytest.MonkeyPatch
 def test_a_request_anthropic_cannot_express_fails_without_a_call(sim: SimControl) -> None:
     """n=2 has no Anthropic equivalent: the request's fault, decided before any call is made."""
     failure = _run("anthropic", sim.url, n=2)
-    assert (
-        isinstance(failure, CallFailed) and failure.kind == "translation" and decide(failure) is FAIL
-    )
+    assert isinstance(failure, CallFailed) and failure.kind == "translation" and decide(failure) is FAIL
     assert sum(sim.stats()["received"].values()) == 0
 
 
