@@ -11,6 +11,7 @@ from api.body_limit import BodyLimitMiddleware
 from api.context import AppContext
 from api.errors import install_error_handlers
 from api.log_redaction import redact_access_log
+from api.openapi import install_openapi
 from api.routes import anthropic_compat, batches, deployments, health, openai_compat, webhooks
 from broker_config.celery_app import configure as configure_broker
 from broker_config.deployments import load_config
@@ -46,6 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(webhooks.router)
     app.include_router(openai_compat.router)
     app.include_router(anthropic_compat.router)
+    install_openapi(app)
     # Everything imported and built so far lives as long as the process: out of the collector's
     # sight, a full collection walks only what requests create (it walked ~1M start-up objects,
     # 100+ ms of held GIL, the first time one ran under load).

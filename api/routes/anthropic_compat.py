@@ -28,6 +28,7 @@ from api.errors import ApiError, not_found
 from api.files_service import ensure_results_kept
 from api.gc_pause import gc_paused
 from api.json_body import JsonBodyError, decode_object
+from api.openapi import errors, stream
 from api.routes.batches import accept_batch
 from api.schemas import list_page
 from api.webhook_settings import checked_webhook_url
@@ -39,6 +40,30 @@ router = APIRouter(prefix="/anthropic/v1/messages/batches", tags=["anthropic-com
 CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 WINDOW_S = 24 * 3600
 METADATA_MAX_BYTES = 16_384
+CREATE_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["requests"],
+                    "properties": {
+                        "requests": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["custom_id", "params"],
+                                "properties": {"custom_id": {"type": "string"}, "params": {"type": "object"}},
+                            },
+                        },
+                        "metadata": {"type": "object"},
+                    },
+                }
+            }
+        },
+    }
+}
 
 
 def _base_url(context: AppContext, request: Request) -> str:
@@ -97,7 +122,7 @@ def _parse(context: AppContext, raw: bytes) -> tuple[list[BatchLine], dict[str, 
     return lines, metadata
 
 
-@router.post("")
+@router.post("", responses=errors("anthropic"), openapi_extra=CREATE_BODY)
 async def create(
     request: Request, context: Context, tenant: CurrentTenant, background: BackgroundTasks
 ) -> dict[str, Any]:
@@ -135,7 +160,7 @@ def _own(session: Session, tenant_id: str, batch_id: str) -> Batch:
     return batch
 
 
-@router.get("")
+@router.get("", responses=errors("anthropic"))
 def list_batches(
     request: Request,
     session: ReadSession,
@@ -158,14 +183,14 @@ def list_batches(
     return list_page(data, has_more)
 
 
-@router.get("/{batch_id}")
+@router.get("/{batch_id}", responses=errors("anthropic", 404))
 def retrieve(
     batch_id: str, request: Request, session: ReadSession, context: Context, tenant: CurrentTenant
 ) -> dict[str, Any]:
     return message_batch(_own(session, tenant.id, batch_id), _base_url(context, request))
 
 
-@router.post("/{batch_id}/cancel")
+@router.post("/{batch_id}/cancel", responses=errors("anthropic", 404))
 async def cancel(batch_id: str, request: Request, context: Context, tenant: CurrentTenant) -> dict[str, Any]:
     with context.db.session() as session:
         _own(session, tenant.id, batch_id)
@@ -173,7 +198,7 @@ async def cancel(batch_id: str, request: Request, context: Context, tenant: Curr
     return message_batch(batch, _base_url(context, request))
 
 
-@router.delete("/{batch_id}")
+@router.delete("/{batch_id}", responses=errors("anthropic", 404))
 async def delete(batch_id: str, context: Context, tenant: CurrentTenant) -> dict[str, Any]:
     """Gone from this API once ended; the ledger keeps its requests and costs (the native API still
     shows it)."""
@@ -188,7 +213,14 @@ async def delete(batch_id: str, context: Context, tenant: CurrentTenant) -> dict
     return {"id": batch_id, "type": "message_batch_deleted"}
 
 
-@router.get("/{batch_id}/results")
+@router.get(
+    "/{batch_id}/results",
+    response_class=StreamingResponse,
+    responses={
+        **stream("application/x-jsonl", "One result line per request."),
+        **errors("anthropic", 404, 410),
+    },
+)
 def results(
     batch_id: str, session: ReadSession, context: Context, tenant: CurrentTenant
 ) -> StreamingResponse:

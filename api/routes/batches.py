@@ -18,6 +18,7 @@ from api.errors import ApiError
 from api.files_service import ensure_results_kept
 from api.gc_pause import gc_paused
 from api.json_body import NESTED_TOO_DEEP, JsonBodyError, decode_object, too_deep
+from api.openapi import errors, stream
 from api.schemas import BatchList, BatchOut, CreateBatchIn
 from api.webhook_settings import checked_webhook_url
 from db.models import Batch, Tenant
@@ -27,6 +28,45 @@ router = APIRouter(prefix="/v1", tags=["batches"])
 JSONL_TYPES = ("application/jsonl", "application/x-ndjson", "application/x-jsonlines", "text/plain")
 READ_CHUNK = 1 << 16
 INLINE_PUBLISH_MAX = 2000  # larger batches are published right after the answer
+_LINE = {"type": "object", "properties": {"custom_id": {"type": "string"}, "body": {"type": "object"}}}
+# The route reads its body itself (streamed, checked line by line), so FastAPI cannot infer it.
+CREATE_BATCH_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["requests"],
+                    "properties": {
+                        "requests": {"type": "array", "items": _LINE},
+                        "priority": {"type": "string", "enum": [p.value for p in Priority]},
+                        "metadata": {"type": ["object", "null"]},
+                        "completion_window_s": {
+                            "type": ["integer", "null"],
+                            "minimum": 60,
+                            "maximum": 604800,
+                        },
+                        "webhook_url": {"type": ["string", "null"]},
+                    },
+                }
+            },
+            "application/jsonl": {"schema": {"type": "string", "description": "{custom_id, body} lines"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "priority": {"type": "string"},
+                        "metadata": {"type": "string", "description": "A JSON object."},
+                        "webhook_url": {"type": "string"},
+                    },
+                }
+            },
+        },
+    }
+}
 
 
 def _priority(value: str | None) -> Priority:
@@ -107,7 +147,13 @@ async def _upload_chunks(upload: UploadFile) -> Any:
         yield chunk
 
 
-@router.post("/batches", status_code=201, response_model=BatchOut)
+@router.post(
+    "/batches",
+    status_code=201,
+    response_model=BatchOut,
+    responses=errors("native", 415),
+    openapi_extra=CREATE_BATCH_BODY,
+)
 async def create_batch(
     request: Request, context: Context, tenant: CurrentTenant, background: BackgroundTasks
 ) -> BatchOut:
@@ -172,7 +218,7 @@ async def accept_batch(
     return batch
 
 
-@router.get("/batches", response_model=BatchList)
+@router.get("/batches", response_model=BatchList, responses=errors("native"))
 def list_batches(
     session: ReadSession,
     tenant: CurrentTenant,
@@ -190,12 +236,12 @@ def list_batches(
     )
 
 
-@router.get("/batches/{batch_id}", response_model=BatchOut)
+@router.get("/batches/{batch_id}", response_model=BatchOut, responses=errors("native", 404))
 def get_batch(batch_id: str, session: ReadSession, tenant: CurrentTenant) -> BatchOut:
     return BatchOut.of(batch_service.get_batch(session, tenant.id, batch_id))
 
 
-@router.post("/batches/{batch_id}/cancel", response_model=BatchOut)
+@router.post("/batches/{batch_id}/cancel", response_model=BatchOut, responses=errors("native", 404))
 async def cancel_batch(batch_id: str, context: Context, tenant: CurrentTenant) -> BatchOut:
     """Queued requests end ``cancelled`` at once; calls in flight finish; then the batch ends
     ``cancelled`` with whatever finished in its results."""
@@ -203,7 +249,11 @@ async def cancel_batch(batch_id: str, context: Context, tenant: CurrentTenant) -
     return BatchOut.of(batch)
 
 
-@router.get("/batches/{batch_id}/results")
+@router.get(
+    "/batches/{batch_id}/results",
+    response_class=StreamingResponse,
+    responses={**stream("application/jsonl", "One result line per request."), **errors("native", 404, 410)},
+)
 def batch_results(
     batch_id: str, session: ReadSession, context: Context, tenant: CurrentTenant
 ) -> StreamingResponse:

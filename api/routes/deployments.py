@@ -9,12 +9,13 @@ from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
 from api.context import Context, CurrentTenant
+from api.openapi import errors
 from broker_config.bucket_state import delayed_requests, read_fallbacks, read_state
 
 router = APIRouter(prefix="/v1", tags=["deployments"])
 
 
-@router.get("/deployments")
+@router.get("/deployments", responses=errors("native"))
 async def list_deployments(context: Context, tenant: CurrentTenant) -> dict[str, Any]:
     """Per deployment: limits (configured, learned from the provider, effective), what is left,
     what calls in flight hold, pause and rate factor after 429s, circuit breaker, and counters;

@@ -5,22 +5,36 @@ from __future__ import annotations
 import redis
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
 from api.context import Context
+from api.openapi import errors
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
+class Readiness(BaseModel):
+    status: str
+    checks: dict[str, str]
+
+
+@router.get("/healthz", responses=errors("native", authenticated=False))
 async def healthz() -> dict[str, str]:
     """The process answers. Async: it must not wait for a thread-pool slot (or the GIL hand-offs
     one costs) while uploads are parsed there."""
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={
+        503: {"model": Readiness, "description": "Not ready: a check failed."},
+        **errors("native", authenticated=False),
+    },
+)
 async def readyz(context: Context) -> JSONResponse:
     """The database and Redis are reachable: this process can accept work."""
     checks: dict[str, str] = {}

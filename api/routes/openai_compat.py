@@ -30,6 +30,7 @@ from api.context import AppContext, Context, CurrentTenant, ReadSession
 from api.errors import ApiError, not_found
 from api.files_service import BatchFile
 from api.gc_pause import gc_paused
+from api.openapi import errors, stream
 from api.routes.batches import accept_batch
 from api.schemas import list_page
 from api.webhook_settings import checked_webhook_url
@@ -40,6 +41,25 @@ from db.types import utcnow
 router = APIRouter(prefix="/openai/v1", tags=["openai-compatible"])
 PURPOSES = {"assistants", "batch", "fine-tune", "vision", "user_data", "evals"}
 WINDOW_S = 24 * 3600
+UPLOAD_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file", "purpose"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "purpose": {"type": "string", "enum": ["batch"]},
+                        "expires_after[anchor]": {"type": "string", "enum": ["created_at"]},
+                        "expires_after[seconds]": {"type": "integer", "minimum": 3600, "maximum": 2592000},
+                    },
+                }
+            }
+        },
+    }
+}
 
 
 class BatchCreate(BaseModel):
@@ -68,7 +88,7 @@ def _check_metadata(metadata: dict[str, str] | None) -> None:
 # --- files -------------------------------------------------------------------------------------
 
 
-@router.post("/files")
+@router.post("/files", responses=errors("openai"), openapi_extra=UPLOAD_BODY)
 async def upload_file(request: Request, context: Context, tenant: CurrentTenant) -> dict[str, Any]:
     form = await request.form()
     purpose, upload = form.get("purpose"), form.get("file")
@@ -125,7 +145,7 @@ def _expires_at(context: AppContext, anchor: object, seconds: object) -> datetim
     return utcnow() + min(timedelta(seconds=asked), keep)
 
 
-@router.get("/files")
+@router.get("/files", responses=errors("openai"))
 def list_files(
     session: ReadSession,
     context: Context,
@@ -153,7 +173,7 @@ def _batch_file_lines(context: AppContext, file: BatchFile) -> Any:
     return batch_service.iter_jsonl(context.db, file.batch.id, output_line, statuses)
 
 
-@router.get("/files/{file_id}")
+@router.get("/files/{file_id}", responses=errors("openai", 404, 410))
 def retrieve_file(
     file_id: str, session: ReadSession, context: Context, tenant: CurrentTenant
 ) -> dict[str, Any]:
@@ -163,7 +183,11 @@ def retrieve_file(
     return file_object(file)
 
 
-@router.get("/files/{file_id}/content")
+@router.get(
+    "/files/{file_id}/content",
+    response_class=StreamingResponse,
+    responses={**stream("application/octet-stream", "The file's bytes."), **errors("openai", 404, 410)},
+)
 def file_content(
     file_id: str, session: ReadSession, context: Context, tenant: CurrentTenant
 ) -> StreamingResponse:
@@ -172,7 +196,7 @@ def file_content(
     return StreamingResponse(content, media_type="application/octet-stream")
 
 
-@router.delete("/files/{file_id}")
+@router.delete("/files/{file_id}", responses=errors("openai", 404))
 async def delete_file(file_id: str, context: Context, tenant: CurrentTenant) -> dict[str, Any]:
     await run_in_threadpool(files_service.delete_file, context.db, context.settings, tenant.id, file_id)
     return {"id": file_id, "object": "file", "deleted": True}
@@ -217,7 +241,7 @@ def _lines_from_file(
     return lines
 
 
-@router.post("/batches")
+@router.post("/batches", responses=errors("openai", 404))
 async def create_batch(
     payload: BatchCreate, context: Context, tenant: CurrentTenant, background: BackgroundTasks
 ) -> dict[str, Any]:
@@ -262,7 +286,7 @@ def _openai_batch(session: Any, tenant_id: str, batch_id: str) -> Batch:
     return batch
 
 
-@router.get("/batches")
+@router.get("/batches", responses=errors("openai"))
 def list_batches(
     session: ReadSession,
     tenant: CurrentTenant,
@@ -274,12 +298,12 @@ def list_batches(
     return list_page(data, has_more)
 
 
-@router.get("/batches/{batch_id}")
+@router.get("/batches/{batch_id}", responses=errors("openai", 404))
 def retrieve_batch(batch_id: str, session: ReadSession, tenant: CurrentTenant) -> dict[str, Any]:
     return batch_object(_openai_batch(session, tenant.id, batch_id))
 
 
-@router.post("/batches/{batch_id}/cancel")
+@router.post("/batches/{batch_id}/cancel", responses=errors("openai", 404))
 async def cancel_batch(batch_id: str, context: Context, tenant: CurrentTenant) -> dict[str, Any]:
     with context.db.session() as session:
         _openai_batch(session, tenant.id, batch_id)

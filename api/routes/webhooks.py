@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.context import Context, CurrentTenant, ReadSession
 from api.errors import not_found
+from api.openapi import errors
 from api.schemas import list_page
 from db.models import WebhookAttempt, WebhookDelivery
 from db.types import utcnow
@@ -54,7 +55,7 @@ def _own(session: Session, tenant_id: str, delivery_id: str) -> WebhookDelivery:
     return delivery
 
 
-@router.get("/deliveries")
+@router.get("/deliveries", responses=errors("native"))
 def list_deliveries(
     session: ReadSession,
     tenant: CurrentTenant,
@@ -73,7 +74,7 @@ def list_deliveries(
     return list_page(data, len(found) > limit)
 
 
-@router.get("/deliveries/{delivery_id}")
+@router.get("/deliveries/{delivery_id}", responses=errors("native", 404))
 def get_delivery(delivery_id: str, session: ReadSession, tenant: CurrentTenant) -> dict[str, Any]:
     """One delivery with every attempt made."""
     delivery = _own(session, tenant.id, delivery_id)
@@ -87,7 +88,7 @@ def get_delivery(delivery_id: str, session: ReadSession, tenant: CurrentTenant) 
     return _delivery(delivery, attempts)
 
 
-@router.post("/deliveries/{delivery_id}/redeliver")
+@router.post("/deliveries/{delivery_id}/redeliver", responses=errors("native", 404))
 async def redeliver(delivery_id: str, context: Context, tenant: CurrentTenant) -> dict[str, Any]:
     """One more attempt now, whatever its state, with the same webhook-id (a receiver can tell it is
     the same event). A delivery that had already spent its retries stays failed if this fails."""
