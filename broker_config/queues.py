@@ -41,6 +41,11 @@ def broker_lists() -> list[str]:
 
 
 def broker_unacked_key() -> str:
-    """kombu's hash of delivered, unacknowledged messages (reserved or running in some worker);
-    its default name, which we never change."""
+    """kombu's hash of delivered, unacknowledged messages (reserved or running in some worker):
+    delivery tag -> message. Its default name, which we never change."""
     return "unacked"
+
+
+def broker_unacked_index_key() -> str:
+    """kombu's sorted set of those delivery tags, scored by when each was delivered (epoch s)."""
+    return "unacked_index"

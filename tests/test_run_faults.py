@@ -202,38 +202,41 @@ def test_the_orphan_sweep_requeues_a_dead_run_only_once_its_lease_stays_gone(
     assert _state(deps, revived)[0].status == "running"
 
 
-def test_the_lost_message_sweep_requeues_only_what_is_nowhere(
+def test_the_lost_message_sweep_requeues_only_what_no_live_worker_will_take(
     deps: Deps, client: redis_lib.Redis, private_redis: PrivateRedis
 ) -> None:
-    """Five queued requests published long ago: one waits in a broker list, one was delivered to a
-    worker that has not acknowledged it (kombu's unacked hash), one is parked in the delay queue,
-    one is leased by a run about to begin, and one has no message anywhere. Only the last goes back
-    to the outbox, and only once it has been missing for the confirmation time."""
-    waiting, reserved, parked, leased, lost = _submit(deps, "single", n=5)
+    """Six queued requests published long ago: one waits in a broker list, one was just delivered
+    to a worker that is about to start it (kombu's unacked hash), one is parked in the delay
+    queue, one is leased by a run about to begin, one has no message anywhere, and one was
+    delivered long ago to a worker that died with it (kombu would give it back only after the
+    30-minute visibility timeout). The last two go back to the outbox, and only once they have
+    stayed so for the confirmation time."""
+    waiting, reserved, parked, leased, lost, taken_away = _submit(deps, "single", n=6)
     client.delete(*broker_lists())  # as if every message the batch's submission sent were lost
     with deps.db.write() as session:
-        for row in session.query(LlmRequest).filter(
-            LlmRequest.id.in_([waiting, reserved, parked, leased, lost])
-        ):
+        for row in session.query(LlmRequest).filter(LlmRequest.batch_id == _state(deps, lost)[2].id):
             row.published_at = row.created_at.replace(year=2000)
-    publish_requests([(reserved, "default")])
     with app.connection_for_read() as connection:
         taken: list[object] = []
         queues = [q for q in app.amqp.queues.values() if q.name in ALL_QUEUES]
         with Consumer(
-            connection, queues=queues, callbacks=[lambda _body, msg: taken.append(msg)], prefetch_count=1
+            connection, queues=queues, callbacks=[lambda _body, msg: taken.append(msg)], prefetch_count=2
         ):
+            publish_requests([(taken_away, "default")])
+            connection.drain_events(timeout=5)
+            time.sleep(2.1)  # delivered 2 s ago, never started: its worker is gone
+            publish_requests([(reserved, "default")])
             connection.drain_events(timeout=5)
             # Delivered and not acknowledged: in kombu's unacked hash, in no list.
-            assert len(taken) == 1 and client.hlen(broker_unacked_key()) == 1
+            assert len(taken) == 2 and client.hlen(broker_unacked_key()) == 2
             assert sum(client.llen(name) for name in broker_lists()) == 0
             publish_requests([(waiting, "default")])
             deps.delays.park(parked, "default", 300)
             assert deps.leases.acquire(leased) is not None
-            sweep = LostMessageSweep(deps.db, client, deps.leases, older_than_s=1.0)
+            sweep = LostMessageSweep(deps.db, client, deps.leases, older_than_s=2.0)
             assert sweep() == 0  # one sighting is not proof
-            time.sleep(0.6)
-            assert sweep() == 1
-    states = {rid: _state(deps, rid)[0] for rid in (waiting, reserved, parked, leased, lost)}
-    assert states[lost].published_at is None
+            time.sleep(1.1)
+            assert sweep() == 2
+    states = {rid: _state(deps, rid)[0] for rid in (waiting, reserved, parked, leased, lost, taken_away)}
+    assert states[lost].published_at is None and states[taken_away].published_at is None
     assert all(states[rid].published_at is not None for rid in (waiting, reserved, parked, leased))

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import cast
 
 import redis
 from kombu.exceptions import KombuError as BrokerError
@@ -33,7 +34,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from broker_config import keys
-from broker_config.queues import broker_lists, broker_unacked_key
+from broker_config.queues import broker_lists, broker_unacked_index_key, broker_unacked_key
 from broker_config.settings import Settings
 from db.batch_state import OPEN_BATCH_STATUSES, end_queued_requests
 from db.engine import Database
@@ -164,9 +165,10 @@ class OrphanSweep:
 
 
 class LostMessageSweep:
-    """Requeue QUEUED requests whose message is nowhere: decided from positive evidence (not in
-    the broker's lists, not reserved or running in a worker, not parked, no live lease), not from
-    empty queues."""
+    """Requeue QUEUED requests whose message is nowhere a live worker will take it from: decided
+    from positive evidence (not in the broker's lists, not just delivered to a worker, not parked,
+    no live lease), not from empty queues. Covers messages Redis lost and messages a killed worker
+    took with it."""
 
     def __init__(self, db: Database, client: redis.Redis, leases: Leases, older_than_s: float) -> None:
         self.db, self.redis, self.leases = db, client, leases
@@ -201,19 +203,28 @@ class LostMessageSweep:
         return returned
 
     def _broker_messages(self) -> bytes | None:
-        """Every message the broker holds for workers (waiting or delivered but unacked), as one
-        blob to search request ids in; None when the lists are too long to read now."""
+        """Every message the broker holds for a live worker, as one blob to search request ids in:
+        waiting in its lists, or delivered within ``older_than_s``. A worker starts a message as
+        soon as it is delivered (one per thread), and the run takes its lease at once; a message
+        delivered longer ago to a request still QUEUED and unleased belongs to a worker that died
+        with it, and kombu would give it back only after the visibility timeout (30 minutes).
+        None when the lists are too long to read now."""
         lists = broker_lists()
         pipe = self.redis.pipeline(transaction=False)
         for name in lists:
             pipe.llen(name)
         if sum(pipe.execute()) > BROKER_SCAN_LIMIT:
             return None
+        recent = cast(
+            list[bytes],
+            self.redis.zrangebyscore(broker_unacked_index_key(), time.time() - self.older_than_s, "+inf"),
+        )
         pipe = self.redis.pipeline(transaction=False)
         for name in lists:
             pipe.lrange(name, 0, -1)
-        pipe.hvals(broker_unacked_key())
-        return b"\n".join(item for items in pipe.execute() for item in items)
+        if recent:
+            pipe.hmget(broker_unacked_key(), recent)
+        return b"\n".join(item for items in pipe.execute() for item in items if item)
 
 
 def expire_batches(db: Database, limit: int = 100) -> int:
