@@ -47,9 +47,7 @@ def _batch(db: Database, n: int = 2) -> tuple[str, list[str]]:
     return batch.id, ids
 
 
-CLAIM = ledger.Claim(
-    estimate_lost=lambda *_: Decimal("0.5"), estimated_output_tokens=lambda _body: 100, max_deliveries=8
-)
+CLAIM = ledger.Claim(estimate_lost=lambda *_: (100, Decimal("0.5")), max_deliveries=8)
 
 
 def _start(

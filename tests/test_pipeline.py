@@ -29,8 +29,8 @@ from db.states import Priority
 from db.tenants import create_api_key
 from headrace.embedded import free_port
 from tests.simulator_fixture import SimControl
+from workers.admission import Bucket
 from workers.breaker import Breaker, FallbackCounter
-from workers.bucket import Bucket
 from workers.delays import DelayQueue
 from workers.leases import Leases
 from workers.pipeline import Deps, run_request

@@ -29,8 +29,9 @@ from workers.providers.base import Usage
 
 log = logging.getLogger(__name__)
 
-# Cost of a call whose run died: (deployment name, estimated input, estimated output) -> USD.
-LostCostEstimator = Callable[[str, int, int], Decimal | None]
+# A call whose run died: (deployment name, estimated input tokens, request body) ->
+# (estimated output tokens, estimated cost in USD or None when no price is known).
+LostCallEstimator = Callable[[str, int, dict[str, Any]], tuple[int, Decimal | None]]
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,7 @@ class RequestEnd:
 class Claim:
     """How to judge what an earlier, dead run of a request left behind."""
 
-    estimate_lost: LostCostEstimator
-    estimated_output_tokens: Callable[[dict[str, Any]], int]
+    estimate_lost: LostCallEstimator
     max_deliveries: int  # runs that never ended cleanly before the request is called poison
 
 
@@ -104,9 +104,10 @@ def _mark_lost_attempts(
         .where(Attempt.request_id == request.id, Attempt.outcome == AttemptOutcome.IN_FLIGHT)
         .with_for_update()
     ).all()
-    output_tokens = claim.estimated_output_tokens(request.body)
     for attempt in in_flight:
-        cost = claim.estimate_lost(attempt.deployment, attempt.estimated_input_tokens, output_tokens)
+        output_tokens, cost = claim.estimate_lost(
+            attempt.deployment, attempt.estimated_input_tokens, request.body
+        )
         attempt.outcome = AttemptOutcome.LOST
         attempt.ended_at = now
         attempt.cost_usd = cost

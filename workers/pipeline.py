@@ -31,6 +31,7 @@ from db.types import utcnow
 from workers import ledger
 from workers.admission import (
     DEFAULT_PAUSE_S,
+    MAX_PAUSE_S,
     Bucket,
     Estimate,
     Ticket,
@@ -127,8 +128,7 @@ def _hand_back(deps: Deps, request_id: str, token: str | None, *, clean: bool) -
 
 def recovery_claim(deps: Deps) -> ledger.Claim:
     return ledger.Claim(
-        estimate_lost=partial(_estimate_cost, deps.config),
-        estimated_output_tokens=lambda body: requested_max_tokens(body, deps.settings.default_max_tokens),
+        estimate_lost=partial(_estimate_lost_call, deps.config, deps.settings.default_max_tokens),
         max_deliveries=deps.settings.max_deliveries,
     )
 
@@ -328,7 +328,7 @@ def _retry_delay(
     if failure.status == 429 and decision is RETRY:
         # The bucket now holds every worker back for the provider's retry-after: this request
         # moves down the chain, or waits in the delay queue, rather than spend its attempts.
-        walk.busy(Wait(failure.retry_after_s or DEFAULT_PAUSE_S, "rate_limited"))
+        walk.busy(Wait(min(failure.retry_after_s or DEFAULT_PAUSE_S, MAX_PAUSE_S), "rate_limited"))
         walk.failures.append(error)
         return None
     if decision is FALL_BACK or final:
@@ -440,11 +440,18 @@ def call_provider(adapter: ProviderAdapter, call: ProviderCall) -> ProviderReply
         return CallFailed(f"{type(exc).__name__}: {exc}", kind="invalid_reply")
 
 
-def _estimate_cost(
-    config: DeploymentsConfig, deployment: str, tokens_in: int, tokens_out: int
-) -> Decimal | None:
+def _estimate_lost_call(
+    config: DeploymentsConfig,
+    default_max_tokens: int,
+    deployment: str,
+    input_tokens: int,
+    body: dict[str, Any],
+) -> tuple[int, Decimal | None]:
+    """A call whose run died: the output admission reserved for it (max_tokens x n, the
+    deployment's own cap when the request gives none), and what that would cost."""
     try:
         dep = config.deployment(deployment)
     except KeyError:
-        return None
-    return call_cost_usd(dep, Usage(tokens_in, tokens_out))
+        return requested_max_tokens(body, default_max_tokens), None
+    output_tokens = estimate_call(dep, body, default_max_tokens).output_tokens
+    return output_tokens, call_cost_usd(dep, Usage(input_tokens, output_tokens))
