@@ -70,3 +70,17 @@ def test_the_openai_snippet(stack: EmbeddedStack, tmp_path: Path) -> None:
 def test_the_anthropic_snippet(stack: EmbeddedStack, tmp_path: Path) -> None:
     printed = run(snippet("import anthropic"), stack, tmp_path)
     assert printed.strip() == "q1 succeeded"
+
+
+def test_every_test_the_guarantees_table_names_exists() -> None:
+    """The README's Guarantees table names the tests that prove each promise: each module and
+    test it names is there, so the table cannot quietly point at a test that was renamed away."""
+    section = README.split("## Guarantees", 1)[1].split("\n## ", 1)[0]
+    tests_dir = Path(__file__).resolve().parent
+    named = re.findall(r"`(test_\w+)(?:::(test_\w+))?", section)
+    assert len(named) > 10
+    for module, test in named:
+        source = tests_dir / f"{module}.py"
+        assert source.exists(), f"README names {module}, which is not a test module"
+        if test:
+            assert re.search(rf"^def {test}\(", source.read_text(), re.M), f"{module} has no {test}"
