@@ -14,7 +14,7 @@ import pytest
 from broker_config.deployments import Deployment
 from tests.simulator_fixture import SimControl
 from workers.admission import DEFAULT_PAUSE_S, MAX_PAUSE_S, Estimate, estimate_call, settlement
-from workers.pipeline import call_provider
+from workers.attempts import call_provider
 from workers.providers.anthropic import AnthropicAdapter
 from workers.providers.base import CallFailed, ProviderAdapter, ProviderCall, ProviderReply
 from workers.providers.headers import retry_after_s

@@ -1,0 +1,327 @@
+"""Attempts on one deployment of a route's chain, one call at a time: reserve room in its bucket,
+write the attempt row, call, record the call in the ledger first, then tell Redis (best-effort).
+
+``Deps`` (everything a run needs) and ``Walk`` (what a run's walk down its chain has learned) live
+here, below ``workers.pipeline``, which walks the chain.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any
+
+import redis
+
+from broker_config.deployments import Deployment, DeploymentsConfig, Route
+from broker_config.settings import Settings
+from db.engine import Database
+from db.states import AttemptOutcome, RequestStatus
+from db.types import utcnow
+from workers import ledger
+from workers.admission import (
+    DEFAULT_PAUSE_S,
+    MAX_PAUSE_S,
+    Bucket,
+    Estimate,
+    Ticket,
+    TooLarge,
+    Wait,
+    admit,
+    estimate_call,
+    settle,
+    settlement,
+)
+from workers.breaker import Breaker, FallbackCounter, Permit, is_provider_failure
+from workers.costing import call_cost_usd
+from workers.delays import DelayQueue
+from workers.leases import Lease, Leases
+from workers.policy import FAIL, FALL_BACK, RETRY, Decision, backoff_s, decide
+from workers.providers.base import CallFailed, ProviderAdapter, ProviderCall, ProviderReply
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Deps:
+    """Everything a run needs; tests build their own."""
+
+    db: Database
+    config: DeploymentsConfig
+    settings: Settings
+    adapters: Mapping[str, ProviderAdapter]
+    bucket: Bucket
+    delays: DelayQueue
+    breaker: Breaker
+    leases: Leases
+    fallbacks: FallbackCounter
+    worker: str  # this process's name on the attempts it makes
+    sleep: Callable[[float], None] = field(default=time.sleep)
+
+
+@dataclass
+class Walk:
+    """One run's walk down its route's chain, and what it has learned so far."""
+
+    run: ledger.RunStart
+    lease: Lease
+    route: Route
+    deadline: datetime  # no call starts after this: the batch's window, or the route's deadline
+    over: bool = False  # the request ended, or this run no longer owns it: stop here
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    soonest_room_s: float | None = None  # the shortest wait a busy deployment asked for
+    attempts: int = 0  # the request's attempts so far, all runs included
+
+    def busy(self, wait: Wait) -> None:
+        if self.soonest_room_s is None or wait.seconds < self.soonest_room_s:
+            self.soonest_room_s = wait.seconds
+
+
+def end_without_call(
+    deps: Deps,
+    run: ledger.RunStart,
+    lease: Lease,
+    status: RequestStatus,
+    error: dict[str, Any],
+    deployment: str | None = None,
+) -> None:
+    end = ledger.RequestEnd(status, error=error, deployment=deployment)
+    ledger.end_run(deps.db, run.request_id, lease.token, end)
+
+
+def try_deployment(walk: Walk, deployment: Deployment, deps: Deps) -> None:
+    """Attempts on one deployment until it answers, the request ends, or the chain must go on."""
+    settings = deps.settings
+    max_attempts = walk.route.max_attempts_per_deployment or settings.max_attempts_per_deployment
+    call = ProviderCall(
+        deployment=deployment,
+        body=walk.run.body,
+        timeout_s=deployment.timeout_s or settings.call_timeout_s,
+        connect_timeout_s=deployment.connect_timeout_s or settings.connect_timeout_s,
+        default_max_tokens=deployment.max_output_tokens or settings.default_max_tokens,
+    )
+    estimate = estimate_call(deployment, walk.run.body, settings.default_max_tokens)
+    for retry_no in range(max_attempts):
+        failed = _attempt(walk, call, estimate, deps)
+        if failed is None:
+            return
+        failure, decision = failed
+        delay = _retry_delay(
+            walk, deployment, failure, decision, retry_no, final=retry_no + 1 == max_attempts, deps=deps
+        )
+        if delay is None:
+            return
+        deps.sleep(delay)
+
+
+def _attempt(
+    walk: Walk, call: ProviderCall, estimate: Estimate, deps: Deps
+) -> tuple[CallFailed, Decision] | None:
+    """One call, if one may be made now: reserve room, write the attempt row, call, record.
+    Returns the failure and the policy's decision when the call failed and the request goes on
+    (``walk.over`` tells a stop from a move down the chain when it returns None)."""
+    deployment = call.deployment
+    left_s = (walk.deadline - utcnow()).total_seconds()
+    if left_s <= 0:
+        message = (
+            "its deadline passed" if walk.deadline < walk.run.expires_at else "the batch's window passed"
+        )
+        end_without_call(
+            deps, walk.run, walk.lease, RequestStatus.EXPIRED, {"kind": "expired", "message": message}
+        )
+        walk.over = True
+        return None
+    permit = deps.breaker.allow(deployment.name)
+    if not permit.allowed:
+        walk.busy(Wait(permit.wait_s, "circuit_open"))  # an open breaker: do not wait, go on
+        return None
+    ticket = _reserve(walk, deployment, estimate, deps)
+    if ticket is None:
+        return None
+    attempt_no = None
+    if not walk.lease.lost:
+        attempt_no = ledger.begin_attempt(
+            deps.db,
+            walk.run.request_id,
+            walk.lease.token,
+            deployment=deployment.name,
+            provider=deployment.provider,
+            model=deployment.model,
+            estimated_input_tokens=estimate.prompt_tokens,
+            worker=deps.worker,
+        )
+    if attempt_no is None:  # the request ended elsewhere, was cancelled, or is no longer ours
+        settle(
+            deps.bucket,
+            ticket,
+            settlement(deployment, estimate, CallFailed("not called", kind="unavailable")),
+        )
+        walk.over = True
+        return None
+    walk.attempts = attempt_no
+    started = time.monotonic()
+    # A call never outlives the request's deadline.
+    timed = replace(
+        call,
+        timeout_s=max(0.1, min(call.timeout_s, left_s)),
+        attempt_id=f"{walk.run.request_id}:{attempt_no}",
+    )
+    outcome = call_provider(deps.adapters[deployment.provider], timed)
+    latency_ms = round((time.monotonic() - started) * 1000)
+    decision = _record(walk, deployment, attempt_no, outcome, latency_ms, deps)  # first, and held
+    _after_call(deps, ticket, estimate, outcome, permit, f"{walk.run.request_id}:{attempt_no}")
+    if decision is None or walk.over:
+        return None
+    assert isinstance(outcome, CallFailed)
+    return outcome, decision
+
+
+def _reserve(walk: Walk, deployment: Deployment, estimate: Estimate, deps: Deps) -> Ticket | None:
+    """Room in the deployment's bucket, or None (the chain goes on: it is busy, or too small)."""
+    ticket = admit(
+        deps.bucket,
+        deployment,
+        estimate,
+        request_id=walk.run.request_id,
+        priority=walk.run.priority,
+        tenant=deps.config.tenant_limits(walk.run.tenant),
+        max_inline_wait_s=deps.settings.bucket_max_inline_wait_s,
+        sleep=deps.sleep,
+    )
+    if isinstance(ticket, Wait):
+        walk.busy(ticket)
+        return None
+    if isinstance(ticket, TooLarge):
+        walk.failures.append({"kind": "too_large", "deployment": deployment.name, "message": ticket.message})
+        return None
+    return ticket
+
+
+def _retry_delay(
+    walk: Walk,
+    deployment: Deployment,
+    failure: CallFailed,
+    decision: Decision,
+    retry_no: int,
+    *,
+    final: bool,
+    deps: Deps,
+) -> float | None:
+    """How long to wait before the same deployment is tried again; None: go down the chain."""
+    error = outcome_error(failure, deployment, walk.attempts)
+    if failure.status == 429 and decision is RETRY:
+        # The bucket now holds every worker back for the provider's retry-after: this request
+        # moves down the chain, or waits in the delay queue, rather than spend its attempts.
+        walk.busy(Wait(min(failure.retry_after_s or DEFAULT_PAUSE_S, MAX_PAUSE_S), "rate_limited"))
+        walk.failures.append(error)
+        return None
+    if decision is FALL_BACK or final:
+        walk.failures.append(error)
+        return None
+    settings = deps.settings
+    delay = backoff_s(
+        retry_no,
+        base_s=settings.backoff_base_s,
+        max_s=settings.backoff_max_s,
+        retry_after_s=failure.retry_after_s,
+    )
+    if delay > settings.max_inline_wait_s:
+        # Holding a worker slot this long starves every other request; let the chain go on.
+        walk.failures.append({**error, "message": f"{error['message']} (asked to wait {delay:.0f}s)"})
+        return None
+    return delay
+
+
+def outcome_error(outcome: CallFailed, deployment: Deployment, attempt_no: int) -> dict[str, Any]:
+    return {**outcome.as_error(), "deployment": deployment.name, "attempt": attempt_no}
+
+
+def _record(
+    walk: Walk,
+    deployment: Deployment,
+    attempt_no: int,
+    outcome: ProviderReply | CallFailed,
+    latency_ms: int,
+    deps: Deps,
+) -> Decision | None:
+    """Write the attempt (and, when it decides the request, its end). The policy's decision for a
+    failed call; None for an answer. Sets ``walk.over`` when the request ended or is not ours."""
+    if isinstance(outcome, ProviderReply):
+        result = ledger.AttemptResult(
+            AttemptOutcome.SUCCESS,
+            latency_ms,
+            http_status=outcome.http_status,
+            usage=outcome.usage,
+            cost_usd=call_cost_usd(deployment, outcome.usage),
+            provider_request_id=outcome.provider_request_id,
+        )
+        end = ledger.RequestEnd(RequestStatus.SUCCEEDED, response=outcome.body, deployment=deployment.name)
+        ledger.finish_attempt(deps.db, walk.run.request_id, walk.lease.token, attempt_no, result, end)
+        walk.over = True
+        return None
+    decision = decide(outcome)
+    error = outcome_error(outcome, deployment, attempt_no)
+    result = ledger.AttemptResult(
+        decision,
+        latency_ms,
+        http_status=outcome.status,
+        error=error,
+        provider_request_id=outcome.provider_request_id,
+    )
+    log.info(
+        "request %s attempt %d on %s: %s -> %s",
+        walk.run.request_id,
+        attempt_no,
+        deployment.name,
+        outcome.message[:200],
+        decision,
+    )
+    ends = ledger.RequestEnd(RequestStatus.FAILED, error=error, deployment=deployment.name)
+    fails = decision is FAIL
+    owned = ledger.finish_attempt(
+        deps.db, walk.run.request_id, walk.lease.token, attempt_no, result, ends if fails else None
+    )
+    walk.over = fails or not owned
+    return decision
+
+
+def _after_call(
+    deps: Deps,
+    ticket: Ticket,
+    estimate: Estimate,
+    outcome: ProviderReply | CallFailed,
+    permit: Permit,
+    call_id: str,
+) -> None:
+    """Tell Redis how the call went: best-effort, after the ledger has the call."""
+    deployment = ticket.deployment
+    settle(deps.bucket, ticket, settlement(deployment, estimate, outcome))
+    best_effort(
+        "breaker",
+        deps.breaker.record,
+        deployment.name,
+        call_id,
+        failed=is_provider_failure(outcome),
+        probe=permit.probe,
+    )
+
+
+def best_effort(what: str, fn: Callable[..., object], *args: Any, **kwargs: Any) -> None:
+    try:
+        fn(*args, **kwargs)
+    except redis.RedisError as exc:
+        log.warning("%s not updated: Redis unreachable (%s)", what, exc)
+
+
+def call_provider(adapter: ProviderAdapter, call: ProviderCall) -> ProviderReply | CallFailed:
+    """The call, with every failure turned into a ``CallFailed``: never raises."""
+    try:
+        return adapter.complete(call)
+    except CallFailed as failure:
+        return failure
+    except Exception as exc:  # an adapter bug must not lose the request or its attempt row
+        log.exception("adapter %s raised %s", adapter.name, type(exc).__name__)
+        return CallFailed(f"{type(exc).__name__}: {exc}", kind="invalid_reply")
