@@ -69,6 +69,12 @@ def lost_message_lock() -> str:
     return f"{PREFIX}:lock:lost-messages"
 
 
+def suspects(sweep: str) -> str:
+    """Hash: what a sweep has seen in a suspicious state -> first seen (server ms), shared by
+    whichever worker runs the sweep next."""
+    return f"{PREFIX}:suspects:{sweep}"
+
+
 def fallbacks() -> str:
     """Hash: "route|deployment" -> times the route's chain fell back to that deployment."""
     return f"{PREFIX}:fallbacks"

@@ -23,9 +23,9 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import cast
+from typing import Any, cast
 
 import redis
 from kombu.exceptions import KombuError as BrokerError
@@ -121,24 +121,33 @@ def sweep_unpublished(db: Database, settings: Settings) -> int:
         log.info("publisher sweep: published %d request(s) that had not been", len(pending))
 
 
-@dataclass
 class Suspects:
-    """Requests seen in a suspicious state, with when that was first seen. One sighting is not
-    proof: a lease whose key Redis lost in a restart is written again by its keeper within a
-    quarter TTL, and a message moves from the broker's list to its unacked hash in two steps."""
+    """Requests seen in a suspicious state, with when that was first seen (Redis server time). One
+    sighting is not proof: a lease whose key Redis lost in a restart is written again by its keeper
+    within a quarter TTL, and a message moves from the broker's list to its unacked hash in two
+    steps. Kept in Redis, so that whichever worker holds the sweep's lock next goes on from the
+    last sighting instead of starting over."""
 
-    confirm_s: float
-    clock: Callable[[], float] = time.monotonic
-    first_seen: dict[tuple[str, str | None], float] = field(default_factory=dict)
+    def __init__(self, client: redis.Redis, key: str, confirm_s: float) -> None:
+        self.redis, self.key = client, key
+        self.confirm_ms = confirm_s * 1000
 
-    def confirmed(self, now_suspect: set[tuple[str, str | None]]) -> list[tuple[str, str | None]]:
+    def confirmed(self, now_suspect: set[str]) -> list[str]:
         """Record this sighting; those suspect on every sighting for ``confirm_s`` at least."""
-        now = self.clock()
-        self.first_seen = {key: self.first_seen.get(key, now) for key in now_suspect}
-        return [key for key, first in self.first_seen.items() if now - first >= self.confirm_s]
+        seconds, micros = self.redis.time()
+        now = seconds * 1000 + micros / 1000
+        stored = cast(dict[bytes, bytes], self.redis.hgetall(self.key))
+        first_seen = {item: float(stored.get(item.encode(), now)) for item in now_suspect}
+        pipe = self.redis.pipeline()
+        pipe.delete(self.key)
+        if first_seen:
+            pipe.hset(self.key, mapping=cast(dict[Any, Any], first_seen))
+            pipe.pexpire(self.key, int(self.confirm_ms * 10 + 60_000))
+        pipe.execute()
+        return [item for item, first in first_seen.items() if now - first >= self.confirm_ms]
 
-    def cleared(self, key: tuple[str, str | None]) -> None:
-        self.first_seen.pop(key, None)
+    def cleared(self, item: str) -> None:
+        self.redis.hdel(self.key, item)
 
 
 class OrphanSweep:
@@ -146,19 +155,24 @@ class OrphanSweep:
 
     def __init__(self, db: Database, leases: Leases, claim: ledger.Claim, confirm_s: float) -> None:
         self.db, self.leases, self.claim = db, leases, claim
-        self.suspects = Suspects(confirm_s)
+        self.suspects = Suspects(leases.redis, keys.suspects("orphans"), confirm_s)
 
     def __call__(self) -> int:
         running = ledger.running_leases(self.db)
         holders = self.leases.holders(running)
-        dead = {(rid, token) for rid, token in running.items() if token is None or holders.get(rid) != token}
+        dead = {
+            f"{rid}|{token or ''}"
+            for rid, token in running.items()
+            if token is None or holders.get(rid) != token
+        }
         returned = 0
-        for request_id, token in self.suspects.confirmed(dead):
+        for item in self.suspects.confirmed(dead):
+            request_id, _, token = item.partition("|")
             # One request per transaction: a sweep holding several request rows could deadlock
             # with workers that lock one request and then its batch.
-            if ledger.requeue_orphan(self.db, request_id, token, self.claim):
+            if ledger.requeue_orphan(self.db, request_id, token or None, self.claim):
                 returned += 1
-            self.suspects.cleared((request_id, token))
+            self.suspects.cleared(item)
         if returned:
             log.warning("%d running request(s) had lost their run; requeued", returned)
         return returned
@@ -173,7 +187,7 @@ class LostMessageSweep:
     def __init__(self, db: Database, client: redis.Redis, leases: Leases, older_than_s: float) -> None:
         self.db, self.redis, self.leases = db, client, leases
         self.older_than_s = older_than_s
-        self.suspects = Suspects(confirm_s=older_than_s / 2)
+        self.suspects = Suspects(client, keys.suspects("lost-messages"), confirm_s=older_than_s / 2)
 
     def __call__(self) -> int:
         candidates = ledger.queued_published_before(self.db, self.older_than_s)
@@ -188,16 +202,16 @@ class LostMessageSweep:
         for request_id, priority in candidates:
             pipe.zscore(keys.delayed_requests(), f"{priority}|{request_id}")
         parked = pipe.execute()
-        missing: set[tuple[str, str | None]] = {
-            (request_id, None)
+        missing = {
+            request_id
             for (request_id, _), score in zip(candidates, parked, strict=True)
             if score is None and holders.get(request_id) is None and request_id.encode() not in seen
         }
         returned = 0
-        for key in self.suspects.confirmed(missing):
-            if ledger.hand_back(self.db, key[0], None, clean=True):
+        for request_id in self.suspects.confirmed(missing):
+            if ledger.hand_back(self.db, request_id, None, clean=True):
                 returned += 1
-            self.suspects.cleared(key)
+            self.suspects.cleared(request_id)
         if returned:
             log.warning("%d queued request(s) had no message anywhere; requeued", returned)
         return returned
