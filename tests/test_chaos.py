@@ -24,6 +24,8 @@ from tests.test_end_to_end import lines
 
 REQUESTS = 1000
 
+pytestmark = pytest.mark.slow  # a stack under load for tens of seconds
+
 
 @pytest.fixture(scope="module")
 def stack(

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from headrace.embedded import headrace_command
 
@@ -33,6 +34,7 @@ def _processes_of(home: Path) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_demo_runs_a_batch_prints_its_bill_and_stops_everything(tmp_path: Path) -> None:
     home = tmp_path / "demo"
     done = subprocess.run(
@@ -50,6 +52,7 @@ def test_demo_runs_a_batch_prints_its_bill_and_stops_everything(tmp_path: Path) 
     assert _processes_of(home) == []
 
 
+@pytest.mark.slow
 def test_demo_keep_running_serves_until_ctrl_c(tmp_path: Path) -> None:
     """--keep-running prints the URLs and a working key; Ctrl-C stops every process it started."""
     home = tmp_path / "demo"

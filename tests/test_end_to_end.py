@@ -88,6 +88,7 @@ def stack(
         stack.stop()
 
 
+@pytest.mark.slow
 def test_300_requests_over_two_priorities_and_routes_come_back_once_each_with_their_cost(
     stack: EmbeddedStack, http: httpx.Client
 ) -> None:

@@ -141,6 +141,7 @@ UPLOADS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("path", "content_type"), UPLOADS)
 def test_a_300_mb_streamed_body_is_cut_at_the_cap(
     app: FastAPI, headers: dict[str, str], path: str, content_type: str

@@ -355,6 +355,7 @@ def _deadlock(db: Database) -> DBAPIError:
     return failures[0]
 
 
+@pytest.mark.slow
 def test_a_write_is_held_through_a_postgresql_outage(
     make_database_url: Callable[[str], str], postgres_cluster: PostgresCluster | None
 ) -> None:

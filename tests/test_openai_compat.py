@@ -285,6 +285,7 @@ def test_a_signed_webhook_is_retried_until_it_is_taken(
     hook.wait_for(4)
 
 
+@pytest.mark.slow
 def test_redirects_are_not_followed_and_retries_are_bounded(
     http: httpx.Client, receiver: Callable[..., Receiver]
 ) -> None:

@@ -51,6 +51,7 @@ def _starts(stack: EmbeddedStack, batch_id: str) -> list[datetime]:
         )
 
 
+@pytest.mark.slow
 def test_interactive_requests_overtake_queued_bulk_ones_and_flower_sees_it(
     stack: EmbeddedStack, http: httpx.Client
 ) -> None:

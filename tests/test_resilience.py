@@ -24,6 +24,8 @@ from tests.test_end_to_end import lines, wait_ended
 
 BREAKER_WINDOW_S, BREAKER_OPEN_S = 10, 3
 
+pytestmark = pytest.mark.slow  # a stack under load for tens of seconds
+
 CONFIG = """
 [[deployments]]
 name = "primary"

@@ -146,6 +146,7 @@ def test_a_delivery_while_the_run_lives_does_nothing_and_after_it_died_takes_ove
     assert attempts[0].cost_estimated and attempts[0].cost_usd is not None and _calls(sim) == 1
 
 
+@pytest.mark.slow
 def test_the_keeper_keeps_leases_alive_writes_back_lost_ones_and_notices_a_takeover(tmp_path: Path) -> None:
     """Refreshed every quarter TTL on its own connection; after a restart of a Redis that kept
     nothing, the keeper writes the lease again within the TTL; a lease another run holds is
