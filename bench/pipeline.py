@@ -2,6 +2,7 @@
 
     python bench/pipeline.py --requests 2000 --workers 1 --concurrency 32 --latency-ms 50
     python bench/pipeline.py --database-url postgresql+psycopg://user@host/db   # production ledger
+    python bench/pipeline.py --workers 8 --concurrency 4 --database-url ... --lock-waits   # hot rows
 
 Prints a Markdown table row: acceptance time, wall time to the batch's end, requests/s,
 provider calls, worker CPU seconds (user+system, all worker processes) and CPU ms per request.
@@ -10,6 +11,7 @@ provider calls, worker CPU seconds (user+system, all worker processes) and CPU m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -20,7 +22,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.measure import cpu_seconds, wait_batch
+from bench.measure import LockWaitSampler, cpu_seconds, wait_batch
 from headrace.stack import EmbeddedStack
 
 
@@ -46,6 +48,11 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=50.0, help="simulated provider latency")
     parser.add_argument("--database-url", default=None, help="default: a fresh SQLite file")
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument(
+        "--lock-waits",
+        action="store_true",
+        help="PostgreSQL only: sample how many sessions wait on a row lock while the batch runs",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="headrace-bench-") as home:
@@ -64,15 +71,17 @@ def main() -> None:
             with httpx.Client(
                 base_url=stack.api_url, headers={"Authorization": f"Bearer {stack.api_key}"}, timeout=300
             ) as http:
+                sampler = LockWaitSampler(stack.env["HEADRACE_DATABASE_URL"]) if args.lock_waits else None
                 started = time.monotonic()
-                response = http.post(
-                    "/v1/batches", content=body, headers={"Content-Type": "application/jsonl"}
-                )
-                response.raise_for_status()
-                accepted_s = time.monotonic() - started
-                batch_id = response.json()["id"]
-                view = wait_batch(http, batch_id, timeout_s=args.timeout, poll_s=0.1)
-                wall_s = time.monotonic() - started
+                with sampler or contextlib.nullcontext():
+                    response = http.post(
+                        "/v1/batches", content=body, headers={"Content-Type": "application/jsonl"}
+                    )
+                    response.raise_for_status()
+                    accepted_s = time.monotonic() - started
+                    batch_id = response.json()["id"]
+                    view = wait_batch(http, batch_id, timeout_s=args.timeout, poll_s=0.1)
+                    wall_s = time.monotonic() - started
                 download_started = time.monotonic()
                 lines = sum(1 for _ in http.get(f"/v1/batches/{batch_id}/results").iter_lines())
                 download_s = time.monotonic() - download_started
@@ -92,6 +101,8 @@ def main() -> None:
         f"| {args.latency_ms:.0f} ms | {accepted_s:.2f} s | {wall_s:.1f} s | {done / wall_s:.0f} | {calls} "
         f"| {cpu_s:.1f} s | {cpu_s / max(done, 1) * 1000:.1f} ms | {download_s:.2f} s |"
     )
+    if sampler is not None:
+        print(sampler.summary())
 
 
 if __name__ == "__main__":
