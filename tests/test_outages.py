@@ -207,9 +207,10 @@ def test_housekeeping_blocked_for_a_minute_loses_no_lease_and_pays_nothing_twice
         attempts = _assert_each_call_once_and_costed(stack, [batch])
         assert len(attempts) == 200, "no request was run twice"
         assert all(r.deliveries == 1 for r in _requests(stack, [batch]))
-        assert receiver.connections and not any(
-            "taken over" in p.log_tail(2000) for p in stack.workers_running()
-        )
+        # No run was declared dead, by a sweep or by a takeover (the old heartbeat, which shared its
+        # thread with the webhook, let the other worker requeue about 30 live requests here).
+        logs = " ".join(p.log_tail(5000) for p in stack.workers_running())
+        assert receiver.connections and "had lost their run" not in logs and "taken over" not in logs
     finally:
         set_tenant_webhook_url(get_database(database_url), "demo", None)
         receiver.close()
