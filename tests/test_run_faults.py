@@ -146,6 +146,28 @@ def test_a_delivery_while_the_run_lives_does_nothing_and_after_it_died_takes_ove
     assert attempts[0].cost_estimated and attempts[0].cost_usd is not None and _calls(sim) == 1
 
 
+def test_a_duplicate_of_a_request_handed_back_meanwhile_comes_back_instead_of_being_dropped(
+    deps: Deps, sim: SimControl, client: redis_lib.Redis
+) -> None:
+    """A run has just handed its request back to the queue but not yet let go of its lease, and a
+    delivery of that request arrives: it is not dropped (it may be the message the request needs)
+    but parked for a moment, so the request can never be left queued with no message anywhere."""
+    (rid,) = _submit(deps, "single")
+    lease = deps.leases.acquire(rid)
+    assert lease is not None
+    ledger.begin_run(deps.db, rid, lease.token, recovery_claim(deps))
+    assert ledger.defer_run(deps.db, rid, lease.token)  # handed back; the lease is still held
+    run_request(rid, deps)
+    assert client.zscore(keys.delayed_requests(), f"default|{rid}") is not None
+    assert _state(deps, rid)[0].status == "queued" and _calls(sim) == 0
+    deps.leases.release(lease)
+    client.zadd(keys.delayed_requests(), {f"default|{rid}": 0})  # its moment has passed
+    published: list[tuple[str, str]] = []
+    assert deps.delays.publish_due(published.extend) == 1 and published == [(rid, "default")]
+    run_request(rid, deps)
+    assert _state(deps, rid)[0].status == "succeeded" and _calls(sim) == 1
+
+
 @pytest.mark.slow
 def test_the_keeper_keeps_leases_alive_writes_back_lost_ones_and_notices_a_takeover(tmp_path: Path) -> None:
     """Refreshed every quarter TTL on its own connection; after a restart of a Redis that kept

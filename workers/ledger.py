@@ -305,8 +305,8 @@ def end_run(db: Database, request_id: str, lease: str, end: RequestEnd) -> None:
 
 
 def defer_run(db: Database, request_id: str, lease: str) -> bool:
-    """Hand a running request back to the queue; it waits in the delay queue meanwhile (parked
-    before this is called, so that it is never QUEUED with no message anywhere)."""
+    """Hand a running request back to the queue, to wait in the delay queue (the caller parks it
+    there once this returned True)."""
 
     def unit(session: Session) -> bool:
         request = _lock_request(session, request_id)
@@ -362,6 +362,15 @@ def requeue_orphan(db: Database, request_id: str, dead_lease: str | None, claim:
         return True
 
     return db.transact(unit)
+
+
+def queued_priority(db: Database, request_id: str) -> str | None:
+    """The request's priority if it is QUEUED (waiting for a delivery), else None."""
+    with db.session() as session:
+        row = session.execute(
+            select(LlmRequest.status, LlmRequest.priority).where(LlmRequest.id == request_id)
+        ).one_or_none()
+    return row.priority if row is not None and row.status == RequestStatus.QUEUED else None
 
 
 def running_leases(db: Database, limit: int = 5000) -> dict[str, str | None]:

@@ -34,6 +34,7 @@ from workers.providers.base import Usage
 __all__ = ["Deps", "longest_call_s", "longest_run_s", "recovery_claim", "run_request"]
 
 log = logging.getLogger(__name__)
+DUPLICATE_RETRY_S = 1.0
 
 
 def run_request(request_id: str, deps: Deps) -> None:
@@ -46,7 +47,7 @@ def run_request(request_id: str, deps: Deps) -> None:
         _hand_back(deps, request_id, None, clean=True)
         return
     if lease is None:
-        log.info("request %s is running elsewhere; this delivery is a duplicate", request_id)
+        _duplicate(deps, request_id)
         return
     try:
         run = ledger.begin_run(deps.db, request_id, lease.token, recovery_claim(deps))
@@ -61,6 +62,19 @@ def run_request(request_id: str, deps: Deps) -> None:
         _hand_back(deps, request_id, lease.token, clean=False)
     finally:
         deps.leases.release(lease)
+
+
+def _duplicate(deps: Deps, request_id: str) -> None:
+    """A delivery of a request another run holds the lease of. Dropped while that run owns it
+    (the run decides its fate) or once it has ended; but a request its run has just handed back
+    to the queue (the lease not yet released) may need this very message, so it comes back a
+    moment later instead: a dropped duplicate can never strand its request."""
+    queued = ledger.queued_priority(deps.db, request_id)
+    if queued is None:
+        log.info("request %s is running elsewhere; this delivery is a duplicate", request_id)
+        return
+    log.info("request %s is being handed back elsewhere; this delivery comes back shortly", request_id)
+    deps.delays.park(request_id, queued, DUPLICATE_RETRY_S)
 
 
 def _hand_back(deps: Deps, request_id: str, token: str | None, *, clean: bool) -> None:
@@ -97,9 +111,9 @@ def _walk_chain(run: ledger.RunStart, lease: Lease, deps: Deps) -> None:
     budget = route.max_attempts_per_request or deps.settings.max_attempts_per_request
     if walk.soonest_room_s is not None and walk.attempts < budget:
         # Every deployment that could take it is full for now: wait in the delay queue, not in a
-        # slot. Parked first, then handed back, so it is never QUEUED with no message anywhere.
-        deps.delays.park(run.request_id, run.priority, walk.soonest_room_s)
-        ledger.defer_run(deps.db, run.request_id, lease.token)
+        # slot. Should parking fail, the request goes back to the outbox (see run_request).
+        if ledger.defer_run(deps.db, run.request_id, lease.token):
+            deps.delays.park(run.request_id, run.priority, walk.soonest_room_s)
         return
     message = f"every deployment of route {route.name!r} failed"
     end_without_call(
