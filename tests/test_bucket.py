@@ -272,6 +272,7 @@ def test_a_reservation_outlives_its_deployments_own_timeout(
     assert redis.pttl("headrace:{d}:resv") > 7200_000
 
 
+@pytest.mark.slow
 def test_settle_never_raises_when_redis_is_gone(clock: list[float]) -> None:
     """The paid call's ledger row must not depend on the bucket: an unreachable Redis loses only
     the refund."""

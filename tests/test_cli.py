@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from sqlalchemy import select
 
 from db.engine import get_database
@@ -70,6 +71,7 @@ def test_a_worker_refuses_a_visibility_timeout_shorter_than_a_request_can_run(
     assert "HEADRACE_VISIBILITY_TIMEOUT_S=300" in message and "deliver it again" in message
 
 
+@pytest.mark.slow
 def test_keys_secret_is_stable_until_rotated(
     run_cli: Callable[..., str], make_database_url: Callable[[str], str]
 ) -> None:

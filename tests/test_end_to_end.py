@@ -150,6 +150,7 @@ def test_300_requests_over_two_priorities_and_routes_come_back_once_each_with_th
     assert all(v["request_counts"]["completed"] == len(submitted[str(v["priority"])]) for v in views.values())  # type: ignore[index]
 
 
+@pytest.mark.slow
 def test_a_request_the_provider_rejects_fails_at_once_with_the_providers_error(http: httpx.Client) -> None:
     """A 400 is the request's fault: failed after one call, no retry, the error in its result line."""
     bad = lines(1, "bad", ("fast",))
@@ -161,6 +162,7 @@ def test_a_request_the_provider_rejects_fails_at_once_with_the_providers_error(h
     assert line["status"] == "failed" and line["attempts"] == 1 and line["error"]["status"] == 400
 
 
+@pytest.mark.slow
 def test_the_cli_submits_waits_and_downloads(
     stack: EmbeddedStack, tmp_path: Path, run_cli: Callable[..., str]
 ) -> None:

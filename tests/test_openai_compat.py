@@ -247,6 +247,7 @@ def receiver() -> Iterator[Callable[..., Receiver]]:
         r.stop()
 
 
+@pytest.mark.slow
 def test_a_signed_webhook_is_retried_until_it_is_taken(
     client: openai.OpenAI,
     http: httpx.Client,
