@@ -48,6 +48,7 @@ from workers.leases import Leases, load_lua
 
 log = logging.getLogger(__name__)
 TICK_S = 0.25
+LOCK_MIN_S = 10.0
 SWEEP_BATCH = 5000
 # The lost-message sweep reads the broker's lists to prove a message is missing; past this many
 # waiting messages it waits for the backlog to shrink rather than read them all.
@@ -88,7 +89,10 @@ class Housekeeper(threading.Thread):
                 job.run()
                 return
             token = secrets.token_hex(8)
-            if not self.redis.set(job.lock, token, nx=True, px=int(max(job.every_s * 4, 30) * 1000)):
+            # Short: a worker killed while holding it keeps every other worker from the job until
+            # it expires (a 30 s lock once delayed the requeue of a dead worker's requests by 30 s).
+            # A job outliving it may run twice at once, which every job here tolerates.
+            if not self.redis.set(job.lock, token, nx=True, px=int(max(job.every_s * 2, LOCK_MIN_S) * 1000)):
                 return
             try:
                 job.run()
