@@ -550,10 +550,19 @@ def test_cli_flags_cover_the_config() -> None:
         [
             *("--port", "9200", "--config-json", '{"rpm": 5, "seed": 3}', "--rpm", "none", "--tpm", "1000"),
             *("--faults", "500,hang", "--fault-rate", "0.1", "--no-require-api-key", "--otpm", "7"),
+            *("--limiter", "rolling", "--window-s", "30", "--sub-window-s", "5"),
         ]
     )
     config = config_from_args(args)
     assert args.port == 9200
     assert config == SimConfig(
-        seed=3, tpm=1000, faults=["500", "hang"], fault_rate=0.1, require_api_key=False, otpm=7
+        seed=3,
+        tpm=1000,
+        faults=["500", "hang"],
+        fault_rate=0.1,
+        require_api_key=False,
+        otpm=7,
+        limiter="rolling",
+        window_s=30,
+        sub_window_s=5,
     )

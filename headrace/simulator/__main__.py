@@ -1,4 +1,4 @@
-"""python -m headrace.simulator [--port 9100] [--rpm 60] [--faults 500,529,hang] ...
+"""python -m headrace.simulator [--port 9100] [--rpm 60] [--limiter rolling] [--faults 500,529,hang] ...
 
 Flags override --config-json, which overrides SimConfig's defaults.
 """
@@ -24,6 +24,10 @@ def _optional_int(raw: str) -> int | None:
     return None if raw.lower() in ("none", "unlimited", "") else int(raw)
 
 
+def _optional_float(raw: str) -> float | None:
+    return None if raw.lower() in ("none", "") else float(raw)
+
+
 def _fault_list(raw: str) -> list[str]:
     return [item.strip() for item in raw.split(",") if item.strip()]
 
@@ -45,6 +49,9 @@ _FIELD_TYPES: dict[str, Callable[[str], Any]] = {
     "anthropic_rpm": _optional_int,
     "itpm": _optional_int,
     "otpm": _optional_int,
+    "limiter": str,
+    "window_s": float,
+    "sub_window_s": _optional_float,
     "fault_rate": float,
     "faults": _fault_list,
     "hang_s": float,

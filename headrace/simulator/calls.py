@@ -13,7 +13,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from headrace.simulator.answers import Answer, build_answer
-from headrace.simulator.buckets import BucketScope, Limiter
+from headrace.simulator.buckets import BucketScope, Grant, Limiter, Rules
 from headrace.simulator.config import SimConfig
 from headrace.simulator.dialect import CallSpec, Dialect, SimError
 from headrace.simulator.faults import DirectiveError, Directives, FaultDice, parse_directives
@@ -44,6 +44,10 @@ class SimState:
         self.limiter.clear()
         self.stats = Stats()
         self.dice = FaultDice(self.config.seed)
+
+
+def limiter_rules(config: SimConfig) -> Rules:
+    return Rules(config.limiter, config.window_s, config.sub_window_s)
 
 
 class ClientGone(Exception):
@@ -91,7 +95,9 @@ async def handle_call(dialect: Dialect, state: SimState, request: Request) -> Re
     headers = dialect.response_headers(request_id, round((time.monotonic() - started) * 1000))
     scope = trace.scope(dialect.name)
     if scope is not None:
-        states = state.limiter.states(scope, dialect.limits(state.config), time.monotonic())
+        states = state.limiter.states(
+            scope, dialect.limits(state.config), time.monotonic(), limiter_rules(state.config)
+        )
         headers.update(dialect.limit_headers(states))
     headers.update(extra_headers)
     stats.finish(_record(dialect.name, trace, status))
@@ -122,13 +128,14 @@ async def _serve(
     # Without max_tokens the admission charge is the answer's real length (known up front here).
     reserve = spec.max_tokens if spec.max_tokens is not None else answer.output_tokens
     scope = (dialect.name, trace.api_key, spec.model)
-    denial = state.limiter.admit(
-        scope, dialect.charges(spec, reserve), dialect.limits(config), time.monotonic()
+    rules = limiter_rules(config)
+    verdict = state.limiter.admit(
+        scope, dialect.charges(spec, reserve), dialect.limits(config), time.monotonic(), rules
     )
     trace.t = time.time()
-    if denial is not None:
+    if not isinstance(verdict, Grant):
         trace.outcome = "rate_limited"
-        raise dialect.rate_limited(denial, spec.model)
+        raise dialect.rate_limited(verdict, spec.model)
     trace.admitted, trace.reserved_tokens = True, reserve
     stats.admit(dialect.name, spec.prompt_tokens, reserve)
     try:
@@ -136,8 +143,7 @@ async def _serve(
     finally:
         # Settle the output reservation to what was actually produced (nothing, on any error).
         unused = reserve - trace.output_tokens
-        limits = dialect.limits(state.config)
-        state.limiter.refund(scope, dialect.output_bucket, unused, limits, time.monotonic())
+        state.limiter.refund(verdict, dialect.output_bucket, unused, time.monotonic())
 
 
 async def _answer(

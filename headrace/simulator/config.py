@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 FaultKind = Literal["500", "503", "529", "hang"]
+LimiterShape = Literal["token-bucket", "rolling", "fixed"]
 
 
 class SimConfig(BaseModel):
@@ -23,6 +24,17 @@ class SimConfig(BaseModel):
     anthropic_rpm: int | None = Field(None, ge=1, description="Anthropic dialect: requests per minute")
     itpm: int | None = Field(None, ge=1, description="Anthropic dialect: input tokens per minute")
     otpm: int | None = Field(None, ge=1, description="Anthropic dialect: output tokens per minute")
+    limiter: LimiterShape = Field(
+        "token-bucket",
+        description="limiter shape: token-bucket (continuous refill), rolling (sliding window) or "
+        "fixed (window opened by its first call); headrace/simulator/buckets.py",
+    )
+    window_s: float = Field(
+        60.0, gt=0, description="the limiter's window (a token bucket's time to refill), s"
+    )
+    sub_window_s: float | None = Field(
+        None, gt=0, description="a shorter window of the same shape enforced together with the first, s"
+    )
     fault_rate: float = Field(0.0, ge=0, le=1, description="probability that an admitted call faults")
     faults: list[FaultKind] = Field(
         ["500", "503", "529"],
@@ -38,4 +50,6 @@ class SimConfig(BaseModel):
     def _check_output_range(self) -> SimConfig:
         if self.min_output_tokens > self.max_output_tokens:
             raise ValueError("min_output_tokens must not exceed max_output_tokens")
+        if self.sub_window_s is not None and self.sub_window_s >= self.window_s:
+            raise ValueError("sub_window_s must be shorter than window_s")
         return self
