@@ -41,7 +41,15 @@ class Settings(BaseSettings):
     connect_timeout_s: float = Field(default=5.0, gt=0)
     max_attempts_per_deployment: int = Field(default=3, ge=1)
     max_attempts_per_request: int = Field(
-        default=12, ge=1, description="Provider calls one request may make in all, across deliveries."
+        default=12,
+        ge=1,
+        description="Calls one request may make that the provider may have charged for, across all runs.",
+    )
+    park_base_s: float = Field(
+        default=2.0, gt=0, description="First wait of a request that met only provider trouble."
+    )
+    park_max_s: float = Field(
+        default=300.0, gt=0, description="Longest wait of a request between rounds of provider trouble."
     )
     backoff_base_s: float = Field(default=0.5, gt=0)
     backoff_max_s: float = Field(default=8.0, gt=0)

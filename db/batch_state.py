@@ -108,22 +108,41 @@ def end_queued_requests(
     """End every request of the batch still waiting its turn (cancel, expiry); running ones finish
     by themselves. Locks the queued request rows first (in id order, as every transaction that
     takes several does), then counts them on the batch. Returns how many were ended."""
-    queued = list(
-        session.scalars(
-            select(LlmRequest.id)
-            .where(LlmRequest.batch_id == batch_id, LlmRequest.status == RequestStatus.QUEUED)
-            .order_by(LlmRequest.id)
-            .with_for_update()
-        )
-    )
-    for start in range(0, len(queued), 1000):
+    queued = session.execute(
+        select(LlmRequest.id, LlmRequest.error)
+        .where(LlmRequest.batch_id == batch_id, LlmRequest.status == RequestStatus.QUEUED)
+        .order_by(LlmRequest.id)
+        .with_for_update()
+    ).all()
+    plain = [row.id for row in queued if not deployment_errors(row.error)]
+    for start in range(0, len(plain), 1000):
         session.execute(
             update(LlmRequest)
-            .where(LlmRequest.id.in_(queued[start : start + 1000]))
+            .where(LlmRequest.id.in_(plain[start : start + 1000]))
             .values(status=status.value, ended_at=now, error=error, lease=None)
             .execution_options(synchronize_session=False)
         )
+    # A request that waited for provider trouble keeps each deployment's last error in its end.
+    for row in queued:
+        if deployment_errors(row.error):
+            session.execute(
+                update(LlmRequest)
+                .where(LlmRequest.id == row.id)
+                .values(
+                    status=status.value,
+                    ended_at=now,
+                    error={**error, "deployments": deployment_errors(row.error)},
+                    lease=None,
+                )
+                .execution_options(synchronize_session=False)
+            )
     delta = BatchDelta()
     delta.ended(status, len(queued))
     apply_delta(session, batch_id, delta, now, also)
     return len(queued)
+
+
+def deployment_errors(error: dict[str, Any] | None) -> list[Any]:
+    """Each deployment's last error as a request's error holds them (while it waits, and after)."""
+    deployments = (error or {}).get("deployments")
+    return deployments if isinstance(deployments, list) else []

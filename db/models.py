@@ -119,6 +119,8 @@ class LlmRequest(Base):
     deployment: Mapped[str | None] = mapped_column(String(200))
     attempt_count: Mapped[int] = mapped_column(Integer, default=0)
     deliveries: Mapped[int] = mapped_column(Integer, default=0)
+    # Times it waited in the delay queue for provider trouble to pass; its backoff grows with it.
+    park_rounds: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # The lease token of the run that owns it while RUNNING (random per run; see workers/leases.py).
     # Every change of a running request is guarded by it; the recovery sweep requeues a request
     # whose lease has expired in Redis.

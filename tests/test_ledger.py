@@ -28,6 +28,7 @@ from db.types import utcnow
 from headrace.embedded import free_port
 from tests.infra.postgres import PostgresCluster
 from workers import ledger
+from workers.housekeeping import running_leases
 from workers.providers.base import Usage
 
 BODY = {"model": "fast", "messages": [{"role": "user", "content": "hi"}]}
@@ -225,7 +226,7 @@ def test_orphans_and_hand_backs_return_to_the_outbox(db: Database) -> None:
     _, (rid, other) = _batch(db)
     _start(db, rid, "L1")
     _attempt(db, rid, "L1")
-    assert ledger.running_leases(db) == {rid: "L1"}
+    assert running_leases(db) == {rid: "L1"}
     assert ledger.requeue_orphan(db, rid, "L0", CLAIM) is False
     assert ledger.requeue_orphan(db, rid, "L1", CLAIM) is True
     with db.session() as session:

@@ -179,16 +179,40 @@ def test_a_chain_can_cross_providers(deps: Deps) -> None:
     assert request.response["object"] == "chat.completion"  # type: ignore[index]
 
 
-def test_an_exhausted_chain_reports_the_last_error_of_each_deployment(deps: Deps) -> None:
-    """Overloaded everywhere: every attempt recorded, then failed with each deployment's error."""
+def test_trouble_everywhere_waits_while_the_window_is_open_then_expires_with_each_error(
+    deps: Deps, redis: redis_lib.Redis
+) -> None:
+    """Overloaded everywhere (503, refused before any work): every attempt recorded, none counted
+    against the request's budget; the request waits in the delay queue with each deployment's
+    last error instead of failing; once its batch's window has passed it ends ``expired`` with
+    those errors, not ``failed`` for a fault that was not its own."""
     (rid,) = _submit(deps, "cross", "[[sim:status=503]] hi")
     run_request(rid, deps)
-    _, attempts, _ = _state(deps, rid)
+    request, attempts, batch = _state(deps, rid)
     assert [a.deployment for a in attempts] == ["oa"] * 3 + ["an"] * 3
-    request, _, batch = _state(deps, rid)
-    assert request.status == "failed" and batch.failed_count == 1
+    assert not any(a.error["may_have_billed"] for a in attempts)  # type: ignore[index]
+    assert (request.status, request.park_rounds, batch.failed_count) == ("queued", 1, 0)
+    assert request.error["kind"] == "waiting"  # type: ignore[index]
     assert [d["deployment"] for d in request.error["deployments"]] == ["oa", "an"]  # type: ignore[index]
-    assert request.error["deployments"][0]["status"] == 503  # type: ignore[index]
+    assert redis.zscore("headrace:delayed", f"default|{rid}") is not None
+    with deps.db.write() as session:
+        window = session.get(Batch, batch.id)
+        window.expires_at = window.created_at  # type: ignore[union-attr]
+    run_request(rid, deps)
+    request, attempts, batch = _state(deps, rid)
+    assert request.status == "expired" and batch.expired_count == 1 and len(attempts) == 6
+    assert [d["status"] for d in request.error["deployments"]] == [503, 503]  # type: ignore[index]
+
+
+def test_a_deployment_that_cannot_serve_fails_the_request_when_nothing_else_can(deps: Deps) -> None:
+    """Its key refused everywhere (401: waiting will not change that): failed at once, with the
+    last error of each deployment."""
+    (rid,) = _submit(deps, "cross", "[[sim:status=401]] hi")
+    run_request(rid, deps)
+    request, attempts, batch = _state(deps, rid)
+    assert request.status == "failed" and batch.failed_count == 1
+    assert [a.deployment for a in attempts] == ["oa", "an"]
+    assert [d["status"] for d in request.error["deployments"]] == [401, 401]  # type: ignore[index]
 
 
 def test_a_request_fault_fails_at_once_without_trying_the_rest_of_the_chain(deps: Deps) -> None:
@@ -200,10 +224,11 @@ def test_a_request_fault_fails_at_once_without_trying_the_rest_of_the_chain(deps
 
 
 def test_attempts_per_deployment_come_from_the_route(deps: Deps) -> None:
+    """Route "single" allows two tries on its deployment per round; then the request waits."""
     (rid,) = _submit(deps, "single", "[[sim:status=500]] hi")
     run_request(rid, deps)
     request, attempts, _ = _state(deps, rid)
-    assert request.status == "failed" and len(attempts) == 2
+    assert request.status == "queued" and len(attempts) == 2
 
 
 def test_a_redelivered_finished_request_makes_no_call(deps: Deps, sim: SimControl) -> None:
@@ -338,14 +363,29 @@ def test_a_429_parks_the_request_instead_of_spending_its_attempts(deps: Deps, re
     assert 25 < float(redis.hget("headrace:{oa}:bucket", "pause") or 0) / 1000 - redis.time()[0] <= 31
 
 
-def test_a_request_stops_waiting_when_its_attempts_are_spent(deps: Deps) -> None:
-    """The per-request attempt budget bounds even a provider that only ever says 429."""
+def test_a_provider_that_only_says_429_never_ends_the_request_while_its_window_is_open(
+    deps: Deps, redis: redis_lib.Redis
+) -> None:
+    """A 429 was refused before any work: it costs nothing and spends none of the budget, even a
+    budget of one call; the request waits for the provider's retry-after instead."""
     deps = replace(deps, settings=deps.settings.model_copy(update={"max_attempts_per_request": 1}))
     (rid,) = _submit(deps, "single", "[[sim:status=429]] hi")
     run_request(rid, deps)
     request, attempts, _ = _state(deps, rid)
-    assert request.status == "failed" and len(attempts) == 1
-    assert request.error["deployments"][0]["status"] == 429  # type: ignore[index]
+    assert request.status == "queued" and len(attempts) == 1 and not attempts[0].error["may_have_billed"]  # type: ignore[index]
+    assert redis.zscore("headrace:delayed", f"default|{rid}") is not None
+
+
+def test_a_request_stops_when_the_calls_it_may_have_paid_for_are_spent(deps: Deps) -> None:
+    """The per-request budget counts what the provider may have charged for: a 500 after the call
+    reached it counts, and a budget of two ends the request ``failed`` after two such calls."""
+    deps = replace(deps, settings=deps.settings.model_copy(update={"max_attempts_per_request": 2}))
+    (rid,) = _submit(deps, "single", "[[sim:status=500]] hi")
+    run_request(rid, deps)
+    request, attempts, _ = _state(deps, rid)
+    assert request.status == "failed" and len(attempts) == 2
+    assert all(a.error["may_have_billed"] for a in attempts)  # type: ignore[index]
+    assert "2 calls the provider may have charged for" in request.error["message"]  # type: ignore[index]
 
 
 def test_a_request_past_its_deadline_expires_and_its_hung_call_is_cut_at_the_deadline(deps: Deps) -> None:

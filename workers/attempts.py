@@ -39,7 +39,7 @@ from workers.breaker import Breaker, FallbackCounter, Permit, is_provider_failur
 from workers.costing import call_cost_usd
 from workers.delays import DelayQueue
 from workers.leases import Lease, Leases
-from workers.policy import FAIL, FALL_BACK, RETRY, Decision, backoff_s, decide
+from workers.policy import FAIL, FALL_BACK, RETRY, Decision, backoff_s, decide, may_have_billed, passes
 from workers.providers.base import CallFailed, ProviderAdapter, ProviderCall, ProviderReply
 
 log = logging.getLogger(__name__)
@@ -71,13 +71,28 @@ class Walk:
     route: Route
     deadline: datetime  # no call starts after this: the batch's window, or the route's deadline
     over: bool = False  # the request ended, or this run no longer owns it: stop here
-    failures: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)  # this run's, in order
     soonest_room_s: float | None = None  # the shortest wait a busy deployment asked for
     attempts: int = 0  # the request's attempts so far, all runs included
+    billed: int = 0  # calls the provider may have charged for, all runs included
 
-    def busy(self, wait: Wait) -> None:
+    def __post_init__(self) -> None:
+        self.billed = self.run.billed_attempts
+
+    def busy(self, wait: Wait, deployment: str | None = None) -> None:
+        """A deployment cannot take the request for ``wait``; noted as its last error when named."""
         if self.soonest_room_s is None or wait.seconds < self.soonest_room_s:
             self.soonest_room_s = wait.seconds
+        if deployment is not None:
+            message = f"{wait.reason.replace('_', ' ')}: room again in {wait.seconds:.1f}s"
+            self.failures.append(
+                {"kind": wait.reason, "deployment": deployment, "message": message, "passes": True}
+            )
+
+    def last_errors(self) -> list[dict[str, Any]]:
+        """Each deployment's last error, earlier runs' included, in the order they came."""
+        by_deployment = {e.get("deployment"): e for e in [*self.run.last_errors, *self.failures]}
+        return list(by_deployment.values())
 
 
 def end_without_call(
@@ -129,14 +144,13 @@ def _attempt(
         message = (
             "its deadline passed" if walk.deadline < walk.run.expires_at else "the batch's window passed"
         )
-        end_without_call(
-            deps, walk.run, walk.lease, RequestStatus.EXPIRED, {"kind": "expired", "message": message}
-        )
+        expired = {"kind": "expired", "message": message, "deployments": walk.last_errors()}
+        end_without_call(deps, walk.run, walk.lease, RequestStatus.EXPIRED, expired)
         walk.over = True
         return None
     permit = deps.breaker.allow(deployment.name)
     if not permit.allowed:
-        walk.busy(Wait(permit.wait_s, "circuit_open"))  # an open breaker: do not wait, go on
+        walk.busy(Wait(permit.wait_s, "circuit_open"), deployment.name)  # an open breaker: do not wait, go on
         return None
     ticket = _reserve(walk, deployment, estimate, deps)
     if ticket is None:
@@ -192,10 +206,16 @@ def _reserve(walk: Walk, deployment: Deployment, estimate: Estimate, deps: Deps)
         sleep=deps.sleep,
     )
     if isinstance(ticket, Wait):
-        walk.busy(ticket)
+        walk.busy(ticket, deployment.name)
         return None
     if isinstance(ticket, TooLarge):
-        walk.failures.append({"kind": "too_large", "deployment": deployment.name, "message": ticket.message})
+        too_large = {
+            "kind": "too_large",
+            "deployment": deployment.name,
+            "message": ticket.message,
+            "passes": False,
+        }
+        walk.failures.append(too_large)
         return None
     return ticket
 
@@ -236,7 +256,14 @@ def _retry_delay(
 
 
 def outcome_error(outcome: CallFailed, deployment: Deployment, attempt_no: int) -> dict[str, Any]:
-    return {**outcome.as_error(), "deployment": deployment.name, "attempt": attempt_no}
+    """The failure as the ledger keeps it, with the policy's two judgements of it."""
+    return {
+        **outcome.as_error(),
+        "deployment": deployment.name,
+        "attempt": attempt_no,
+        "passes": passes(outcome),
+        "may_have_billed": may_have_billed(outcome),
+    }
 
 
 def _record(
@@ -264,6 +291,8 @@ def _record(
         return None
     decision = decide(outcome)
     error = outcome_error(outcome, deployment, attempt_no)
+    if error["may_have_billed"]:
+        walk.billed += 1
     result = ledger.AttemptResult(
         decision,
         latency_ms,

@@ -38,7 +38,7 @@ from broker_config.queues import broker_lists, broker_unacked_index_key, broker_
 from broker_config.settings import Settings
 from db.batch_state import OPEN_BATCH_STATUSES, end_queued_requests
 from db.engine import Database
-from db.models import Batch
+from db.models import Batch, LlmRequest
 from db.outbox import publish_pending, unpublished
 from db.retention import purge_expired
 from db.states import RequestStatus
@@ -125,6 +125,31 @@ def sweep_unpublished(db: Database, settings: Settings) -> int:
         log.info("publisher sweep: published %d request(s) that had not been", len(pending))
 
 
+def running_leases(db: Database, limit: int = 5000) -> dict[str, str | None]:
+    """Requests now RUNNING: id -> the lease token of the run that owns each."""
+    with db.session() as session:
+        rows = session.execute(
+            select(LlmRequest.id, LlmRequest.lease)
+            .where(LlmRequest.status == RequestStatus.RUNNING)
+            .limit(limit)
+        ).all()
+    return {row.id: row.lease for row in rows}
+
+
+def queued_published_before(db: Database, seconds_ago: float, limit: int = 1000) -> list[tuple[str, str]]:
+    """QUEUED requests published longer ago than ``seconds_ago``: (id, priority)."""
+    with db.session() as session:
+        rows = session.execute(
+            select(LlmRequest.id, LlmRequest.priority)
+            .where(
+                LlmRequest.status == RequestStatus.QUEUED,
+                LlmRequest.published_at < utcnow() - timedelta(seconds=seconds_ago),
+            )
+            .limit(limit)
+        ).all()
+    return [(row.id, row.priority) for row in rows]
+
+
 class Suspects:
     """Requests seen in a suspicious state, with when that was first seen (Redis server time). One
     sighting is not proof: a lease whose key Redis lost in a restart is written again by its keeper
@@ -162,7 +187,7 @@ class OrphanSweep:
         self.suspects = Suspects(leases.redis, keys.suspects("orphans"), confirm_s)
 
     def __call__(self) -> int:
-        running = ledger.running_leases(self.db)
+        running = running_leases(self.db)
         holders = self.leases.holders(running)
         dead = {
             f"{rid}|{token or ''}"
@@ -194,7 +219,7 @@ class LostMessageSweep:
         self.suspects = Suspects(client, keys.suspects("lost-messages"), confirm_s=older_than_s / 2)
 
     def __call__(self) -> int:
-        candidates = ledger.queued_published_before(self.db, self.older_than_s)
+        candidates = queued_published_before(self.db, self.older_than_s)
         if not candidates:
             self.suspects.confirmed(set())
             return 0

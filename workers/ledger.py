@@ -13,14 +13,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.batch_state import BatchDelta, apply_delta
+from db.batch_state import BatchDelta, apply_delta, deployment_errors
 from db.engine import Database
 from db.models import Attempt, Batch, LlmRequest, Tenant
 from db.states import TERMINAL_REQUEST_STATUSES, AttemptOutcome, RequestStatus
@@ -44,6 +44,9 @@ class RunStart:
     expires_at: datetime
     tenant: str
     created_at: datetime
+    billed_attempts: int = 0  # earlier calls of this request the provider may have charged for
+    park_rounds: int = 0  # times it already waited for provider trouble to pass
+    last_errors: tuple[dict[str, Any], ...] = ()  # each deployment's last error, from earlier runs
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,15 @@ def _lock_request(session: Session, request_id: str) -> LlmRequest | None:
 
 def _owned(request: LlmRequest | None, lease: str) -> bool:
     return request is not None and request.status == RequestStatus.RUNNING and request.lease == lease
+
+
+def _billed_attempts(session: Session, request_id: str) -> int:
+    """Calls of the request the provider may have charged for: those the policy marked so when
+    they ended, and those lost with their run (nobody knows how far they got)."""
+    rows = session.execute(select(Attempt.outcome, Attempt.error).where(Attempt.request_id == request_id))
+    return sum(
+        1 for outcome, error in rows if outcome == AttemptOutcome.LOST or (error or {}).get("may_have_billed")
+    )
 
 
 def end_request(request: LlmRequest, delta: BatchDelta, end: RequestEnd, now: datetime) -> None:
@@ -159,7 +171,9 @@ def begin_run(db: Database, request_id: str, lease: str, claim: Claim) -> RunSta
         elif batch.cancelled_at is not None:
             stop = RequestEnd(RequestStatus.CANCELLED)
         elif now >= batch.expires_at:
-            stop = RequestEnd(RequestStatus.EXPIRED)
+            message = "the batch's completion window passed before this request could run"
+            error = {"kind": "expired", "message": message, "deployments": deployment_errors(request.error)}
+            stop = RequestEnd(RequestStatus.EXPIRED, error=error)
         if stop is not None:
             end_request(request, delta, stop, now)
         else:
@@ -181,6 +195,9 @@ def begin_run(db: Database, request_id: str, lease: str, claim: Claim) -> RunSta
             expires_at=batch.expires_at,
             tenant=tenant.name if tenant else batch.tenant_id,
             created_at=request.created_at,
+            billed_attempts=_billed_attempts(session, request.id),
+            park_rounds=request.park_rounds,
+            last_errors=tuple(deployment_errors(request.error)),
         )
 
     return db.transact(unit)
@@ -304,9 +321,13 @@ def end_run(db: Database, request_id: str, lease: str, end: RequestEnd) -> None:
     db.transact(unit)
 
 
-def defer_run(db: Database, request_id: str, lease: str) -> bool:
+def defer_run(
+    db: Database, request_id: str, lease: str, *, waiting: dict[str, Any] | None = None, trouble: bool = False
+) -> bool:
     """Hand a running request back to the queue, to wait in the delay queue (the caller parks it
-    there once this returned True)."""
+    there once this returned True). ``waiting``: why, with each deployment's last error, kept as
+    the request's error until it ends; ``trouble``: it waits for provider trouble to pass (its
+    next wait will be longer)."""
 
     def unit(session: Session) -> bool:
         request = _lock_request(session, request_id)
@@ -315,6 +336,10 @@ def defer_run(db: Database, request_id: str, lease: str) -> bool:
         request.status = RequestStatus.QUEUED
         request.lease = None
         request.deliveries -= 1  # a clean hand-back, not a crash
+        if waiting is not None:
+            request.error = waiting
+        if trouble:
+            request.park_rounds += 1
         return True
 
     return db.transact(unit)
@@ -371,28 +396,3 @@ def queued_priority(db: Database, request_id: str) -> str | None:
             select(LlmRequest.status, LlmRequest.priority).where(LlmRequest.id == request_id)
         ).one_or_none()
     return row.priority if row is not None and row.status == RequestStatus.QUEUED else None
-
-
-def running_leases(db: Database, limit: int = 5000) -> dict[str, str | None]:
-    """Requests now RUNNING: id -> the lease token of the run that owns each."""
-    with db.session() as session:
-        rows = session.execute(
-            select(LlmRequest.id, LlmRequest.lease)
-            .where(LlmRequest.status == RequestStatus.RUNNING)
-            .limit(limit)
-        ).all()
-    return {row.id: row.lease for row in rows}
-
-
-def queued_published_before(db: Database, seconds_ago: float, limit: int = 1000) -> list[tuple[str, str]]:
-    """QUEUED requests published longer ago than ``seconds_ago``: (id, priority)."""
-    with db.session() as session:
-        rows = session.execute(
-            select(LlmRequest.id, LlmRequest.priority)
-            .where(
-                LlmRequest.status == RequestStatus.QUEUED,
-                LlmRequest.published_at < utcnow() - timedelta(seconds=seconds_ago),
-            )
-            .limit(limit)
-        ).all()
-    return [(row.id, row.priority) for row in rows]

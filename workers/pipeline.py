@@ -24,11 +24,13 @@ from kombu.exceptions import KombuError as BrokerError
 from broker_config.deployments import DeploymentsConfig, Route
 from broker_config.settings import Settings
 from db.states import RequestStatus
+from db.types import utcnow
 from workers import ledger
 from workers.admission import estimate_call, requested_max_tokens
 from workers.attempts import Deps, Walk, best_effort, end_without_call, try_deployment
 from workers.costing import call_cost_usd
 from workers.leases import Lease
+from workers.policy import park_s
 from workers.providers.base import Usage
 
 __all__ = ["Deps", "longest_call_s", "longest_run_s", "recovery_claim", "run_request"]
@@ -109,21 +111,51 @@ def _walk_chain(run: ledger.RunStart, lease: Lease, deps: Deps) -> None:
         if walk.over:
             return
     budget = route.max_attempts_per_request or deps.settings.max_attempts_per_request
-    if walk.soonest_room_s is not None and walk.attempts < budget:
-        # Every deployment that could take it is full for now: wait in the delay queue, not in a
-        # slot. Should parking fail, the request goes back to the outbox (see run_request).
-        if ledger.defer_run(deps.db, run.request_id, lease.token):
-            deps.delays.park(run.request_id, run.priority, walk.soonest_room_s)
-        return
-    message = f"every deployment of route {route.name!r} failed"
-    end_without_call(
-        deps,
-        run,
-        lease,
-        RequestStatus.FAILED,
-        {"kind": "exhausted", "message": message, "deployments": walk.failures},
-        deployment=walk.failures[-1]["deployment"] if walk.failures else None,
+    errors = walk.last_errors()
+    if walk.billed >= budget:
+        message = (
+            f"{walk.billed} calls the provider may have charged for, the most route {route.name!r} allows"
+        )
+        _fail(deps, walk, {"kind": "exhausted", "message": message, "deployments": errors})
+    elif walk.soonest_room_s is None and not any(f.get("passes") for f in walk.failures):
+        message = f"every deployment of route {route.name!r} failed, and waiting would not change that"
+        _fail(deps, walk, {"kind": "exhausted", "message": message, "deployments": errors})
+    else:
+        _wait(deps, walk, errors)
+
+
+def _fail(deps: Deps, walk: Walk, error: dict[str, Any]) -> None:
+    last = error["deployments"][-1]["deployment"] if error["deployments"] else None
+    end_without_call(deps, walk.run, walk.lease, RequestStatus.FAILED, error, deployment=last)
+
+
+def _wait(deps: Deps, walk: Walk, errors: list[dict[str, Any]]) -> None:
+    """Every deployment that could take it is busy, or in trouble that passes: the request waits in
+    the delay queue, not in a slot (as long as a busy one asked; for trouble, a backoff growing
+    with each round), then runs its chain again, unless its deadline comes first: then it ends
+    ``expired`` now, with each deployment's last error. Should parking fail, the request goes back
+    to the outbox (see ``run_request``)."""
+    run, settings = walk.run, deps.settings
+    trouble = walk.soonest_room_s is None
+    delay_s = (
+        park_s(run.park_rounds, base_s=settings.park_base_s, max_s=settings.park_max_s)
+        if trouble
+        else walk.soonest_room_s or 0.0
     )
+    if utcnow() + timedelta(seconds=delay_s) >= walk.deadline:
+        message = "its deadline comes before any deployment of its route can take it"
+        end_without_call(
+            deps,
+            run,
+            walk.lease,
+            RequestStatus.EXPIRED,
+            {"kind": "expired", "message": message, "deployments": errors},
+        )
+        return
+    reason = "provider trouble" if trouble else "no room"
+    waiting = {"kind": "waiting", "message": f"waiting {delay_s:.1f}s ({reason})", "deployments": errors}
+    if ledger.defer_run(deps.db, run.request_id, walk.lease.token, waiting=waiting, trouble=trouble):
+        deps.delays.park(run.request_id, run.priority, delay_s)
 
 
 def _deadline(run: ledger.RunStart, route: Route) -> datetime:

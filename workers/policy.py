@@ -10,6 +10,19 @@ recorded (``db.states.AttemptOutcome``): one vocabulary from the policy to the l
   something unreadable, or its retries are spent).
 - ``FAIL``: the request's own fault (400, 413, 422, or it cannot be translated): no deployment
   would do better, so it is not retried anywhere.
+
+Two more rules decide what happens when a whole chain has been tried:
+
+- **Provider trouble passes** (``passes``): 408, 409, 429, 5xx, 529, timeouts, cut or refused
+  connections, unreadable replies, an open breaker, a paused deployment. A request that met only
+  this waits in the delay queue, with backoff, and runs its chain again, for as long as its batch's
+  window (or its route's ``deadline_s``) has time left; then it ends ``expired``, with the last
+  error of each deployment, never ``failed`` for a fault that was not its own.
+- **Money is protected by counting what may have been billed** (``may_have_billed``): a call the
+  provider refused before doing any work (a refused connection, a connect timeout, 429, 503, 529)
+  costs nothing and is not counted; anything else that got to the provider (a timeout while
+  waiting for the answer, other 5xx, an unreadable reply) is counted against the request's
+  ``max_attempts_per_request``, and a request that spends it ends ``failed``.
 """
 
 from __future__ import annotations
@@ -62,3 +75,36 @@ def backoff_s(retry_no: int, *, base_s: float, max_s: float, retry_after_s: floa
     ceiling = min(max_s, base_s * 2**retry_no)
     jittered = random.uniform(0, ceiling)
     return max(jittered, retry_after_s or 0.0)
+
+
+# Answers that say the provider refused before doing any work: overloaded or rate limited.
+_REFUSED_BEFORE_WORK = frozenset({429, 503, 529})
+
+
+def passes(failure: CallFailed) -> bool:
+    """Provider trouble that goes away by itself: worth waiting for while the window is open."""
+    if failure.kind in ("timeout", "connection", "invalid_reply"):
+        return True
+    if failure.kind != "status":
+        return False
+    if failure.status == 429 and failure.error_code == "insufficient_quota":
+        return False  # out of money: an operator must act
+    return decide(failure) is RETRY
+
+
+def may_have_billed(failure: CallFailed) -> bool:
+    """Whether the provider may have charged for the call (see the module's docstring)."""
+    if failure.kind in ("translation", "unavailable"):
+        return False  # no call was made
+    if failure.kind in ("timeout", "connection"):
+        return failure.sent
+    if failure.kind == "status":
+        status = failure.status or 0
+        return status >= 500 and status not in _REFUSED_BEFORE_WORK
+    return True  # an unreadable 2xx reply: the work was done
+
+
+def park_s(rounds: int, *, base_s: float, max_s: float) -> float:
+    """How long a request that met only passing trouble waits before its chain runs again, after
+    ``rounds`` earlier such waits: exponential with full jitter, at least ``base_s``."""
+    return max(base_s, random.uniform(0, min(max_s, base_s * 2**rounds)))

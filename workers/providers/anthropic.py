@@ -15,6 +15,7 @@ from workers.providers.base import (
     ProviderReply,
     TranslationError,
     Usage,
+    reached_provider,
 )
 from workers.providers.headers import rate_limit_headers, retry_after_s
 
@@ -48,9 +49,11 @@ class AnthropicAdapter:
         except anthropic.APIStatusError as exc:
             raise _status_failure(exc) from exc
         except anthropic.APITimeoutError as exc:
-            raise CallFailed(f"timed out: {exc}", kind="timeout") from exc
+            raise CallFailed(f"timed out: {exc}", kind="timeout", sent=reached_provider(exc)) from exc
         except anthropic.APIConnectionError as exc:
-            raise CallFailed(f"connection failed: {exc}", kind="connection") from exc
+            raise CallFailed(
+                f"connection failed: {exc}", kind="connection", sent=reached_provider(exc)
+            ) from exc
         except ValueError as exc:
             raise CallFailed(f"unreadable reply: {exc}", kind="invalid_reply") from exc
         return ProviderReply(

@@ -24,6 +24,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
+import httpx
+
 from broker_config.deployments import Deployment
 
 FailureKind = Literal["status", "timeout", "connection", "translation", "invalid_reply", "unavailable"]
@@ -84,6 +86,7 @@ class CallFailed(Exception):
         retry_after_s: float | None = None,
         headers: dict[str, str] | None = None,
         provider_request_id: str | None = None,
+        sent: bool = True,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -94,6 +97,9 @@ class CallFailed(Exception):
         self.retry_after_s = retry_after_s
         self.headers = headers or {}
         self.provider_request_id = provider_request_id
+        # Whether the request reached the provider (False: refused or timed out while connecting),
+        # so that it may have done, and billed, some work.
+        self.sent = sent
 
     def as_error(self) -> dict[str, Any]:
         """The error as it is stored in the ledger and shown in result lines."""
@@ -118,6 +124,12 @@ def requested_max_tokens(body: Mapping[str, Any], default: int) -> int:
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return default
+
+
+def reached_provider(exc: BaseException) -> bool:
+    """Whether an SDK's connection or timeout error happened after the request was sent: the SDKs
+    wrap httpx's exception, whose class says the phase (connecting, or waiting for the answer)."""
+    return not isinstance(exc.__cause__, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
 
 
 class TranslationError(ValueError):

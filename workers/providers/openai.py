@@ -13,6 +13,7 @@ from workers.providers.base import (
     ProviderCall,
     ProviderReply,
     Usage,
+    reached_provider,
     requested_max_tokens,
 )
 from workers.providers.headers import rate_limit_headers, retry_after_s
@@ -54,9 +55,11 @@ class OpenAIAdapter:
         except openai.APIStatusError as exc:
             raise _status_failure(exc) from exc
         except openai.APITimeoutError as exc:
-            raise CallFailed(f"timed out: {exc}", kind="timeout") from exc
+            raise CallFailed(f"timed out: {exc}", kind="timeout", sent=reached_provider(exc)) from exc
         except openai.APIConnectionError as exc:
-            raise CallFailed(f"connection failed: {exc}", kind="connection") from exc
+            raise CallFailed(
+                f"connection failed: {exc}", kind="connection", sent=reached_provider(exc)
+            ) from exc
         except (openai.APIResponseValidationError, ValidationError, ValueError) as exc:
             raise CallFailed(f"unreadable reply: {exc}", kind="invalid_reply") from exc
         usage = completion.usage
