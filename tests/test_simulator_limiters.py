@@ -30,7 +30,7 @@ def admit(limiter: Limiter, amount: int, now: float, rules: Rules) -> Denial | G
 def state(limiter: Limiter, now: float, rules: Rules) -> tuple[int, float]:
     (only,) = limiter.states(SCOPE, LIMITS, now, rules)
     assert only.limit == 600  # always the per-minute value
-    return only.remaining, only.seconds_to_full
+    return only.remaining, only.reset_s
 
 
 def test_a_token_bucket_refills_continuously() -> None:
@@ -44,16 +44,16 @@ def test_a_token_bucket_refills_continuously() -> None:
 
 def test_a_rolling_window_returns_each_admission_exactly_a_window_later() -> None:
     """Nothing comes back before an admission is a window old; then exactly what it took. The
-    reset is when the window will hold nothing (its newest admission's expiry)."""
+    reset is when room starts coming back (the oldest admission's expiry)."""
     rules, limiter = Rules("rolling"), Limiter()
     assert isinstance(admit(limiter, 400, 0.0, rules), Grant)
     assert isinstance(admit(limiter, 200, 5.0, rules), Grant)
-    assert state(limiter, 30.0, rules) == (0, pytest.approx(35.0))
+    assert state(limiter, 30.0, rules) == (0, pytest.approx(30.0))
     denied = admit(limiter, 300, 30.0, rules)
     assert isinstance(denied, Denial) and denied.wait_s == pytest.approx(30.0)  # the 400 returns at 60
     assert isinstance(admit(limiter, 300, 59.999, rules), Denial)
     assert isinstance(admit(limiter, 300, 60.0, rules), Grant)
-    assert state(limiter, 60.0, rules) == (100, pytest.approx(60.0))
+    assert state(limiter, 60.0, rules) == (100, pytest.approx(5.0))  # the 200 is next
     denied = admit(limiter, 250, 61.0, rules)
     assert isinstance(denied, Denial) and denied.wait_s == pytest.approx(4.0)  # the 200 at 65
 
@@ -119,9 +119,9 @@ def test_config_refuses_a_sub_window_not_shorter_than_the_window() -> None:
 # --- through the SDKs -----------------------------------------------------------------------
 
 
-def test_openai_on_a_rolling_window_says_when_the_window_empties(sim: SimControl) -> None:
-    """x-ratelimit-reset-requests is a Go duration to the newest admission's expiry; a 429's
-    retry-after is when the oldest one returns, and the call fits then."""
+def test_openai_on_a_rolling_window_says_when_room_comes_back(sim: SimControl) -> None:
+    """x-ratelimit-reset-requests is a Go duration to the oldest admission's expiry, and so is a
+    429's retry-after here (one request returns then); the call fits then."""
     sim.configure(limiter="rolling", window_s=2.0, rpm=60)  # two requests per 2 s window
     client = oai(sim)
     chat(client, max_tokens=5)
@@ -133,7 +133,7 @@ def test_openai_on_a_rolling_window_says_when_the_window_empties(sim: SimControl
     assert headers["x-ratelimit-limit-requests"] == "60" and headers["x-ratelimit-remaining-requests"] == "0"
     retry_s = int(headers["retry-after-ms"]) / 1000
     assert 0.9 <= retry_s <= 1.2  # the first call's expiry
-    assert 1.7 <= go_seconds(headers["x-ratelimit-reset-requests"]) <= 2.0  # the second's
+    assert go_seconds(headers["x-ratelimit-reset-requests"]) == pytest.approx(retry_s, abs=0.01)
     time.sleep(retry_s)
     assert chat(client, max_tokens=5).usage.completion_tokens > 0
 

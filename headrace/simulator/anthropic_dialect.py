@@ -197,7 +197,7 @@ class AnthropicDialect:
 def _put(headers: dict[str, str], name: str, state: BucketState) -> None:
     headers[f"anthropic-ratelimit-{name}-limit"] = str(state.limit)
     headers[f"anthropic-ratelimit-{name}-remaining"] = str(state.remaining)
-    headers[f"anthropic-ratelimit-{name}-reset"] = rfc3339_after(state.seconds_to_full)
+    headers[f"anthropic-ratelimit-{name}-reset"] = rfc3339_after(state.reset_s)
 
 
 def _valid_system(system: Any) -> bool:

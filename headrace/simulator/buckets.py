@@ -17,8 +17,10 @@ capacity likewise). An optional ``sub_window_s`` (e.g. 10 s) enforces a second, 
 the same shape together with the first, holding ``limit x sub_window_s / 60``, the way a cloud
 deployment that evaluates per-minute and per-10-second windows does. What a caller is told
 (``BucketState``) is the per-minute limit, the room the next call can take (the smaller of the
-windows' rooms) and when that binding room is fully back: a token bucket's time to full, a
-rolling window's newest admission's expiry, a fixed window's end.
+windows' rooms) and when the binding window's room comes back (``reset_s``): a token bucket's
+time to full (OpenAI's definition), a fixed window's end (everything returns then), a rolling
+window's oldest counted admission's expiry (room starts coming back then, and keeps coming back
+as later admissions expire; a moving window reports this, e.g. the ``limits`` library's).
 
 Refunds (the unused part of an output reservation) go back to the window the admission was taken
 from, if that still counts it. All methods are synchronous and the server runs one event loop, so
@@ -50,7 +52,7 @@ class Window(Protocol):
     def wait_s(self, amount: float, now: float) -> float | None: ...
     def take(self, amount: float, now: float) -> Any: ...
     def give_back(self, handle: Any, amount: float, now: float) -> None: ...
-    def seconds_to_full(self, now: float) -> float: ...
+    def reset_s(self, now: float) -> float: ...
 
 
 class TokenBucket:
@@ -83,7 +85,7 @@ class TokenBucket:
         self._refill(now)
         self.level = min(self.capacity, self.level + amount)
 
-    def seconds_to_full(self, now: float) -> float:
+    def reset_s(self, now: float) -> float:
         return max(0.0, self.capacity - self.room(now)) / self.rate_per_s
 
 
@@ -128,10 +130,10 @@ class RollingWindow:
             handle[1] -= returned
             self.total -= returned
 
-    def seconds_to_full(self, now: float) -> float:
+    def reset_s(self, now: float) -> float:
         self._expire(now)
-        newest = next((admitted for admitted, counted in reversed(self.entries) if counted > 0), None)
-        return 0.0 if newest is None else max(0.0, newest + self.window_s - now)
+        oldest = next((admitted for admitted, counted in self.entries if counted > 0), None)
+        return 0.0 if oldest is None else max(0.0, oldest + self.window_s - now)
 
 
 class FixedWindow:
@@ -168,7 +170,7 @@ class FixedWindow:
         if handle == self.start:  # the window it was taken from is still open
             self.used = max(0.0, self.used - amount)
 
-    def seconds_to_full(self, now: float) -> float:
+    def reset_s(self, now: float) -> float:
         self._roll(now)
         if self.start is None or self.used <= 0:
             return 0.0
@@ -218,7 +220,7 @@ class BucketState:
     bucket: str
     limit: int
     remaining: int
-    seconds_to_full: float
+    reset_s: float  # when the room comes back: a token bucket's time to full, a window's return
 
 
 class Limiter:
@@ -283,9 +285,7 @@ class Limiter:
             rooms = [window.room(now) for window in limit.windows]
             least = min(rooms)
             # The binding window: the least room; of those, the one whose room comes back last.
-            reset = max(
-                w.seconds_to_full(now) for w, r in zip(limit.windows, rooms, strict=True) if r <= least
-            )
+            reset = max(w.reset_s(now) for w, r in zip(limit.windows, rooms, strict=True) if r <= least)
             states.append(BucketState(name, limit.limit, max(0, int(least)), reset))
         return states
 

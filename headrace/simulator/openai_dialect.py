@@ -224,5 +224,5 @@ class OpenAIDialect:
         for state in states:
             headers[f"x-ratelimit-limit-{state.bucket}"] = str(state.limit)
             headers[f"x-ratelimit-remaining-{state.bucket}"] = str(state.remaining)
-            headers[f"x-ratelimit-reset-{state.bucket}"] = go_duration(state.seconds_to_full)
+            headers[f"x-ratelimit-reset-{state.bucket}"] = go_duration(state.reset_s)
         return headers
