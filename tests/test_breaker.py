@@ -1,5 +1,6 @@
-"""Circuit breakers on a real Redis, with the scripts' test clock: open on a failure ratio, skip
-while open, let a few probes through when half-open, close on their success."""
+"""Circuit breakers on a real Redis, with the scripts' test clock: open on a failure ratio or on
+failures in a row, skip while open, let a few probes through when half-open, close on their
+success."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import redis as redis_lib
 from workers.breaker import Breaker, BreakerPolicy, is_provider_failure
 from workers.providers.base import CallFailed, ProviderReply, Usage
 
-POLICY = BreakerPolicy(window_s=30, min_calls=10, failure_ratio=0.5, open_s=15, probes=2)
+# Only the ratio here; the failures-in-a-row rule has its own test below.
+POLICY = BreakerPolicy(
+    window_s=30, min_calls=10, failure_ratio=0.5, open_s=15, probes=2, consecutive_failures=0
+)
 
 
 @pytest.fixture
@@ -80,3 +84,16 @@ def test_only_the_providers_health_counts() -> None:
     assert is_provider_failure(CallFailed("x", kind="timeout"))
     assert is_provider_failure(CallFailed("x", kind="connection"))
     assert not is_provider_failure(CallFailed("x", kind="translation"))
+
+
+def test_a_sudden_outage_opens_it_after_a_few_failures_in_a_row(
+    redis: redis_lib.Redis, clock: list[float]
+) -> None:
+    """20 successes fill the window; then the provider goes down. By the ratio alone it would take
+    20 failures to open; five in a row open it, and one success resets the count."""
+    breaker = Breaker(redis, BreakerPolicy(consecutive_failures=5), clock_ms=lambda: clock[0])
+    assert set(_calls(breaker, clock, 0, 20)) == {""}
+    assert set(_calls(breaker, clock, 4, 0)) == {""}
+    assert set(_calls(breaker, clock, 0, 1)) == {""}  # the streak starts again
+    assert _calls(breaker, clock, 5, 0) == ["", "", "", "", "opened"]
+    assert not breaker.allow("d").allowed

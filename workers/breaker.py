@@ -30,6 +30,10 @@ class BreakerPolicy:
     failure_ratio: float = 0.5
     open_s: float = 15.0
     probes: int = 2  # successes needed (and probes allowed at once) to close
+    # Failures in a row that open it at once (0: only the ratio): the window's successes from
+    # before a sudden outage would otherwise keep it closed until as many calls had failed. Ten:
+    # a provider failing one call in five at random shows ten in a row about once in ten million.
+    consecutive_failures: int = 10
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,7 @@ class Breaker:
                 policy.failure_ratio,
                 policy.probes,
                 1 if probe else 0,
+                policy.consecutive_failures,
             ],
         )
         transition = transition.decode() if isinstance(transition, bytes) else str(transition)
@@ -98,7 +103,9 @@ class Breaker:
             log.warning(
                 "circuit breaker OPENED for deployment %s: %s of its calls failed; skipped for %.0fs",
                 deployment,
-                "a probe" if probe else f">= {policy.failure_ratio:.0%}",
+                "a probe"
+                if probe
+                else f"{policy.consecutive_failures} in a row or >= {policy.failure_ratio:.0%}",
                 policy.open_s,
             )
         elif transition == "closed":

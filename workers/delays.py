@@ -20,6 +20,7 @@ class DelayQueue:
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
         self._claim = client.register_script((LUA_DIR / "delayed_claim.lua").read_text())
+        self._release = client.register_script((LUA_DIR / "delayed_release.lua").read_text())
 
     def park(self, request_id: str, priority: str, delay_s: float) -> None:
         """Publish ``request_id`` again in ``delay_s`` seconds (server time)."""
@@ -29,14 +30,14 @@ class DelayQueue:
 
     def publish_due(self, publish: Callable[[Sequence[tuple[str, str]]], object], limit: int = 1000) -> int:
         """Publish every due request once; returns how many."""
-        members = [
-            m.decode() for m in self._claim(keys=[keys.delayed_requests()], args=[limit, CLAIM_LEASE_MS])
-        ]
+        lease_until, *claimed = self._claim(keys=[keys.delayed_requests()], args=[limit, CLAIM_LEASE_MS])
+        members = [m.decode() for m in claimed]
         if not members:
             return 0
         pairs = [(request_id, priority) for priority, _, request_id in (m.partition("|") for m in members)]
         publish(pairs)
-        self.redis.zrem(keys.delayed_requests(), *members)
+        # Not a plain ZREM: a member parked again since the claim (its message already ran) stays.
+        self._release(keys=[keys.delayed_requests()], args=[lease_until, *members])
         return len(members)
 
     def waiting(self) -> int:

@@ -86,6 +86,7 @@ def breaker_policy(settings: Settings) -> BreakerPolicy:
         failure_ratio=settings.breaker_failure_ratio,
         open_s=settings.breaker_open_s,
         probes=settings.breaker_probes,
+        consecutive_failures=settings.breaker_consecutive_failures,
     )
 
 

@@ -7,6 +7,8 @@
 -- ARGV[4] window_ms   ARGV[5] fewest calls in the window before it may open
 -- ARGV[6] failure ratio that opens it (0..1)   ARGV[7] probes that must succeed to close it
 -- ARGV[8] 1 if this call was a half-open probe
+-- ARGV[9] failures in a row that open it, whatever the window's ratio (0: never): a sudden
+--         outage opens it at once, not only once its failures outweigh the window's successes
 -- Returns the transition: 'opened', 'closed' or '' (none).
 local breaker, calls, failures = KEYS[1], KEYS[2], KEYS[3]
 local now = monotonic_now(breaker, ARGV[1])
@@ -14,6 +16,7 @@ redis.call('HSET', breaker, 'ts', num(now))
 local id, failed = ARGV[2], ARGV[3] == '1'
 local window, min_calls, ratio = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local needed, probe = tonumber(ARGV[7]), ARGV[8] == '1'
+local in_a_row = tonumber(ARGV[9]) or 0
 local state = redis.call('HGET', breaker, 'state') or 'closed'
 
 local function open()
@@ -34,11 +37,21 @@ if state == 'half_open' and probe then
 end
 
 redis.call('ZADD', calls, now, id)
-if failed then redis.call('ZADD', failures, now, id) end
+local streak = 0
+if failed then
+  redis.call('ZADD', failures, now, id)
+  streak = redis.call('HINCRBY', breaker, 'streak', 1)
+else
+  redis.call('HSET', breaker, 'streak', 0)
+end
 redis.call('ZREMRANGEBYSCORE', calls, '-inf', now - window)
 redis.call('ZREMRANGEBYSCORE', failures, '-inf', now - window)
 for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, math.max(window * 2, 3600000)) end
 if state ~= 'closed' then return '' end
+if in_a_row > 0 and streak >= in_a_row then
+  redis.call('HSET', breaker, 'streak', 0)
+  return open()
+end
 local total = redis.call('ZCARD', calls)
 if total >= min_calls and redis.call('ZCARD', failures) / total >= ratio then return open() end
 return ''
