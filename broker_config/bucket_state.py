@@ -40,6 +40,10 @@ class LimitState:
     effective: float  # what the bucket enforces now: min(configured, learned) x rate factor
     level: float  # what is left to take now (negative: a debt being refilled)
     in_flight: float  # reserved by calls that have not ended yet
+    # "steps" when the provider's headers last said this room comes back at moments (a window),
+    # "continuous" when they read as a token bucket's (or said nothing of it).
+    shape: str = "continuous"
+    room_back_in_s: float = 0.0  # until the room the last such forecast held back comes back
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,7 @@ def read_state(
     factor, paused_ms, calls, behind_ms, grants, waits, never, limited, follows = reply[:9]
     states = []
     for i, (name, configured) in enumerate(limits.items()):
-        _, effective, level, learned, held = reply[9 + 5 * i : 14 + 5 * i]
+        _, effective, level, learned, held, shape, back_ms = reply[9 + 7 * i : 16 + 7 * i]
         states.append(
             LimitState(
                 name,
@@ -96,6 +100,8 @@ def read_state(
                 float(effective),
                 float(level),
                 float(held),
+                shape,
+                float(back_ms) / 1000,
             )
         )
     breaker = cast(dict[bytes, bytes], client.hgetall(keys.breaker(deployment.name)))

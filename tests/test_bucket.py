@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import redis as redis_lib
@@ -21,7 +22,7 @@ from workers.admission import (
     BucketPolicy,
     Charge,
     Estimate,
-    Observed,
+    Forecast,
     Settlement,
     Ticket,
     admit,
@@ -36,17 +37,32 @@ TTL_S = 45.0  # short, so that the property tests see reservations expire
 START_MS = 1e9
 
 
+LIFT_MS = BucketPolicy().floor_lift_s * 1000
+LEARNED_MS = 600_000  # a learned shape (and limit) holds for 10 minutes
+SLACK_MS = 2500  # a forecast further than this (+5%) from a token bucket's is stepped
+
+
 @dataclass
 class Model:
     """A token bucket per limit, the way prelude.lua describes it, in plain Python: levels as of
     the last write, refilled continuously since, on a clock that never runs backwards (a clock
-    behind the last write counts as the last write's time). Reservations expire after a ttl."""
+    behind the last write counts as the last write's time). Reservations expire after a ttl.
+
+    Forecasts: an answer's (remaining, reset) that a token bucket would not give marks the limit
+    stepped; a stepped limit's level becomes the provider's remaining less what calls taken since
+    hold, and holds (no refill) until the reset's moment, when what the provider lacked comes back
+    at once, refilling from then on. Floors are lent out in the last LIFT_MS before that moment."""
 
     limits: dict[str, int]
     ttl_ms: float
     ts: float | None = None  # when levels were last written
     stored: dict[str, float] = field(default_factory=dict)
-    held: dict[str, tuple[float, dict[str, float]]] = field(default_factory=dict)  # id: (expiry, costs)
+    held: dict[str, tuple[float, float, dict[str, float]]] = field(
+        default_factory=dict
+    )  # id: taken, expiry, costs
+    ret: dict[str, float] = field(default_factory=dict)  # the last stepped forecast's moment
+    gain: dict[str, float] = field(default_factory=dict)  # and what comes back then
+    step_seen: dict[str, float] = field(default_factory=dict)
 
     def now(self, clock: float) -> float:
         return clock if self.ts is None else max(clock, self.ts)
@@ -55,38 +71,75 @@ class Model:
         cap = self.limits[name]
         if self.ts is None:
             return float(cap)
-        return min(cap, self.stored[name] + (self.now(clock) - self.ts) * cap / 60000)
+        now, since, stored = self.now(clock), self.ts, self.stored[name]
+        ret = self.ret.get(name, 0.0)
+        if ret > since:
+            if now < ret:
+                return min(stored, cap)
+            since, stored = ret, stored + self.gain[name]
+        return min(cap, stored + (now - since) * cap / 60000)
+
+    def holds(self, name: str, now: float) -> bool:
+        return self.ts is not None and self.ret.get(name, 0.0) > self.ts and now < self.ret[name]
 
     def in_flight(self, name: str, clock: float) -> float:
-        return sum(c[name] for expiry, c in self.held.values() if expiry > self.now(clock))
+        return sum(c[name] for _, expiry, c in self.held.values() if expiry > self.now(clock))
 
     def _write(self, levels: dict[str, float], clock: float) -> None:
         self.ts, self.stored = self.now(clock), levels
 
     def take(self, rid: str, costs: dict[str, float], floor: float, clock: float) -> tuple[str, float]:
         now = self.now(clock)
-        self.held = {r: h for r, h in self.held.items() if h[0] > now}  # a dead worker's stop counting
+        self.held = {r: h for r, h in self.held.items() if h[1] > now}  # a dead worker's stop counting
         if any(cost > self.limits[n] for n, cost in costs.items()):
             return "never", 0.0
         levels = {name: self.level(name, clock) for name in self.limits}
         wait = 0.0
         for name, cost in costs.items():
-            cap = self.limits[name]
-            need = min(cost + floor * cap, cap)
-            if levels[name] < need:
-                wait = max(wait, (need - levels[name]) * 60000 / cap)
+            cap, lvl = self.limits[name], levels[name]
+            lifted = self.holds(name, now) and now >= self.ret[name] - LIFT_MS
+            need = min(cost + (0.0 if lifted else floor) * cap, cap)
+            if lvl >= need:
+                continue
+            if self.holds(name, now):
+                back = min(cap, lvl + self.gain[name])
+                if lvl >= cost:
+                    w = self.ret[name] - LIFT_MS - now
+                else:
+                    w = self.ret[name] - now + max(0.0, cost - back) * 60000 / cap
+            else:
+                w = (need - lvl) * 60000 / cap
+            wait = max(wait, w)
         if wait > 0:
             return "wait", wait
         self._write({name: levels[name] - costs[name] for name in self.limits}, clock)
-        self.held[rid] = (now + self.ttl_ms, dict(costs))
+        self.held[rid] = (now, now + self.ttl_ms, dict(costs))
         return "granted", 0.0
 
-    def settle(self, rid: str, used: dict[str, float], clock: float) -> None:
+    def settle(
+        self, rid: str, used: dict[str, float], clock: float, said: dict[str, tuple[int, int]] | None = None
+    ) -> None:
+        """``said``: per limit, the provider's (remaining, reset ms) at the configured limit."""
+        now = self.now(clock)
         levels = {name: self.level(name, clock) for name in self.limits}
         held = self.held.pop(rid, None)
         if held is not None:
-            for name, cost in held[1].items():
+            for name, cost in held[2].items():
                 levels[name] = min(self.limits[name], levels[name] + cost - used[name])
+        taken_at = held[0] if held is not None else -1.0
+        for name, (remaining, reset_ms) in (said or {}).items():
+            cap = self.limits[name]
+            continuous = max(0, cap - remaining) * 60000 / cap
+            if abs(reset_ms - continuous) > SLACK_MS + 0.05 * continuous:
+                self.step_seen[name] = now
+            if now - self.step_seen.get(name, -LEARNED_MS) < LEARNED_MS:
+                later = sum(c[name] for at, _, c in self.held.values() if at > taken_at)
+                levels[name] = min(cap, remaining - later)
+                self.ret[name], self.gain[name] = now + reset_ms, max(0, cap - remaining)
+            else:
+                self.ret.pop(name, None)
+                if levels[name] > remaining + 0.02 * cap:
+                    levels[name] = remaining
         self._write(levels, clock)
 
 
@@ -117,26 +170,43 @@ def stored_levels(client: redis_lib.Redis) -> dict[str, float]:
 
 # The clock mostly moves forward, and sometimes steps back (a failover to a replica behind).
 clock_step = st.one_of(st.floats(0, 20_000), st.floats(-90_000, 0))
+# What an answer's headers say of the tokens limit: nothing, a token bucket's forecast (its time to
+# full, give or take rounding), or any other (room coming back at a moment).
+forecast = st.one_of(
+    st.none(),
+    st.tuples(st.just("continuous"), st.integers(0, 6000), st.floats(-500, 500)),
+    st.tuples(st.just("stepped"), st.integers(0, 6000), st.floats(0, 70_000)),
+)
 operation = st.one_of(
     st.tuples(st.just("take"), clock_step, st.integers(0, 7000), st.sampled_from(list(FLOORS))),
-    st.tuples(st.just("settle"), clock_step, st.integers(0, 30), st.integers(0, 3000)),
+    st.tuples(st.just("settle"), clock_step, st.integers(0, 30), st.integers(0, 3000), forecast),
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def said_by(told: tuple[str, int, float] | None) -> dict[str, tuple[int, int]]:
+    if told is None:
+        return {}
+    kind, remaining, reset = told
+    if kind == "continuous":
+        reset += (LIMITS["tokens"] - remaining) * 60000 / LIMITS["tokens"]
+    return {"tokens": (remaining, max(0, round(reset)))}
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(operation, min_size=1, max_size=40))
 def test_the_scripts_agree_with_the_reference_model(
-    ops: list[tuple[str, float, int, object]], redis: redis_lib.Redis, clock: list[float]
+    ops: list[tuple[Any, ...]], redis: redis_lib.Redis, clock: list[float]
 ) -> None:
     """Grant, wait and never exactly when the model does; what read_state shows (levels, what is in
-    flight, how far the clock is behind) equals the model after every step, settlements, expired
-    reservations and a clock stepping back included."""
+    flight, how far the clock is behind, the shape, when held room comes back) equals the model
+    after every step, settlements with and without forecasts, expired reservations and a clock
+    stepping back included."""
     redis.flushdb()
     clock[0] = START_MS  # hypothesis reuses the fixture across examples
     bucket = Bucket(redis, clock_ms=lambda: clock[0])
     model = Model(dict(LIMITS), TTL_S * 1000)
     granted: list[str] = []
-    for step, (kind, advance, amount, extra) in enumerate(ops):
+    for step, (kind, advance, amount, extra, *told) in enumerate(ops):
         clock[0] += advance
         if kind == "take":
             rid = f"r{step}"
@@ -149,13 +219,21 @@ def test_the_scripts_agree_with_the_reference_model(
                 granted.append(rid)
         else:
             rid = granted[int(amount) % len(granted)] if granted else "none"
-            used = {"requests": 1.0, "tokens": float(extra)}  # type: ignore[arg-type]
-            model.settle(rid, used, clock[0])
-            bucket.settle("d", rid, charges(0), Settlement(used=used))
+            used = {"requests": 1.0, "tokens": float(extra)}
+            said = said_by(told[0])
+            model.settle(rid, used, clock[0], said)
+            observed = {n: Forecast(LIMITS[n], r, reset / 1000) for n, (r, reset) in said.items()}
+            bucket.settle("d", rid, charges(0), Settlement(used=used, observed=observed))
         shown = read_state(redis, DEPLOYMENT, clock_ms=lambda: clock[0])
+        now = model.now(clock[0])
         for limit in shown.limits:
             assert limit.level == pytest.approx(model.level(limit.name, clock[0]), abs=1e-6), (step, limit)
             assert limit.in_flight == pytest.approx(model.in_flight(limit.name, clock[0])), (step, limit)
+            stepped = now - model.step_seen.get(limit.name, -LEARNED_MS) < LEARNED_MS
+            assert limit.shape == ("steps" if stepped else "continuous"), (step, limit)
+            ret = model.ret.get(limit.name, 0.0)
+            back_ms = max(0.0, ret - now) if model.ts is not None and ret > model.ts else 0.0
+            assert limit.room_back_in_s * 1000 == pytest.approx(back_ms, abs=1e-6), (step, limit)
         behind_ms = max(0.0, (model.ts or clock[0]) - clock[0])
         assert shown.clock_behind_s * 1000 == pytest.approx(behind_ms, abs=1e-6)
 
@@ -292,8 +370,8 @@ def test_the_provider_headers_pull_the_bucket_down(bucket: Bucket, redis: redis_
         Settlement(
             used={"requests": 1, "tokens": 100},
             observed={
-                "tokens": Observed(limit=3000, remaining=1000),
-                "requests": Observed(limit=60, remaining=59),
+                "tokens": Forecast(limit=3000, remaining=1000),
+                "requests": Forecast(limit=60, remaining=59),
             },
         ),
     )

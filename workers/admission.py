@@ -6,15 +6,17 @@ call has ended.
     admit(bucket, deployment, estimate, ...)   Bucket.take -> lua/bucket_take.lua, all or nothing
         -> Ticket | Wait (how long, and why) | TooLarge (can never fit there)
     ... the provider call ...
-    settlement(deployment, estimate, outcome)  what the call really counted, limit by limit
+    settlement(deployment, estimate, outcome)  what the call really counted, limit by limit, and
+                                               what the provider's headers forecast (forecast.py)
     settle(bucket, ticket, settlement)         Bucket.settle -> lua/bucket_settle.lua; never raises
 
 One bucket per deployment (and per tenant ceiling) in Redis, shared by every worker on every
 host. The algorithm, its units and its clock are in ``lua/prelude.lua``. What people see
 (``GET /v1/deployments``) is read by ``lua/bucket_read.lua`` with that same prelude
-(``broker_config/bucket_state.py``). How each provider counts (header names, which tokens count
-against which limit, the offline prompt estimate) is the pure table in ``workers/metering.py``,
-kept apart only so that this module stays one readable page.
+(``broker_config/bucket_state.py``). How each provider counts (which tokens count against which
+limit, the offline prompt estimate, what a call that ended counted) is ``workers/metering.py``,
+and how its headers read as a forecast ``workers/forecast.py``, kept apart only so that this
+module stays one readable page.
 """
 
 from __future__ import annotations
@@ -32,7 +34,15 @@ import redis
 from broker_config import keys
 from broker_config.deployments import Deployment, TenantLimits
 from db.states import Priority
-from workers.metering import Observed, by_limit, counted_input_tokens, estimate_prompt_tokens, observed_limits
+from workers.forecast import Forecast
+from workers.metering import (
+    DEFAULT_PAUSE_S,
+    MAX_PAUSE_S,
+    Settlement,
+    by_limit,
+    estimate_prompt_tokens,
+    settlement_of,
+)
 from workers.providers.base import CallFailed, ProviderReply, requested_max_tokens
 
 __all__ = [
@@ -44,7 +54,7 @@ __all__ = [
     "BucketPolicy",
     "Charge",
     "Estimate",
-    "Observed",
+    "Forecast",
     "Settlement",
     "Ticket",
     "TooLarge",
@@ -63,11 +73,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 LUA_DIR = Path(__file__).parent / "lua"
-DEFAULT_PAUSE_S = 1.0  # a 429 without a usable retry-after still pauses everyone this long
-# The longest a 429 pauses a deployment for every worker. A per-minute limit refills well within
-# it; a longer retry-after (a spent quota, or a garbage value) pauses it again at the next 429
-# rather than holding a deployment shut on one header's word.
-MAX_PAUSE_S = 300.0
 
 
 def lua_script(name: str) -> str:
@@ -138,6 +143,9 @@ class BucketPolicy:
     factor_min: float = 0.2
     factor_recovery_per_s: float = 0.01  # ...and recovers by this much per second
     follow_tolerance: float = 0.02  # follow the provider down when it is lower by more than this
+    # On a limiter whose room comes back at a moment (a window), the floors are lent out this
+    # long before it: a request above waits at most this long, and the window's room is used.
+    floor_lift_s: float = 2.0
 
     def reservation_ttl_s(self, deployment: Deployment) -> float:
         """How long a reservation on ``deployment`` lives unsettled. It must outlive the call: an
@@ -155,21 +163,6 @@ class Admission:
     wait_s: float = 0.0
     reason: str = ""  # which limit made it wait, or is too small
     limit: int = 0  # for "never": the limit the cost exceeds
-
-
-@dataclass(frozen=True)
-class Settlement:
-    """How a call ended, for the bucket.
-
-    ``used``: per limit, what the call really counted (None keeps the reservation as charged,
-    when we cannot know, e.g. after a timeout). ``tenant_used`` likewise for the tenant's ceiling.
-    """
-
-    used: Mapping[str, float | None]
-    tenant_used: Mapping[str, float | None] = field(default_factory=dict)
-    observed: Mapping[str, Observed] = field(default_factory=dict)
-    rate_limited: bool = False
-    pause_s: float = 0.0
 
 
 class Bucket:
@@ -217,6 +210,7 @@ class Bucket:
             policy.floors.get(priority, 0.0),
             int(ttl_s * 1000),
             policy.factor_recovery_per_s / 1000,
+            int(policy.floor_lift_s * 1000),
             len(charges),
         ]
         for charge in charges:
@@ -258,14 +252,11 @@ class Bucket:
         ]
         for charge in charges:
             used = settlement.used.get(charge.name)
-            seen = settlement.observed.get(charge.name, Observed())
-            args += [
-                charge.name,
-                charge.limit,
-                -1 if used is None else used,
-                -1 if seen.limit is None else seen.limit,
-                -1 if seen.remaining is None else seen.remaining,
-            ]
+            seen = settlement.observed.get(charge.name, Forecast())
+            reset_ms = None if seen.reset_s is None else round(seen.reset_s * 1000)
+            said = (seen.limit, seen.remaining, reset_ms)
+            args += [charge.name, charge.limit, -1 if used is None else used]
+            args += [-1 if value is None else value for value in said]
         args.append(len(tenant_charges))
         for charge in tenant_charges:
             used = settlement.tenant_used.get(charge.name)
@@ -352,29 +343,8 @@ def admit(
 
 
 def settlement(deployment: Deployment, estimate: Estimate, outcome: ProviderReply | CallFailed) -> Settlement:
-    """What the call really counted, limit by limit, from how it ended."""
-    observed = observed_limits(deployment, outcome.headers)
-    if isinstance(outcome, ProviderReply):
-        usage = outcome.usage
-        used = by_limit(1, counted_input_tokens(deployment, usage), usage.output_tokens)
-        return Settlement(used=used, tenant_used=used, observed=observed)
-    if outcome.status == 429:
-        # Refused at the door: nothing counted. Everyone pauses for the provider's retry-after.
-        nothing = by_limit(0, 0, 0)
-        return Settlement(
-            used=nothing,
-            tenant_used=nothing,
-            observed=observed,
-            rate_limited=True,
-            pause_s=min(outcome.retry_after_s or DEFAULT_PAUSE_S, MAX_PAUSE_S),
-        )
-    if outcome.kind == "status":
-        used = by_limit(1, estimate.prompt_tokens, 0)  # admitted, then failed: no output
-    elif outcome.kind in ("translation", "unavailable"):
-        used = by_limit(0, 0, 0)  # no call was made
-    else:
-        used = by_limit(None, None, None)  # timeouts, cut connections: it may all have counted
-    return Settlement(used=used, tenant_used=used, observed=observed)
+    """What the call really counted, limit by limit, from how it ended (``metering.py``)."""
+    return settlement_of(deployment, estimate.prompt_tokens, outcome)
 
 
 def settle(bucket: Bucket, ticket: Ticket, settlement: Settlement) -> bool:

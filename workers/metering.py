@@ -1,10 +1,11 @@
-"""How each provider counts a call against its limits: the pure table that admission reads.
+"""How each provider counts a call against its limits, before it (the offline estimate) and after
+it (``settlement``: what it really counted, and what the provider's headers forecast).
 
 OpenAI charges prompt tokens (its own offline estimate) + max_tokens x n against TPM at
 admission. Anthropic charges input tokens against ITPM and reserves max_tokens against OTPM,
 adjusting to the real output at the end; cache reads do not count against ITPM. A request counts
-against RPM once admitted. The decision flow that uses this table is ``workers/admission.py``;
-this part stands apart only to keep that module one readable page.
+against RPM once admitted. A 429 counted nothing. The decision flow that uses this is
+``workers/admission.py``; this part stands apart only to keep that module one readable page.
 """
 
 from __future__ import annotations
@@ -12,31 +13,18 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from broker_config.deployments import Deployment
-from workers.providers.base import Usage
+from workers.forecast import Forecast, forecasts
+from workers.providers.base import CallFailed, ProviderReply, Usage
 
-# Header names per provider and limit: (limit header, remaining header).
-_HEADERS = {
-    "openai": {
-        "requests": ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests"),
-        "tokens": ("x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens"),
-    },
-    "anthropic": {
-        "requests": ("anthropic-ratelimit-requests-limit", "anthropic-ratelimit-requests-remaining"),
-        "input_tokens": (
-            "anthropic-ratelimit-input-tokens-limit",
-            "anthropic-ratelimit-input-tokens-remaining",
-        ),
-        "output_tokens": (
-            "anthropic-ratelimit-output-tokens-limit",
-            "anthropic-ratelimit-output-tokens-remaining",
-        ),
-        "tokens": ("anthropic-ratelimit-tokens-limit", "anthropic-ratelimit-tokens-remaining"),
-    },
-}
+DEFAULT_PAUSE_S = 1.0  # a 429 without a usable retry-after still pauses everyone this long
+# The longest a 429 pauses a deployment for every worker. A per-minute limit refills well within
+# it; a longer retry-after (a spent quota, or a garbage value) pauses it again at the next 429
+# rather than holding a deployment shut on one header's word.
+MAX_PAUSE_S = 300.0
 
 # The offline prompt estimate: a character heuristic (about four characters per token of English,
 # plus a few tokens of framing per message) is what OpenAI itself admits with. No tokenizer
@@ -44,14 +32,6 @@ _HEADERS = {
 CHARS_PER_TOKEN = 4.0
 TOKENS_PER_MESSAGE = 4
 TOKENS_PER_REPLY = 3
-
-
-@dataclass(frozen=True)
-class Observed:
-    """What the provider's headers said of one limit (None: not said)."""
-
-    limit: int | None = None
-    remaining: int | None = None
 
 
 def by_limit(
@@ -62,23 +42,56 @@ def by_limit(
     return {"requests": requests, "tokens": total, "input_tokens": tokens_in, "output_tokens": tokens_out}
 
 
+@dataclass(frozen=True)
+class Settlement:
+    """How a call ended, for the bucket.
+
+    ``used``: per limit, what the call really counted (None keeps the reservation as charged,
+    when we cannot know, e.g. after a timeout). ``tenant_used`` likewise for the tenant's ceiling.
+    ``observed``: the provider's forecast of each limit, from the answer's headers.
+    """
+
+    used: Mapping[str, float | None]
+    tenant_used: Mapping[str, float | None] = field(default_factory=dict)
+    observed: Mapping[str, Forecast] = field(default_factory=dict)
+    rate_limited: bool = False
+    pause_s: float = 0.0
+
+
+def settlement_of(
+    deployment: Deployment, prompt_tokens: int, outcome: ProviderReply | CallFailed
+) -> Settlement:
+    """What the call really counted, limit by limit, from how it ended (``prompt_tokens``: the
+    estimate it was admitted with)."""
+    observed = forecasts(deployment, outcome.headers)
+    if isinstance(outcome, ProviderReply):
+        usage = outcome.usage
+        used = by_limit(1, counted_input_tokens(deployment, usage), usage.output_tokens)
+        return Settlement(used=used, tenant_used=used, observed=observed)
+    if outcome.status == 429:
+        # Refused at the door: nothing counted. Everyone pauses for the provider's retry-after.
+        nothing = by_limit(0, 0, 0)
+        return Settlement(
+            used=nothing,
+            tenant_used=nothing,
+            observed=observed,
+            rate_limited=True,
+            pause_s=min(outcome.retry_after_s or DEFAULT_PAUSE_S, MAX_PAUSE_S),
+        )
+    if outcome.kind == "status":
+        used = by_limit(1, prompt_tokens, 0)  # admitted, then failed: no output
+    elif outcome.kind in ("translation", "unavailable"):
+        used = by_limit(0, 0, 0)  # no call was made
+    else:
+        used = by_limit(None, None, None)  # timeouts, cut connections: it may all have counted
+    return Settlement(used=used, tenant_used=used, observed=observed)
+
+
 def counted_input_tokens(deployment: Deployment, usage: Usage) -> int:
     """The input tokens a provider's limit counted for a call that answered."""
     # Anthropic does not count cache reads against its input limit.
     cached = usage.cache_read_tokens if deployment.provider == "anthropic" else 0
     return usage.input_tokens - cached
-
-
-def observed_limits(deployment: Deployment, headers: Mapping[str, str]) -> dict[str, Observed]:
-    """What the provider's rate-limit headers say of each of the deployment's limits."""
-    table = _HEADERS[deployment.provider]
-    seen: dict[str, Observed] = {}
-    for name in deployment.limits():
-        limit_header, remaining_header = table[name]
-        limit, remaining = _int(headers.get(limit_header)), _int(headers.get(remaining_header))
-        if limit is not None or remaining is not None:
-            seen[name] = Observed(limit=limit, remaining=remaining)
-    return seen
 
 
 def estimate_prompt_tokens(body: Mapping[str, Any]) -> int:
@@ -103,12 +116,3 @@ def _text_of(content: Any) -> str:
     if isinstance(content, list):
         return " ".join(part.get("text", "") if isinstance(part, dict) else str(part) for part in content)
     return json.dumps(content)
-
-
-def _int(value: str | None) -> int | None:
-    try:
-        number = float(value) if value is not None else None
-    except ValueError:
-        return None
-    # A header saying "inf" or "nan" says nothing.
-    return int(number) if number is not None and math.isfinite(number) else None

@@ -12,7 +12,8 @@
 --   rate factor, paused for (ms), calls in flight, clock behind (ms: how far Redis TIME is
 --   behind the bucket's last stamp; refill stalls meanwhile), grants, waits, never, 429s,
 --   follow-downs, then per limit: name, effective capacity, level, learned limit ('' if none),
---   held by calls in flight
+--   held by calls in flight, shape ('steps' if its room was last seen coming back at moments,
+--   else 'continuous'), ms until the room the last forecast held back comes back (0: none held)
 local bucket, resv, resv_exp = KEYS[1], KEYS[2], KEYS[3]
 local clock = server_now_ms(ARGV[1])
 local now = monotonic_now(bucket, ARGV[1])
@@ -52,5 +53,8 @@ for k = 1, n do
   table.insert(out, num(level(bucket, name, cap, since, now)))
   table.insert(out, learned)
   table.insert(out, num(held[name] or 0))
+  table.insert(out, stepped(bucket, name, now) and 'steps' or 'continuous')
+  local ret = room_returns_at(bucket, name)
+  table.insert(out, num(ret > since and math.max(0, ret - now) or 0))
 end
 return out

@@ -1,16 +1,20 @@
 -- After a call: give back what was reserved but not used (or take what was under-estimated),
--- learn from the provider's rate-limit headers, and on a 429 pause the deployment for everyone.
+-- learn from the provider's rate-limit headers (their forecast: prelude), and on a 429 pause the
+-- deployment for everyone.
 --
 -- KEYS: as bucket_take.lua (bucket, reservations, reservation expiry, tenant bucket)
 -- ARGV[1] clock override (ms) or ''        ARGV[2] reservation id
 -- ARGV[3] factor recovery per ms           ARGV[4] pause (ms, 0 for none)
 -- ARGV[5] 1 if the provider answered 429   ARGV[6] factor multiplier on a 429 (e.g. 0.7)
 -- ARGV[7] lowest factor                     ARGV[8] follow-down tolerance (fraction of capacity)
--- ARGV[9] n, then n groups of 5: name, configured limit/min, actual used (-1: keep the charge),
---         provider's limit (-1: not said), provider's remaining (-1: not said)
+-- ARGV[9] n, then n groups of 6: name, configured limit/min, actual used (-1: keep the charge),
+--         provider's limit, remaining, and reset (ms after its answer) (-1 each: not said)
 -- then m, then m triples for the tenant bucket: name, limit/min, actual used (-1: keep)
 --
 -- Settling a reservation twice, or one that expired, gives nothing back: the books stay balanced.
+-- The rate factor drops once per burst of 429s (not for a call admitted before the last drop),
+-- and is back to 1 as soon as an answer to a call admitted since shows at least the room the
+-- bucket thinks it has on every limit it tells of; without headers it recovers linearly.
 -- Returns 1 if the reservation was found, 0 if not.
 -- Time: the deployment's own monotonic clock (prelude: monotonic_now), stamped as 'ts' here.
 local bucket, resv, resv_exp, tenant = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -19,27 +23,49 @@ local id, recover = ARGV[2], tonumber(ARGV[3])
 local pause_ms, limited = tonumber(ARGV[4]), ARGV[5] == '1'
 local drop, min_factor, tolerance = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 
-local taken, tenant_taken = {}, {}
+local taken, tenant_taken, taken_at = {}, {}, -1
 local record = redis.call('HGET', resv, id)
 if record then
-  local _, charges, tenant_charges = string.match(record, '^([^|]*)|([^|]*)|(.*)$')
-  taken, tenant_taken = parse_charges(charges), parse_charges(tenant_charges)
+  local at, charges, tenant_charges = string.match(record, '^([^|]*)|([^|]*)|(.*)$')
+  taken, tenant_taken, taken_at = parse_charges(charges), parse_charges(tenant_charges), tonumber(at)
   redis.call('HDEL', resv, id)
   redis.call('ZREM', resv_exp, id)
 end
 
+-- What calls taken after this one still hold: the provider may not have counted them when it
+-- answered, so its room is theirs too. (Read once, only if a stepped limit needs it.)
+local later = nil
+local function held_by_later(name)
+  if later == nil then
+    later = {}
+    local all = redis.call('HGETALL', resv)
+    for j = 2, #all, 2 do
+      local at, charges = string.match(all[j], '^([^|]*)|([^|]*)|')
+      if tonumber(at) > taken_at then
+        for limit, cost in pairs(parse_charges(charges)) do later[limit] = (later[limit] or 0) + cost end
+      end
+    end
+  end
+  return later[name] or 0
+end
+
 local factor = rate_factor(bucket, now, recover)
 local since = tonumber(redis.call('HGET', bucket, 'ts')) or now
+local last_drop = tonumber(redis.call('HGET', bucket, 'drop_ts')) or -1
+-- Admitted since the rate last dropped (HGET answers false, not nil, for a missing field).
+local fresh = record ~= false and taken_at >= last_drop
+local room_shown, told = fresh and not limited, false
 local i = 9
 local n = tonumber(ARGV[i])
 for k = 1, n do
-  local base = i + 5 * (k - 1)
-  local name, configured = ARGV[base + 1], tonumber(ARGV[base + 2])
-  local actual, said_limit, said_remaining = tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4]), tonumber(ARGV[base + 5])
-  local cap = capacity(bucket, name, configured, now, factor)
+  local base = i + 6 * (k - 1)
+  local name, configured, actual = ARGV[base + 1], tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])
+  local said_limit, said_remaining, said_reset = tonumber(ARGV[base + 4]), tonumber(ARGV[base + 5]), tonumber(ARGV[base + 6])
+  local cap, per_minute = capacity(bucket, name, configured, now, factor)
   local lvl = level(bucket, name, cap, since, now)
   if record and actual >= 0 and taken[name] then lvl = lvl + taken[name] - actual end
   if said_limit > 0 then
+    per_minute = said_limit
     if said_limit < configured then
       -- The provider's real limit is lower than the configuration says: use it from now on.
       redis.call('HSET', bucket, 'cap:' .. name, num(said_limit), 'capts:' .. name, num(now))
@@ -49,16 +75,42 @@ for k = 1, n do
     end
   end
   if lvl > cap then lvl = cap end
-  -- Someone else shares the key, or the provider counts differently: follow it down.
-  if said_remaining >= 0 and lvl > said_remaining + tolerance * cap then
-    lvl = said_remaining
-    redis.call('HINCRBY', bucket, 'n:follow', 1)
+  if said_remaining >= 0 then
+    told = true
+    if lvl > said_remaining + tolerance * cap then room_shown = false end
+    -- Room that comes back later than a token bucket's would (or sooner): it comes in steps.
+    local continuous = math.max(0, per_minute - said_remaining) * 60000 / per_minute
+    local step = said_reset >= 0 and differs(said_reset, continuous)
+    -- A 429 whose retry-after is far beyond what continuous refill would need for this call.
+    local short = (taken[name] or 0) - said_remaining
+    if limited and short > 0 then
+      local refill = short * 60000 / per_minute
+      step = step or (pause_ms > refill and differs(pause_ms, refill))
+    end
+    if step then redis.call('HSET', bucket, 'step:' .. name, num(now)) end
+    if stepped(bucket, name, now) then
+      -- The provider's room is the level now; it holds until the moment the rest comes back.
+      lvl = math.min(cap, said_remaining - held_by_later(name))
+      if said_reset >= 0 then
+        local gain = math.max(0, per_minute - said_remaining)
+        redis.call('HSET', bucket, 'ret:' .. name, num(now + said_reset), 'gain:' .. name, num(gain))
+      else
+        redis.call('HDEL', bucket, 'ret:' .. name)
+      end
+    else
+      redis.call('HDEL', bucket, 'ret:' .. name)
+      -- Someone else shares the key, or the provider counts differently: follow it down.
+      if lvl > said_remaining + tolerance * cap then
+        lvl = said_remaining
+        redis.call('HINCRBY', bucket, 'n:follow', 1)
+      end
+    end
   end
   redis.call('HSET', bucket, 'lvl:' .. name, num(lvl))
 end
 redis.call('HSET', bucket, 'ts', num(now))
 
-i = i + 5 * n + 1
+i = i + 6 * n + 1
 local m = tonumber(ARGV[i])
 local tenant_since = tonumber(redis.call('HGET', tenant, 'ts')) or now
 for k = 1, m do
@@ -70,12 +122,18 @@ for k = 1, m do
 end
 
 if limited then
-  -- A 429 slipped through: everyone waits the provider's retry-after, and the rate drops,
-  -- recovering linearly from here.
+  -- A 429 slipped through: everyone waits the provider's retry-after, and the rate drops once
+  -- for the burst it came from, recovering linearly from here unless the headers show room.
   redis.call('HINCRBY', bucket, 'n:429', 1)
-  factor = math.max(min_factor, factor * drop)
+  -- A call admitted before the last drop is of the burst that drop already paid for.
+  if fresh or not record then
+    factor = math.max(min_factor, factor * drop)
+    redis.call('HSET', bucket, 'drop_ts', num(now))
+  end
   local paused = tonumber(redis.call('HGET', bucket, 'pause')) or 0
   if now + pause_ms > paused then redis.call('HSET', bucket, 'pause', num(now + pause_ms)) end
+elseif room_shown and told and factor < 1 then
+  factor = 1
 end
 redis.call('HSET', bucket, 'factor', num(factor), 'factor_ts', num(now))
 -- A settlement long after the last grant must not leave a key without expiry behind (the state

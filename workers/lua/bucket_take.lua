@@ -8,7 +8,8 @@
 -- ARGV[3] floor: fraction of each capacity this priority must leave in the bucket (0..1)
 -- ARGV[4] reservation ttl (ms): the call's own timeouts plus a margin, so it outlives the call
 -- ARGV[5] factor recovery per ms
--- ARGV[6] n = number of deployment limits, then n triples: name, configured limit/min, cost
+-- ARGV[6] floor lift (ms): how long before a forecast's moment the floor is lent out (prelude)
+-- ARGV[7] n = number of deployment limits, then n triples: name, configured limit/min, cost
 -- then m = number of tenant limits, then m triples: name, limit/min, cost
 --
 -- Returns {1, 0, ''}                granted (the reservation is recorded under its id)
@@ -18,6 +19,7 @@
 local bucket, resv, resv_exp, tenant = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now = monotonic_now(bucket, ARGV[1])
 local id, floor, ttl, recover = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local lift = tonumber(ARGV[6])
 
 -- Reservations whose worker never settled them (it died) stop counting as in flight.
 local stale = redis.call('ZRANGEBYSCORE', resv_exp, '-inf', now, 'LIMIT', 0, 50)
@@ -42,10 +44,12 @@ local function check(hash, name, configured, cost, scaled)
   if cost > unscaled then return {-1, math.floor(unscaled), name} end
   local since = tonumber(redis.call('HGET', hash, 'ts')) or now
   local lvl = level(hash, name, cap, since, now)
+  local share = floor
+  if scaled and floor_lifted(hash, name, since, now, lift) then share = 0 end
   -- A priority's floor never asks for more than the whole bucket.
-  local need = math.min(cost + floor * cap, cap)
+  local need = math.min(cost + share * cap, cap)
   if lvl < need then
-    local w = (need - lvl) * 60000 / cap
+    local w = wait_ms(hash, name, cap, since, now, lvl, cost, need, lift)
     if w > wait then wait, reason = w, name end
   end
   table.insert(plan, {hash, name, lvl - cost})
@@ -54,7 +58,7 @@ end
 
 -- Every limit of a hash is passed on every call (cost 0 when it does not apply), so that all of
 -- them are refilled up to the one timestamp stored for the hash.
-local i = 6
+local i = 7
 local n = tonumber(ARGV[i])
 local charges, tenant_charges = {}, {}
 for k = 1, n do

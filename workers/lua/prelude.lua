@@ -7,6 +7,18 @@
 -- because one hash then holds every limit of a deployment plus its learned limits and pause.
 -- Levels may go below zero (a call that used more than it reserved); refill pays that back.
 --
+-- Forecasts: a provider's headers say, per limit, the room now and when it comes back. When that
+-- is what a token bucket would say (its time to full), nothing changes. When they say the room
+-- comes back at a moment instead (a window's end, a rolling window's next expiry; the limit is
+-- then learned as stepped for LEARNED_LIMIT_TTL_MS), bucket_settle.lua sets the level to the
+-- provider's room and stores that moment as 'ret:<limit>' and what the provider did not have as
+-- 'gain:<limit>': until that moment the level holds (no refill); at it, the gain comes back at
+-- once (the reset is when the room is fully back, as OpenAI defines it; a rolling window that
+-- only starts giving room back then is corrected by the next answer's remaining); from then on
+-- the level refills continuously again until the next forecast, so that a provider that stops
+-- sending headers can never hold a bucket shut. The floors a priority leaves for the ones above
+-- it are lent out in the last `lift` ms before that moment: the room comes back anyway.
+--
 -- Units: times in milliseconds (Redis server time), amounts in requests or tokens.
 -- Floats are stored as strings with all 17 significant digits (num below): a number returned to
 -- Redis would be truncated to an integer, and tostring() keeps only 14 digits.
@@ -53,13 +65,62 @@ local function capacity(bucket, name, configured, now, factor)
   return cap * factor, cap
 end
 
--- The level of one limit at `now`: what was stored, plus the refill since, never above capacity.
+-- A forecast's moment for one limit (0: none). It holds the level while it is after `since`.
+local function room_returns_at(bucket, name)
+  return tonumber(redis.call('HGET', bucket, 'ret:' .. name)) or 0
+end
+
+local function room_returning(bucket, name)
+  return tonumber(redis.call('HGET', bucket, 'gain:' .. name)) or 0
+end
+
+-- The level of one limit at `now`: what was stored, plus the refill since (none while a forecast
+-- holds it, and what it said comes back at its moment), never above capacity.
 local function level(bucket, name, cap, since, now)
   local stored = tonumber(redis.call('HGET', bucket, 'lvl:' .. name))
   if stored == nil then return cap end
-  local refilled = stored + elapsed(now, since) * cap / 60000
+  local from = since
+  local ret = room_returns_at(bucket, name)
+  if ret > since then
+    if now < ret then return math.min(stored, cap) end
+    stored, from = stored + room_returning(bucket, name), ret
+  end
+  local refilled = stored + elapsed(now, from) * cap / 60000
   if refilled > cap then return cap end
   return refilled
+end
+
+-- Whether the limit's room was last seen coming back in steps (recently enough to trust).
+local function stepped(bucket, name, now)
+  local seen = tonumber(redis.call('HGET', bucket, 'step:' .. name))
+  return seen ~= nil and elapsed(now, seen) < LEARNED_LIMIT_TTL_MS
+end
+
+-- Whether the floors are lent out: in the last `lift` ms a forecast holds the level.
+local function floor_lifted(bucket, name, since, now, lift)
+  local ret = room_returns_at(bucket, name)
+  return ret > since and now >= ret - lift and now < ret
+end
+
+-- Milliseconds until `lvl` reaches `need`: while a forecast holds the level, until the floor is
+-- lent out (if the cost itself fits) or until its moment (if what comes back then makes it fit),
+-- else continuous refill from there.
+local function wait_ms(bucket, name, cap, since, now, lvl, cost, need, lift)
+  local ret = room_returns_at(bucket, name)
+  if ret > since and now < ret then
+    if lvl >= cost then return ret - lift - now end
+    local back = math.min(cap, lvl + room_returning(bucket, name))
+    if back >= cost then return ret - now end
+    return ret - now + (cost - back) * 60000 / cap
+  end
+  return (need - lvl) * 60000 / cap
+end
+
+-- A forecast is stepped when its reset differs from a token bucket's time to full by more than
+-- this: the rounding of whole-second resets and thousand-rounded remainders fits within it.
+local FORECAST_SLACK_MS = 2500
+local function differs(reset_ms, continuous_ms)
+  return math.abs(reset_ms - continuous_ms) > FORECAST_SLACK_MS + 0.05 * continuous_ms
 end
 
 -- The rate factor now: lowered by a 429, recovering linearly to 1.

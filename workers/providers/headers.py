@@ -8,11 +8,13 @@ import time
 from collections.abc import Mapping
 from datetime import UTC
 
-_KEPT_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-", "retry-after")
+# The Date header too: an Anthropic reset is a time, read against the provider's own clock.
+_KEPT_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-", "retry-after", "date")
 
 
 def rate_limit_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    """The headers worth keeping from a reply: rate limits and retry hints, lower-cased."""
+    """The headers worth keeping from a reply: rate limits, retry hints and the reply's date,
+    lower-cased."""
     return {k.lower(): v for k, v in headers.items() if k.lower().startswith(_KEPT_PREFIXES)}
 
 

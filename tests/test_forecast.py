@@ -1,0 +1,215 @@
+"""The provider's headers as a forecast: how they are read (on the provider's own clock), and what
+the bucket does with them on a real Redis with the scripts' test-only clock: a token bucket's
+forecast changes nothing, a window's holds the level until its moment and resumes the pool then,
+and a 429 costs one drop of the rate factor per burst, recovered as soon as answers show room."""
+
+from __future__ import annotations
+
+import pytest
+import redis as redis_lib
+
+from broker_config.bucket_state import read_state
+from broker_config.deployments import Deployment
+from workers.admission import Admission, Bucket, Charge, Forecast, Settlement
+from workers.forecast import forecasts, go_duration_s, seconds_until
+
+DEPLOYMENT = Deployment(name="d", provider="openai", model="m", rpm=60, tpm=6000)
+CLAUDE = Deployment(name="c", provider="anthropic", model="m", rpm=50, itpm=20000, otpm=8000)
+START_MS = 1e9
+
+
+@pytest.fixture
+def clock() -> list[float]:
+    return [START_MS]
+
+
+@pytest.fixture
+def bucket(redis: redis_lib.Redis, clock: list[float]) -> Bucket:
+    return Bucket(redis, clock_ms=lambda: clock[0])
+
+
+def take(bucket: Bucket, rid: str, tokens: float, priority: str = "interactive") -> Admission:
+    charges = [Charge("requests", 60, 1), Charge("tokens", 6000, tokens)]
+    return bucket.take("d", rid, charges, priority=priority, ttl_s=120)
+
+
+def answer(
+    bucket: Bucket,
+    rid: str,
+    used: float,
+    remaining: int,
+    reset_s: float,
+    *,
+    limited: bool = False,
+    pause_s: float = 0,
+) -> None:
+    """Settle ``rid`` with an answer whose tokens headers say (6000, remaining, reset_s)."""
+    charges = [Charge("requests", 60, 1), Charge("tokens", 6000, 0)]
+    said = {"tokens": Forecast(6000, remaining, reset_s)}
+    amounts = {"requests": 0 if limited else 1, "tokens": 0 if limited else used}
+    bucket.settle(
+        "d", rid, charges, Settlement(amounts, observed=said, rate_limited=limited, pause_s=pause_s)
+    )
+
+
+def tokens_state(redis: redis_lib.Redis, clock: list[float]) -> tuple[float, str, float, float]:
+    state = read_state(redis, DEPLOYMENT, clock_ms=lambda: clock[0])
+    limit = next(limit for limit in state.limits if limit.name == "tokens")
+    return limit.level, limit.shape, limit.room_back_in_s, state.rate_factor
+
+
+# --- reading the headers ------------------------------------------------------------------------
+
+
+def test_openai_resets_are_go_durations() -> None:
+    assert [go_duration_s(text) for text in ("6m0s", "1.2s", "20ms", "1h2m3.5s", "0s")] == [
+        360,
+        1.2,
+        0.02,
+        3723.5,
+        0,
+    ]
+    assert [go_duration_s(text) for text in ("", "soon", "5", "-1s", None)] == [None] * 5
+    headers = {
+        "x-ratelimit-limit-tokens": "6000",
+        "x-ratelimit-remaining-tokens": "10",
+        "x-ratelimit-reset-tokens": "59.9s",
+    }
+    assert forecasts(DEPLOYMENT, headers) == {"tokens": Forecast(6000, 10, 59.9)}
+
+
+def test_anthropic_resets_are_read_against_the_answers_own_date() -> None:
+    """The reset is a time; the duration is taken on the provider's clock (its Date header), so a
+    provider whose clock is an hour off ours gives the same forecast."""
+    headers = {
+        "anthropic-ratelimit-output-tokens-limit": "8000",
+        "anthropic-ratelimit-output-tokens-remaining": "0",
+        "anthropic-ratelimit-output-tokens-reset": "2031-05-01T10:00:42Z",
+        "date": "Thu, 01 May 2031 10:00:12 GMT",
+    }
+    assert forecasts(CLAUDE, headers)["output_tokens"] == Forecast(8000, 0, 30.0)
+    assert seconds_until("2031-05-01T10:00:12+00:00", "Thu, 01 May 2031 10:00:42 GMT") == 0.0
+    without_date = {k: v for k, v in headers.items() if k != "date"}
+    assert forecasts(CLAUDE, without_date)["output_tokens"] == Forecast(8000, 0, None)
+    assert seconds_until("yesterday", headers["date"]) is None
+
+
+# --- a token bucket's forecast changes nothing ------------------------------------------------
+
+
+def test_a_token_buckets_forecast_keeps_the_continuous_refill(
+    bucket: Bucket, redis: redis_lib.Redis, clock: list[float]
+) -> None:
+    assert take(bucket, "a", 5000).status == "granted"
+    answer(bucket, "a", 5000, 1000, 50.0)  # (6000 - 1000) / 100 per second: a token bucket's 50 s
+    assert tokens_state(redis, clock)[:3] == (pytest.approx(1000), "continuous", 0.0)
+    waiting = take(bucket, "b", 2000)
+    assert waiting.status == "wait" and waiting.wait_s == pytest.approx(10.0)
+    clock[0] += 10_000
+    assert take(bucket, "b", 2000).status == "granted"
+
+
+# --- a window's forecast holds the level until its moment ----------------------------------------
+
+
+def test_a_windows_forecast_holds_the_level_and_resumes_the_pool_at_its_moment(
+    bucket: Bucket, redis: redis_lib.Redis, clock: list[float]
+) -> None:
+    """Remaining 1000 with the room back in 30 s is no token bucket (it would be back in 50 s):
+    nothing refills until then, a call that does not fit waits exactly until then, and then the
+    room is back."""
+    assert take(bucket, "a", 5000).status == "granted"
+    answer(bucket, "a", 5000, 1000, 30.0)
+    assert tokens_state(redis, clock)[:3] == (pytest.approx(1000), "steps", pytest.approx(30.0))
+    waiting = take(bucket, "b", 2000)
+    assert waiting.status == "wait" and waiting.wait_s == pytest.approx(30.0)
+    clock[0] += 29_999
+    assert tokens_state(redis, clock)[0] == pytest.approx(1000)  # no refill while held
+    assert take(bucket, "b", 2000).status == "wait"
+    clock[0] += 1
+    assert take(bucket, "b", 2000).status == "granted"
+    assert tokens_state(redis, clock)[0] == pytest.approx(6000 - 2000)
+
+
+def test_the_providers_room_counts_less_what_calls_admitted_since_hold(
+    bucket: Bucket, redis: redis_lib.Redis, clock: list[float]
+) -> None:
+    """An answer's remaining may not count calls admitted after it was made: those still hold
+    their reservations, and the level is the provider's room less them (up as well as down)."""
+    for rid in ("a", "b", "c"):
+        assert take(bucket, rid, 1000).status == "granted"
+        clock[0] += 1
+    answer(bucket, "a", 1000, 3000, 40.0)  # the provider saw a, not b and c
+    assert tokens_state(redis, clock)[0] == pytest.approx(3000 - 2000)
+    answer(bucket, "b", 1000, 3500, 40.0)  # after b: c still holds 1000
+    assert tokens_state(redis, clock)[0] == pytest.approx(2500)
+
+
+def test_floors_are_lent_out_just_before_the_room_comes_back(
+    bucket: Bucket, redis: redis_lib.Redis, clock: list[float]
+) -> None:
+    """Bulk leaves 10% for interactive requests; in a window that room would come back unused,
+    so in the last 2 s before the moment bulk may take it."""
+    assert take(bucket, "a", 5000).status == "granted"
+    answer(bucket, "a", 5000, 1000, 20.0)
+    waiting = take(bucket, "b", 500, "bulk")  # 500 + 600 of floor > 1000
+    assert waiting.status == "wait" and waiting.wait_s == pytest.approx(18.0)
+    clock[0] += 18_000
+    assert take(bucket, "b", 500, "bulk").status == "granted"
+
+
+def test_a_429_with_a_long_retry_after_teaches_the_shape(
+    bucket: Bucket, redis: redis_lib.Redis, clock: list[float]
+) -> None:
+    """After a burst, the answers can look like a token bucket's (nothing left, full in a minute).
+    A 429 whose retry-after is far beyond what refill would need for the call says otherwise."""
+    assert take(bucket, "a", 5900).status == "granted"
+    answer(bucket, "a", 5900, 100, 59.0)  # within slack of a token bucket's 59 s
+    assert tokens_state(redis, clock)[1] == "continuous"
+    clock[0] += 2000
+    assert take(bucket, "b", 300).status == "granted"  # refill says 300 is there; it is not
+    answer(bucket, "b", 0, 100, 57.0, limited=True, pause_s=57.0)  # 200 short: refill needs 2 s
+    level, shape, back_s, factor = tokens_state(redis, clock)
+    assert (shape, level, back_s) == ("steps", pytest.approx(100), pytest.approx(57.0))
+    assert factor == pytest.approx(0.7)
+    clock[0] += 57_000
+    assert take(bucket, "c", 300).status == "granted"
+
+
+# --- the rate factor --------------------------------------------------------------------------
+
+
+def test_one_burst_of_429s_drops_the_rate_once_and_room_in_the_headers_restores_it(
+    bucket: Bucket, redis: redis_lib.Redis, clock: list[float]
+) -> None:
+    """Three calls in flight are refused together: the factor drops once (0.7, not 0.34). The
+    first answer to a call admitted after the drop that shows the room the bucket thinks it has
+    brings it back to 1, instead of 30 s of 1% a second."""
+    for rid in ("a", "b", "c"):
+        assert take(bucket, rid, 100).status == "granted"
+    clock[0] += 5
+    for rid in ("a", "b", "c"):
+        answer(bucket, rid, 0, 0, 60.0, limited=True, pause_s=1.0)  # a token bucket, empty
+    assert tokens_state(redis, clock)[3] == pytest.approx(0.7)
+    clock[0] += 2000
+    assert take(bucket, "d", 100).status == "granted"
+    answer(bucket, "d", 100, 4000, 20.0)  # more room than this bucket thinks it has
+    assert tokens_state(redis, clock)[3] == 1.0
+    # A 429 for a call admitted after that drop is news: it drops again.
+    assert take(bucket, "e", 30).status == "granted"
+    clock[0] += 5
+    answer(bucket, "e", 0, 0, 60.0, limited=True, pause_s=1.0)
+    assert tokens_state(redis, clock)[3] == pytest.approx(0.7)
+
+
+def test_headers_showing_less_room_than_the_bucket_do_not_restore_the_rate(
+    bucket: Bucket, redis: redis_lib.Redis, clock: list[float]
+) -> None:
+    """The linear recovery goes on meanwhile (0.7 + 10 s x 1%)."""
+    assert take(bucket, "a", 100).status == "granted"
+    clock[0] += 5
+    answer(bucket, "a", 0, 0, 60.0, limited=True, pause_s=1.0)
+    clock[0] += 10_000
+    assert take(bucket, "b", 100).status == "granted"
+    answer(bucket, "b", 100, 10, 59.9)  # the provider has far less than this bucket's ~700
+    assert tokens_state(redis, clock)[3] == pytest.approx(0.8)
