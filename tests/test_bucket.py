@@ -40,6 +40,19 @@ START_MS = 1e9
 LIFT_MS = BucketPolicy().floor_lift_s * 1000
 LEARNED_MS = 600_000  # a learned shape (and limit) holds for 10 minutes
 SLACK_MS = 2500  # a forecast further than this (+5%) from a token bucket's is stepped
+SAME_MOMENT_MS = 3000  # answers settled this much apart may tell one moment
+MIN_DRAIN_MS = 1000  # a drain shorter than this tells no pace
+
+
+def back(x: float, gain: float, pace: float, rate: float) -> float:
+    """What a limit has got back x ms after a stepped forecast's moment (prelude.lua)."""
+    if x < 0:
+        return 0.0
+    if pace <= 0:
+        return gain + x * rate
+    if x * pace <= gain:
+        return x * pace
+    return gain + (x - gain / pace) * rate
 
 
 @dataclass
@@ -49,20 +62,23 @@ class Model:
     behind the last write counts as the last write's time). Reservations expire after a ttl.
 
     Forecasts: an answer's (remaining, reset) that a token bucket would not give marks the limit
-    stepped; a stepped limit's level becomes the provider's remaining less what calls taken since
-    hold, and holds (no refill) until the reset's moment, when what the provider lacked comes back
-    at once, refilling from then on. Floors are lent out in the last LIFT_MS before that moment."""
+    stepped; a stepped limit's level is then kept within the provider's remaining less what it
+    may not have counted (at least: calls taken after the one answered still in flight; at most:
+    all taken after it, and calls taken before it still in flight), and gets nothing back until
+    the reset's moment; then what the provider lacked comes back at the pace the busy period
+    drained it (at once without one), then continuous refill. Floors are lent out from LIFT_MS
+    before that moment until that is back."""
 
     limits: dict[str, int]
     ttl_ms: float
     ts: float | None = None  # when levels were last written
     stored: dict[str, float] = field(default_factory=dict)
-    held: dict[str, tuple[float, float, dict[str, float]]] = field(
-        default_factory=dict
-    )  # id: taken, expiry, costs
-    ret: dict[str, float] = field(default_factory=dict)  # the last stepped forecast's moment
-    gain: dict[str, float] = field(default_factory=dict)  # and what comes back then
+    # id: (taken at, expiry, costs, each limit's running total of takes as of it)
+    held: dict[str, tuple[float, float, dict[str, float], dict[str, float]]] = field(default_factory=dict)
+    totals: dict[str, float] = field(default_factory=dict)
+    forecast: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # moment, gain, pace
     step_seen: dict[str, float] = field(default_factory=dict)
+    drain: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # since, total then, pace
 
     def now(self, clock: float) -> float:
         return clock if self.ts is None else max(clock, self.ts)
@@ -71,19 +87,37 @@ class Model:
         cap = self.limits[name]
         if self.ts is None:
             return float(cap)
-        now, since, stored = self.now(clock), self.ts, self.stored[name]
-        ret = self.ret.get(name, 0.0)
-        if ret > since:
-            if now < ret:
-                return min(stored, cap)
-            since, stored = ret, stored + self.gain[name]
-        return min(cap, stored + (now - since) * cap / 60000)
+        now, since, rate = self.now(clock), self.ts, cap / 60000
+        refilled = self.stored[name] + (now - since) * rate
+        if name in self.forecast and now > since:
+            ret, gain, pace = self.forecast[name]
+            refilled = (
+                self.stored[name] + back(now - ret, gain, pace, rate) - back(since - ret, gain, pace, rate)
+            )
+        return min(cap, refilled)
 
-    def holds(self, name: str, now: float) -> bool:
-        return self.ts is not None and self.ret.get(name, 0.0) > self.ts and now < self.ret[name]
+    def lifted(self, name: str, now: float) -> bool:
+        if name not in self.forecast:
+            return False
+        ret, gain, pace = self.forecast[name]
+        return ret - LIFT_MS <= now < (ret + gain / pace if pace > 0 else ret)
+
+    def wait(self, name: str, now: float, lvl: float, cost: float, need: float) -> float:
+        cap = self.limits[name]
+        if name not in self.forecast:
+            return (need - lvl) * 60000 / cap
+        ret, gain, pace = self.forecast[name]
+        if now < ret - LIFT_MS and lvl >= cost:
+            return ret - LIFT_MS - now
+        y = need - lvl + back(now - ret, gain, pace, cap / 60000)
+        if y <= gain:
+            x = y / pace if pace > 0 else 0.0
+        else:
+            x = (gain / pace if pace > 0 else 0.0) + (y - gain) / (cap / 60000)
+        return max(ret + x - now, 0.0)
 
     def in_flight(self, name: str, clock: float) -> float:
-        return sum(c[name] for _, expiry, c in self.held.values() if expiry > self.now(clock))
+        return sum(c[name] for _, expiry, c, _ in self.held.values() if expiry > self.now(clock))
 
     def _write(self, levels: dict[str, float], clock: float) -> None:
         self.ts, self.stored = self.now(clock), levels
@@ -97,23 +131,22 @@ class Model:
         wait = 0.0
         for name, cost in costs.items():
             cap, lvl = self.limits[name], levels[name]
-            lifted = self.holds(name, now) and now >= self.ret[name] - LIFT_MS
-            need = min(cost + (0.0 if lifted else floor) * cap, cap)
-            if lvl >= need:
-                continue
-            if self.holds(name, now):
-                back = min(cap, lvl + self.gain[name])
-                if lvl >= cost:
-                    w = self.ret[name] - LIFT_MS - now
-                else:
-                    w = self.ret[name] - now + max(0.0, cost - back) * 60000 / cap
-            else:
-                w = (need - lvl) * 60000 / cap
-            wait = max(wait, w)
+            need = min(cost + (0.0 if self.lifted(name, now) else floor) * cap, cap)
+            if lvl < need:
+                wait = max(wait, self.wait(name, now, lvl, cost, need))
         if wait > 0:
             return "wait", wait
         self._write({name: levels[name] - costs[name] for name in self.limits}, clock)
-        self.held[rid] = (now, now + self.ttl_ms, dict(costs))
+        for name in costs:
+            if levels[name] >= 0.9 * self.limits[name]:  # a busy period begins
+                self.drain[name] = (now, self.totals.get(name, 0.0), 0.0)
+        for name, cost in costs.items():
+            self.totals[name] = self.totals.get(name, 0.0) + cost
+            if name in self.drain:
+                since, then, pace = self.drain[name]
+                recent = (self.totals[name] - then) / max(now - since, MIN_DRAIN_MS)
+                self.drain[name] = (since, then, max(pace, recent))
+        self.held[rid] = (now, now + self.ttl_ms, dict(costs), dict(self.totals))
         return "granted", 0.0
 
     def settle(
@@ -126,18 +159,29 @@ class Model:
         if held is not None:
             for name, cost in held[2].items():
                 levels[name] = min(self.limits[name], levels[name] + cost - used[name])
-        taken_at = held[0] if held is not None else -1.0
         for name, (remaining, reset_ms) in (said or {}).items():
             cap = self.limits[name]
             continuous = max(0, cap - remaining) * 60000 / cap
             if abs(reset_ms - continuous) > SLACK_MS + 0.05 * continuous:
                 self.step_seen[name] = now
             if now - self.step_seen.get(name, -LEARNED_MS) < LEARNED_MS:
-                later = sum(c[name] for at, _, c in self.held.values() if at > taken_at)
-                levels[name] = min(cap, remaining - later)
-                self.ret[name], self.gain[name] = now + reset_ms, max(0, cap - remaining)
+                least, most = 0.0, math.inf
+                if held is not None:
+                    after = max(0.0, self.totals[name] - held[3][name])
+                    before = sum(c[name] for at, _, c, _ in self.held.values() if at <= held[0])
+                    least = sum(c[name] for at, _, c, _ in self.held.values() if at > held[0])
+                    most = after + before
+                levels[name] = min(levels[name], remaining - least)
+                if levels[name] < remaining - most:
+                    levels[name] = min(cap, remaining - most)
+                moment = now + reset_ms
+                pending = self.forecast.get(name, (0.0, 0.0, 0.0))[0]
+                if now < pending < moment <= pending + SAME_MOMENT_MS:
+                    moment = pending  # the same moment, told by an answer settled later
+                pace = self.drain[name][2] if name in self.drain else 0.0
+                self.forecast[name] = (moment, max(0, cap - remaining), pace)
             else:
-                self.ret.pop(name, None)
+                self.forecast.pop(name, None)
                 if levels[name] > remaining + 0.02 * cap:
                     levels[name] = remaining
         self._write(levels, clock)
@@ -231,9 +275,8 @@ def test_the_scripts_agree_with_the_reference_model(
             assert limit.in_flight == pytest.approx(model.in_flight(limit.name, clock[0])), (step, limit)
             stepped = now - model.step_seen.get(limit.name, -LEARNED_MS) < LEARNED_MS
             assert limit.shape == ("steps" if stepped else "continuous"), (step, limit)
-            ret = model.ret.get(limit.name, 0.0)
-            back_ms = max(0.0, ret - now) if model.ts is not None and ret > model.ts else 0.0
-            assert limit.room_back_in_s * 1000 == pytest.approx(back_ms, abs=1e-6), (step, limit)
+            ret = model.forecast.get(limit.name, (0.0, 0.0, 0.0))[0]
+            assert limit.room_back_in_s * 1000 == pytest.approx(max(0.0, ret - now), abs=1e-6), (step, limit)
         behind_ms = max(0.0, (model.ts or clock[0]) - clock[0])
         assert shown.clock_behind_s * 1000 == pytest.approx(behind_ms, abs=1e-6)
 

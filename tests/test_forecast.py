@@ -116,32 +116,53 @@ def test_a_windows_forecast_holds_the_level_and_resumes_the_pool_at_its_moment(
     bucket: Bucket, redis: redis_lib.Redis, clock: list[float]
 ) -> None:
     """Remaining 1000 with the room back in 30 s is no token bucket (it would be back in 50 s):
-    nothing refills until then, a call that does not fit waits exactly until then, and then the
-    room is back."""
+    nothing refills until then; from then the room comes back as fast as this busy period took
+    it (5000 within its first second: 5 a millisecond), and a call that does not fit is told
+    exactly when it will."""
     assert take(bucket, "a", 5000).status == "granted"
     answer(bucket, "a", 5000, 1000, 30.0)
     assert tokens_state(redis, clock)[:3] == (pytest.approx(1000), "steps", pytest.approx(30.0))
     waiting = take(bucket, "b", 2000)
-    assert waiting.status == "wait" and waiting.wait_s == pytest.approx(30.0)
+    assert waiting.status == "wait" and waiting.wait_s == pytest.approx(30.2)
     clock[0] += 29_999
     assert tokens_state(redis, clock)[0] == pytest.approx(1000)  # no refill while held
+    clock[0] += 1 + 100
+    assert tokens_state(redis, clock)[0] == pytest.approx(1500)
     assert take(bucket, "b", 2000).status == "wait"
-    clock[0] += 1
+    clock[0] += 100
     assert take(bucket, "b", 2000).status == "granted"
-    assert tokens_state(redis, clock)[0] == pytest.approx(6000 - 2000)
+    clock[0] += 1000  # all of the 5000 back (800 ms after it started), then continuous refill
+    assert tokens_state(redis, clock)[0] == pytest.approx(6000 - 2000 + 20)
 
 
-def test_the_providers_room_counts_less_what_calls_admitted_since_hold(
+def test_a_window_that_returns_everything_at_once_is_followed_up_by_its_next_answer(
     bucket: Bucket, redis: redis_lib.Redis, clock: list[float]
 ) -> None:
-    """An answer's remaining may not count calls admitted after it was made: those still hold
-    their reservations, and the level is the provider's room less them (up as well as down)."""
+    """A fixed window gives all of its room back at its end, faster than the pace: the first
+    answer after the moment says so, and the level rises to it."""
+    assert take(bucket, "a", 5000).status == "granted"
+    answer(bucket, "a", 5000, 1000, 30.0)
+    clock[0] += 30_200
+    assert take(bucket, "b", 2000).status == "granted"
+    answer(bucket, "b", 2000, 4000, 60.0)  # a new window: all of it back, less b
+    assert tokens_state(redis, clock)[:3] == (pytest.approx(4000), "steps", pytest.approx(60.0))
+
+
+def test_the_level_keeps_within_the_providers_room_less_what_it_may_not_have_counted(
+    bucket: Bucket, redis: redis_lib.Redis, clock: list[float]
+) -> None:
+    """An answer's remaining counts the call it answers, not always the calls taken after it (in
+    flight, or already settled: an answer settled late), nor calls taken before it still in
+    flight. The level falls to the remaining less what is surely missing (calls taken after it,
+    in flight), and rises to it less all that may be missing, never more."""
     for rid in ("a", "b", "c"):
         assert take(bucket, rid, 1000).status == "granted"
         clock[0] += 1
-    answer(bucket, "a", 1000, 3000, 40.0)  # the provider saw a, not b and c
-    assert tokens_state(redis, clock)[0] == pytest.approx(3000 - 2000)
-    answer(bucket, "b", 1000, 3500, 40.0)  # after b: c still holds 1000
+    answer(bucket, "b", 1000, 2500, 20.0)  # someone else took 500; c is surely missing
+    assert tokens_state(redis, clock)[:2] == (pytest.approx(2500 - 1000), "steps")
+    answer(bucket, "a", 1000, 4000, 20.0)  # settled late: b and c may be missing from it
+    assert tokens_state(redis, clock)[0] == pytest.approx(4000 - 2000)
+    answer(bucket, "c", 1000, 2500, 20.0)  # nothing else taken, nothing in flight: all of it
     assert tokens_state(redis, clock)[0] == pytest.approx(2500)
 
 
@@ -173,6 +194,10 @@ def test_a_429_with_a_long_retry_after_teaches_the_shape(
     assert (shape, level, back_s) == ("steps", pytest.approx(100), pytest.approx(57.0))
     assert factor == pytest.approx(0.7)
     clock[0] += 57_000
+    # Back as fast as it was taken (5900 within the first second): 200 more within 34 ms.
+    resuming = take(bucket, "c", 300)
+    assert resuming.status == "wait" and resuming.wait_s == pytest.approx(0.034)
+    clock[0] += 34
     assert take(bucket, "c", 300).status == "granted"
 
 

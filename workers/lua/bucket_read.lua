@@ -54,7 +54,7 @@ for k = 1, n do
   table.insert(out, learned)
   table.insert(out, num(held[name] or 0))
   table.insert(out, stepped(bucket, name, now) and 'steps' or 'continuous')
-  local ret = room_returns_at(bucket, name)
-  table.insert(out, num(ret > since and math.max(0, ret - now) or 0))
+  local ret = forecast(bucket, name)
+  table.insert(out, num(ret > now and ret - now or 0))
 end
 return out

@@ -23,30 +23,36 @@ local id, recover = ARGV[2], tonumber(ARGV[3])
 local pause_ms, limited = tonumber(ARGV[4]), ARGV[5] == '1'
 local drop, min_factor, tolerance = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 
-local taken, tenant_taken, taken_at = {}, {}, -1
+local taken, tenant_taken, totals_then = {}, {}, nil
+local taken_at = -1
 local record = redis.call('HGET', resv, id)
 if record then
-  local at, charges, tenant_charges = string.match(record, '^([^|]*)|([^|]*)|(.*)$')
+  local at, charges, tenant_charges, totals = string.match(record, '^([^|]*)|([^|]*)|([^|]*)|?(.*)$')
   taken, tenant_taken, taken_at = parse_charges(charges), parse_charges(tenant_charges), tonumber(at)
+  totals_then = parse_charges(totals)
   redis.call('HDEL', resv, id)
   redis.call('ZREM', resv_exp, id)
 end
 
--- What calls taken after this one still hold: the provider may not have counted them when it
--- answered, so its room is theirs too. (Read once, only if a stepped limit needs it.)
-local later = nil
-local function held_by_later(name)
-  if later == nil then
-    later = {}
+-- What the provider may not have counted when it answered, as (least, most): at most, everything
+-- taken after this call (in flight, or settled since: an answer settled late) and calls taken
+-- before it still in flight (their request may reach it later); at least, calls taken after it
+-- still in flight. Nil without the reservation.
+local in_flight = nil
+local function not_counted(name)
+  if not (totals_then and totals_then[name]) then return nil end
+  if in_flight == nil then
+    in_flight = {before = {}, after = {}}
     local all = redis.call('HGETALL', resv)
     for j = 2, #all, 2 do
       local at, charges = string.match(all[j], '^([^|]*)|([^|]*)|')
-      if tonumber(at) > taken_at then
-        for limit, cost in pairs(parse_charges(charges)) do later[limit] = (later[limit] or 0) + cost end
-      end
+      local side = tonumber(at) <= taken_at and in_flight.before or in_flight.after
+      for limit, cost in pairs(parse_charges(charges)) do side[limit] = (side[limit] or 0) + cost end
     end
   end
-  return later[name] or 0
+  local total = tonumber(redis.call('HGET', bucket, 'sum:' .. name)) or totals_then[name]
+  local after = math.max(0, total - totals_then[name])
+  return in_flight.after[name] or 0, after + (in_flight.before[name] or 0)
 end
 
 local factor = rate_factor(bucket, now, recover)
@@ -89,16 +95,29 @@ for k = 1, n do
     end
     if step then redis.call('HSET', bucket, 'step:' .. name, num(now)) end
     if stepped(bucket, name, now) then
-      -- The provider's room is the level now; it holds until the moment the rest comes back.
-      lvl = math.min(cap, said_remaining - held_by_later(name))
+      -- Within the provider's room less what it may not have counted: down to it with the
+      -- least, up to it with the most (so that an answer settled late cannot raise the level by
+      -- calls settled before it). Without the reservation, only down.
+      local least, most = not_counted(name)
+      if least == nil then least, most = 0, math.huge end
+      if lvl > said_remaining - least then lvl = said_remaining - least end
+      if lvl < said_remaining - most then lvl = math.min(cap, said_remaining - most) end
       if said_reset >= 0 then
+        -- An answer settled later than another tells the same moment later by its delay: while
+        -- one is pending, a moment up to SAME_MOMENT_MS after it is that one.
+        local moment, pending = now + said_reset, forecast(bucket, name)
+        if pending > now and moment > pending and moment <= pending + SAME_MOMENT_MS then moment = pending end
+        -- What the provider lacks comes back then, as fast as this busy period took it (a
+        -- rolling window gives room back as it was taken; a fixed one, all at once, and the
+        -- next answer says so).
         local gain = math.max(0, per_minute - said_remaining)
-        redis.call('HSET', bucket, 'ret:' .. name, num(now + said_reset), 'gain:' .. name, num(gain))
+        local pace = tonumber(redis.call('HGET', bucket, 'drain_pace:' .. name)) or 0
+        redis.call('HSET', bucket, 'ret:' .. name, num(moment), 'gain:' .. name, num(gain), 'pace:' .. name, num(pace))
       else
-        redis.call('HDEL', bucket, 'ret:' .. name)
+        redis.call('HDEL', bucket, 'ret:' .. name, 'gain:' .. name, 'pace:' .. name)
       end
     else
-      redis.call('HDEL', bucket, 'ret:' .. name)
+      redis.call('HDEL', bucket, 'ret:' .. name, 'gain:' .. name, 'pace:' .. name)
       -- Someone else shares the key, or the provider counts differently: follow it down.
       if lvl > said_remaining + tolerance * cap then
         lvl = said_remaining

@@ -1,7 +1,8 @@
 -- Take every limit of a call at once, or nothing.
 --
 -- KEYS[1] deployment bucket hash    {dep}   levels, learned limits, pause, factor, counters
--- KEYS[2] reservations hash         {dep}   reservation id -> "taken_at|name=cost,...|tenant charges"
+-- KEYS[2] reservations hash         {dep}   reservation id ->
+--                                           "taken_at|name=cost,...|tenant charges|name=running total,..."
 -- KEYS[3] reservation expiry zset   {dep}   reservation id -> expiry (ms)
 -- KEYS[4] tenant bucket hash        {dep}   levels of the tenant's own ceiling (may be unused)
 -- ARGV[1] clock override (ms) or ''        ARGV[2] reservation id
@@ -45,14 +46,14 @@ local function check(hash, name, configured, cost, scaled)
   local since = tonumber(redis.call('HGET', hash, 'ts')) or now
   local lvl = level(hash, name, cap, since, now)
   local share = floor
-  if scaled and floor_lifted(hash, name, since, now, lift) then share = 0 end
+  if scaled and floor_lifted(hash, name, now, lift) then share = 0 end
   -- A priority's floor never asks for more than the whole bucket.
   local need = math.min(cost + share * cap, cap)
   if lvl < need then
     local w = wait_ms(hash, name, cap, since, now, lvl, cost, need, lift)
     if w > wait then wait, reason = w, name end
   end
-  table.insert(plan, {hash, name, lvl - cost})
+  table.insert(plan, {hash, name, lvl - cost, scaled and lvl >= 0.9 * cap})
   return nil
 end
 
@@ -83,10 +84,31 @@ end
 
 for _, step in ipairs(plan) do
   redis.call('HSET', step[1], 'lvl:' .. step[2], num(step[3]), 'ts', num(now))
+  if step[4] then
+    -- Taken from a (nearly) full bucket: a busy period begins. How fast it drains tells how fast
+    -- a window gives its room back (bucket_settle.lua: the pace of a forecast).
+    local total = tonumber(redis.call('HGET', bucket, 'sum:' .. step[2])) or 0
+    redis.call('HSET', bucket, 'drain_at:' .. step[2], num(now), 'drain_sum:' .. step[2], num(total), 'drain_pace:' .. step[2], '0')
+  end
 end
 redis.call('HSET', bucket, 'factor', num(factor), 'factor_ts', num(now))
 redis.call('HINCRBY', bucket, 'n:grant', 1)
-redis.call('HSET', resv, id, num(now) .. '|' .. table.concat(charges, ',') .. '|' .. table.concat(tenant_charges, ','))
+-- Each limit's running total of everything taken, as it stands after this take: a settlement
+-- tells from it what was taken after this call (bucket_settle.lua).
+local totals = {}
+for name, cost in string.gmatch(table.concat(charges, ','), '([%w_]+)=([^,]+)') do
+  local total = redis.call('HINCRBYFLOAT', bucket, 'sum:' .. name, cost)
+  table.insert(totals, name .. '=' .. total)
+  -- The fastest this busy period has drained the limit (averaged over MIN_DRAIN_MS at least).
+  local drain = redis.call('HMGET', bucket, 'drain_at:' .. name, 'drain_sum:' .. name, 'drain_pace:' .. name)
+  local drain_at, drain_sum, pace = tonumber(drain[1]), tonumber(drain[2]), tonumber(drain[3]) or 0
+  if drain_at then
+    local recent = (tonumber(total) - drain_sum) / math.max(now - drain_at, MIN_DRAIN_MS)
+    if recent > pace then redis.call('HSET', bucket, 'drain_pace:' .. name, num(recent)) end
+  end
+end
+local record = table.concat({num(now), table.concat(charges, ','), table.concat(tenant_charges, ','), table.concat(totals, ',')}, '|')
+redis.call('HSET', resv, id, record)
 redis.call('ZADD', resv_exp, now + ttl, id)
 -- Idle deployments leave no keys behind: everything expires an hour after its last use, or once
 -- the longest reservation has, so that no call's reservation vanishes while the call runs.

@@ -65,27 +65,32 @@ local function capacity(bucket, name, configured, now, factor)
   return cap * factor, cap
 end
 
--- A forecast's moment for one limit (0: none). It holds the level while it is after `since`.
-local function room_returns_at(bucket, name)
-  return tonumber(redis.call('HGET', bucket, 'ret:' .. name)) or 0
+-- A stepped forecast of one limit: its moment (0: none), what comes back then, and how fast
+-- (per ms; 0: all at once).
+local function forecast(bucket, name)
+  local f = redis.call('HMGET', bucket, 'ret:' .. name, 'gain:' .. name, 'pace:' .. name)
+  return tonumber(f[1]) or 0, tonumber(f[2]) or 0, tonumber(f[3]) or 0
 end
 
-local function room_returning(bucket, name)
-  return tonumber(redis.call('HGET', bucket, 'gain:' .. name)) or 0
+-- What a limit has got back `x` ms after its forecast's moment (nothing before it): the gain at
+-- the pace (or at once), then continuous refill at `rate`.
+local function back(x, gain, pace, rate)
+  if x < 0 then return 0 end
+  if pace <= 0 then return gain + x * rate end
+  if x * pace <= gain then return x * pace end
+  return gain + (x - gain / pace) * rate
 end
 
--- The level of one limit at `now`: what was stored, plus the refill since (none while a forecast
--- holds it, and what it said comes back at its moment), never above capacity.
+-- The level of one limit at `now`: what was stored at `since`, plus what came back since (the
+-- continuous refill, or what a stepped forecast says), never above capacity.
 local function level(bucket, name, cap, since, now)
   local stored = tonumber(redis.call('HGET', bucket, 'lvl:' .. name))
   if stored == nil then return cap end
-  local from = since
-  local ret = room_returns_at(bucket, name)
-  if ret > since then
-    if now < ret then return math.min(stored, cap) end
-    stored, from = stored + room_returning(bucket, name), ret
+  local rate, ret, gain, pace = cap / 60000, forecast(bucket, name)
+  local refilled = stored + elapsed(now, since) * rate
+  if ret > 0 and now > since then
+    refilled = stored + back(now - ret, gain, pace, rate) - back(since - ret, gain, pace, rate)
   end
-  local refilled = stored + elapsed(now, from) * cap / 60000
   if refilled > cap then return cap end
   return refilled
 end
@@ -96,29 +101,38 @@ local function stepped(bucket, name, now)
   return seen ~= nil and elapsed(now, seen) < LEARNED_LIMIT_TTL_MS
 end
 
--- Whether the floors are lent out: in the last `lift` ms a forecast holds the level.
-local function floor_lifted(bucket, name, since, now, lift)
-  local ret = room_returns_at(bucket, name)
-  return ret > since and now >= ret - lift and now < ret
+-- Whether the floors are lent out: from `lift` ms before a forecast's moment until what it
+-- said comes back is back (the room comes back anyway).
+local function floor_lifted(bucket, name, now, lift)
+  local ret, gain, pace = forecast(bucket, name)
+  local until_ms = ret
+  if pace > 0 then until_ms = ret + gain / pace end
+  return ret > 0 and now >= ret - lift and now < until_ms
 end
 
--- Milliseconds until `lvl` reaches `need`: while a forecast holds the level, until the floor is
--- lent out (if the cost itself fits) or until its moment (if what comes back then makes it fit),
--- else continuous refill from there.
+-- Milliseconds until `lvl` (the level now) reaches `need`: while a forecast holds the level and
+-- the floor is what stands in the way, until the floor is lent out; else until what comes back
+-- (as `back` says) makes up the difference.
 local function wait_ms(bucket, name, cap, since, now, lvl, cost, need, lift)
-  local ret = room_returns_at(bucket, name)
-  if ret > since and now < ret then
-    if lvl >= cost then return ret - lift - now end
-    local back = math.min(cap, lvl + room_returning(bucket, name))
-    if back >= cost then return ret - now end
-    return ret - now + (cost - back) * 60000 / cap
+  local rate, ret, gain, pace = cap / 60000, forecast(bucket, name)
+  if ret <= 0 then return (need - lvl) * 60000 / cap end
+  if now < ret - lift and lvl >= cost then return ret - lift - now end
+  -- The amount `back` must reach, counted from the forecast's moment; then its inverse.
+  local y = need - lvl + back(now - ret, gain, pace, rate)
+  local x
+  if y <= gain then
+    x = pace > 0 and y / pace or 0
+  else
+    x = (pace > 0 and gain / pace or 0) + (y - gain) / rate
   end
-  return (need - lvl) * 60000 / cap
+  return math.max(ret + x - now, 0)
 end
 
 -- A forecast is stepped when its reset differs from a token bucket's time to full by more than
 -- this: the rounding of whole-second resets and thousand-rounded remainders fits within it.
 local FORECAST_SLACK_MS = 2500
+local SAME_MOMENT_MS = 3000  -- answers settled this much apart may tell one moment
+local MIN_DRAIN_MS = 1000  -- a drain shorter than this tells no pace (its first calls leave at once)
 local function differs(reset_ms, continuous_ms)
   return math.abs(reset_ms - continuous_ms) > FORECAST_SLACK_MS + 0.05 * continuous_ms
 end
