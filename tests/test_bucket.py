@@ -42,6 +42,7 @@ LEARNED_MS = 600_000  # a learned shape (and limit) holds for 10 minutes
 SLACK_MS = 2500  # a forecast further than this (+5%) from a token bucket's is stepped
 SAME_MOMENT_MS = 3000  # answers settled this much apart may tell one moment
 MIN_DRAIN_MS = 1000  # a drain shorter than this tells no pace
+FIRST_CALL_MS = BucketPolicy().first_call_s * 1000  # a new bucket's refill starts this late
 
 
 def back(x: float, gain: float, pace: float, rate: float) -> float:
@@ -64,21 +65,30 @@ class Model:
     Forecasts: an answer's (remaining, reset) that a token bucket would not give marks the limit
     stepped; a stepped limit's level is then kept within the provider's remaining less what it
     may not have counted (at least: calls taken after the one answered still in flight; at most:
-    all taken after it, and calls taken before it still in flight), and gets nothing back until
+    all taken after it, and every call in flight when it was taken; and, up to the lowest
+    remaining told of the pending moment less every call in flight now), and gets nothing back until
     the reset's moment; then what the provider lacked comes back at the pace the busy period
-    drained it (at once without one), then continuous refill. Floors are lent out from LIFT_MS
-    before that moment until that is back."""
+    drained it (at once without one), then continuous refill. A stepped limit's window holds the
+    most room an answer showed counting the answered call (learned afresh when the steps begin):
+    floors and what comes back are shares of it. Floors are lent out from LIFT_MS before that
+    moment until that is back."""
 
     limits: dict[str, int]
     ttl_ms: float
     ts: float | None = None  # when levels were last written
     stored: dict[str, float] = field(default_factory=dict)
-    # id: (taken at, expiry, costs, each limit's running total of takes as of it)
-    held: dict[str, tuple[float, float, dict[str, float], dict[str, float]]] = field(default_factory=dict)
+    # id: (taken at, expiry, costs, each limit's running totals of takes and of ended charges as of it)
+    held: dict[str, tuple[float, float, dict[str, float], dict[str, float], dict[str, float]]] = field(
+        default_factory=dict
+    )
     totals: dict[str, float] = field(default_factory=dict)
+    ended: dict[str, float] = field(default_factory=dict)  # charges of reservations settled or expired
+    low: dict[str, float] = field(default_factory=dict)  # lowest remaining told of the pending moment
+    untold: dict[str, float] = field(default_factory=dict)  # charges of calls ended without telling since
     forecast: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # moment, gain, pace
     step_seen: dict[str, float] = field(default_factory=dict)
     drain: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # since, total then, pace
+    peak: dict[str, float] = field(default_factory=dict)  # the most room an answer showed (a window's)
 
     def now(self, clock: float) -> float:
         return clock if self.ts is None else max(clock, self.ts)
@@ -95,6 +105,14 @@ class Model:
                 self.stored[name] + back(now - ret, gain, pace, rate) - back(since - ret, gain, pace, rate)
             )
         return min(cap, refilled)
+
+    def stepped(self, name: str, now: float) -> bool:
+        return now - self.step_seen.get(name, -LEARNED_MS) < LEARNED_MS
+
+    def window(self, name: str, now: float) -> float:
+        """The room one window holds: the peak while stepped, else the whole limit."""
+        cap = self.limits[name]
+        return min(cap, self.peak[name]) if self.stepped(name, now) and name in self.peak else cap
 
     def lifted(self, name: str, now: float) -> bool:
         if name not in self.forecast:
@@ -117,26 +135,37 @@ class Model:
         return max(ret + x - now, 0.0)
 
     def in_flight(self, name: str, clock: float) -> float:
-        return sum(c[name] for _, expiry, c, _ in self.held.values() if expiry > self.now(clock))
+        return sum(c[name] for _, expiry, c, *_ in self.held.values() if expiry > self.now(clock))
+
+    def _end(self, costs: dict[str, float]) -> None:
+        for name, cost in costs.items():
+            self.ended[name] = self.ended.get(name, 0.0) + cost
 
     def _write(self, levels: dict[str, float], clock: float) -> None:
         self.ts, self.stored = self.now(clock), levels
 
     def take(self, rid: str, costs: dict[str, float], floor: float, clock: float) -> tuple[str, float]:
         now = self.now(clock)
-        self.held = {r: h for r, h in self.held.items() if h[1] > now}  # a dead worker's stop counting
+        for rid_, h in list(self.held.items()):
+            if h[1] <= now:  # a dead worker's reservation stops counting
+                self._end(self.held.pop(rid_)[2])
         if any(cost > self.limits[n] for n, cost in costs.items()):
             return "never", 0.0
         levels = {name: self.level(name, clock) for name in self.limits}
         wait = 0.0
         for name, cost in costs.items():
             cap, lvl = self.limits[name], levels[name]
-            need = min(cost + (0.0 if self.lifted(name, now) else floor) * cap, cap)
+            share = 0.0 if self.lifted(name, now) else floor
+            need = min(cost + share * self.window(name, now), cap)
             if lvl < need:
                 wait = max(wait, self.wait(name, now, lvl, cost, need))
         if wait > 0:
             return "wait", wait
-        self._write({name: levels[name] - costs[name] for name in self.limits}, clock)
+        # A new bucket starts its refill FIRST_CALL_MS late, as the provider's does (bucket_take.lua).
+        late = {
+            name: FIRST_CALL_MS * cap / 60000 if self.ts is None else 0.0 for name, cap in self.limits.items()
+        }
+        self._write({name: levels[name] - costs[name] - late[name] for name in self.limits}, clock)
         for name in costs:
             if levels[name] >= 0.9 * self.limits[name]:  # a busy period begins
                 self.drain[name] = (now, self.totals.get(name, 0.0), 0.0)
@@ -146,7 +175,8 @@ class Model:
                 since, then, pace = self.drain[name]
                 recent = (self.totals[name] - then) / max(now - since, MIN_DRAIN_MS)
                 self.drain[name] = (since, then, max(pace, recent))
-        self.held[rid] = (now, now + self.ttl_ms, dict(costs), dict(self.totals))
+        ended = {name: self.ended.get(name, 0.0) for name in costs}
+        self.held[rid] = (now, now + self.ttl_ms, dict(costs), dict(self.totals), ended)
         return "granted", 0.0
 
     def settle(
@@ -157,20 +187,28 @@ class Model:
         levels = {name: self.level(name, clock) for name in self.limits}
         held = self.held.pop(rid, None)
         if held is not None:
+            self._end(held[2])
             for name, cost in held[2].items():
                 levels[name] = min(self.limits[name], levels[name] + cost - used[name])
+        for name in self.limits:
+            if name not in (said or {}) and held is not None:
+                self.untold[name] = self.untold.get(name, 0.0) + held[2][name]  # may have been counted
         for name, (remaining, reset_ms) in (said or {}).items():
             cap = self.limits[name]
             continuous = max(0, cap - remaining) * 60000 / cap
+            was_stepped = self.stepped(name, now)
             if abs(reset_ms - continuous) > SLACK_MS + 0.05 * continuous:
                 self.step_seen[name] = now
-            if now - self.step_seen.get(name, -LEARNED_MS) < LEARNED_MS:
+            if self.stepped(name, now):
+                shown = remaining + (held[2][name] if held is not None else 0.0)
+                if not was_stepped or name not in self.peak or shown > self.peak[name]:
+                    self.peak[name] = shown
                 least, most = 0.0, math.inf
                 if held is not None:
                     after = max(0.0, self.totals[name] - held[3][name])
-                    before = sum(c[name] for at, _, c, _ in self.held.values() if at <= held[0])
-                    least = sum(c[name] for at, _, c, _ in self.held.values() if at > held[0])
-                    most = after + before
+                    in_flight_then = max(0.0, held[3][name] - held[2][name] - held[4][name])
+                    least = sum(c[name] for at, _, c, *_ in self.held.values() if at > held[0])
+                    most = after + in_flight_then
                 levels[name] = min(levels[name], remaining - least)
                 if levels[name] < remaining - most:
                     levels[name] = min(cap, remaining - most)
@@ -178,10 +216,19 @@ class Model:
                 pending = self.forecast.get(name, (0.0, 0.0, 0.0))[0]
                 if now < pending < moment <= pending + SAME_MOMENT_MS:
                     moment = pending  # the same moment, told by an answer settled later
+                if name not in self.low or abs(moment - pending) > SAME_MOMENT_MS:
+                    self.low[name], self.untold[name] = remaining, 0.0
+                self.low[name] = min(self.low[name], remaining)
+                in_flight = sum(c[name] for _, _, c, *_ in self.held.values())
+                surely = self.low[name] - self.untold.get(name, 0.0) - in_flight
+                if levels[name] < surely:
+                    levels[name] = min(cap, surely)
                 pace = self.drain[name][2] if name in self.drain else 0.0
-                self.forecast[name] = (moment, max(0, cap - remaining), pace)
+                self.forecast[name] = (moment, max(0, self.window(name, now) - remaining), pace)
             else:
                 self.forecast.pop(name, None)
+                if held is not None:  # at most the remaining plus the refill since the take
+                    levels[name] = min(levels[name], remaining + (now - held[0]) * cap / 60000)
                 if levels[name] > remaining + 0.02 * cap:
                     levels[name] = remaining
         self._write(levels, clock)
@@ -192,9 +239,14 @@ def clock() -> list[float]:
     return [1_000_000.0]
 
 
+# The unit tests below count exactly from a full bucket; the property tests keep the default
+# (a new bucket refills FIRST_CALL_MS late) and the model does the same.
+EXACT = BucketPolicy(first_call_s=0.0)
+
+
 @pytest.fixture
 def bucket(redis: redis_lib.Redis, clock: list[float]) -> Bucket:
-    return Bucket(redis, clock_ms=lambda: clock[0])
+    return Bucket(redis, EXACT, clock_ms=lambda: clock[0])
 
 
 def charges(tokens: float, limits: dict[str, int] = LIMITS) -> list[Charge]:
@@ -305,6 +357,21 @@ def test_never_grants_more_than_the_limit_allows_in_any_window(
             assert total <= cap + rate * (end - start) + 1e-6
 
 
+def test_a_new_bucket_refills_from_when_its_first_call_reaches_the_provider(
+    redis: redis_lib.Redis, clock: list[float]
+) -> None:
+    """The provider's bucket starts refilling when the first call reaches it, a little after our
+    first take. Before: ours refilled from the take, ran ahead of the provider's by that much for
+    good, and a burst that emptied both met 429s (4 of 600 calls on the simulator's token bucket
+    at interactive priority; none since)."""
+    bucket = Bucket(redis, clock_ms=lambda: clock[0])
+    assert take(bucket, "a", 5400).status == "granted"
+    late = BucketPolicy().first_call_s * 6000 / 60  # tokens the provider has not refilled yet
+    assert stored_levels(redis)["tokens"] == pytest.approx(6000 - 5400 - late)
+    waiting = take(bucket, "b", 600)
+    assert waiting.status == "wait" and waiting.wait_s == pytest.approx(late / 100, abs=0.001)
+
+
 def test_refill_is_continuous_not_a_minute_reset(bucket: Bucket, clock: list[float]) -> None:
     """Empty the bucket; the advertised wait is exact: a millisecond early is still too early."""
     assert take(bucket, "a", 6000).status == "granted"
@@ -359,7 +426,7 @@ def test_a_reservation_outlives_its_deployments_own_timeout(
     """A deployment whose calls may run 600 s (timeout_s = 600) while the default is 60 s: a call
     that takes 610 s is still settled, its refund given and its under-estimate charged; the
     reservation expires only after its own timeouts and the margin."""
-    policy = BucketPolicy(call_timeout_s=60, connect_timeout_s=5, reservation_margin_s=60)
+    policy = BucketPolicy(call_timeout_s=60, connect_timeout_s=5, reservation_margin_s=60, first_call_s=0.0)
     bucket = Bucket(redis, policy, clock_ms=lambda: clock[0])
     slow = DEPLOYMENT.model_copy(update={"timeout_s": 600.0})
     assert policy.reservation_ttl_s(slow) == 600 + 5 + 60
@@ -398,7 +465,7 @@ def test_settle_never_raises_when_redis_is_gone(clock: list[float]) -> None:
     """The paid call's ledger row must not depend on the bucket: an unreachable Redis loses only
     the refund."""
     gone = redis_lib.Redis(port=1, socket_connect_timeout=0.2)
-    bucket = Bucket(gone, clock_ms=lambda: clock[0])
+    bucket = Bucket(gone, EXACT, clock_ms=lambda: clock[0])
     ticket = Ticket(DEPLOYMENT, "a", charges(1), None, [])
     assert settle(bucket, ticket, Settlement(used={"requests": 1, "tokens": 1})) is False
 

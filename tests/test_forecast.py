@@ -10,7 +10,7 @@ import redis as redis_lib
 
 from broker_config.bucket_state import read_state
 from broker_config.deployments import Deployment
-from workers.admission import Admission, Bucket, Charge, Forecast, Settlement
+from workers.admission import Admission, Bucket, BucketPolicy, Charge, Forecast, Settlement
 from workers.forecast import forecasts, go_duration_s, seconds_until
 
 DEPLOYMENT = Deployment(name="d", provider="openai", model="m", rpm=60, tpm=6000)
@@ -25,7 +25,7 @@ def clock() -> list[float]:
 
 @pytest.fixture
 def bucket(redis: redis_lib.Redis, clock: list[float]) -> Bucket:
-    return Bucket(redis, clock_ms=lambda: clock[0])
+    return Bucket(redis, BucketPolicy(first_call_s=0.0), clock_ms=lambda: clock[0])  # exact arithmetic
 
 
 def take(bucket: Bucket, rid: str, tokens: float, priority: str = "interactive") -> Admission:
@@ -152,9 +152,10 @@ def test_the_level_keeps_within_the_providers_room_less_what_it_may_not_have_cou
     bucket: Bucket, redis: redis_lib.Redis, clock: list[float]
 ) -> None:
     """An answer's remaining counts the call it answers, not always the calls taken after it (in
-    flight, or already settled: an answer settled late), nor calls taken before it still in
-    flight. The level falls to the remaining less what is surely missing (calls taken after it,
-    in flight), and rises to it less all that may be missing, never more."""
+    flight, or already settled: an answer settled late), nor the calls in flight when it was taken
+    (they may have reached the provider after it, and been answered since). The level falls to the
+    remaining less what is surely missing (calls taken after it, in flight), and rises to it less
+    all that may be missing, never more."""
     for rid in ("a", "b", "c"):
         assert take(bucket, rid, 1000).status == "granted"
         clock[0] += 1
@@ -162,8 +163,54 @@ def test_the_level_keeps_within_the_providers_room_less_what_it_may_not_have_cou
     assert tokens_state(redis, clock)[:2] == (pytest.approx(2500 - 1000), "steps")
     answer(bucket, "a", 1000, 4000, 20.0)  # settled late: b and c may be missing from it
     assert tokens_state(redis, clock)[0] == pytest.approx(4000 - 2000)
-    answer(bucket, "c", 1000, 2500, 20.0)  # nothing else taken, nothing in flight: all of it
+    # a and b were in flight when c was taken, so c's answer alone may count neither; but the
+    # lowest remaining told of this moment is 2500 and nothing is in flight: all of it.
+    answer(bucket, "c", 1000, 2500, 20.0)
     assert tokens_state(redis, clock)[0] == pytest.approx(2500)
+
+
+def test_a_level_ahead_of_the_providers_continuous_refill_follows_it_down(
+    bucket: Bucket, redis: redis_lib.Redis, clock: list[float]
+) -> None:
+    """A token bucket's answer: the provider's room now is at most its remaining plus its refill
+    since the call was taken. A level above that is ahead of the provider, however little (the
+    2% tolerance is for following someone else's use down to the remaining itself)."""
+    assert take(bucket, "a", 5000).status == "granted"  # the level: 1000
+    clock[0] += 300  # 30 tokens of refill
+    # The provider says 950 left (it counted 50 more than we did), a token bucket's reset.
+    answer(bucket, "a", 5000, 950, (6000 - 950) / 100)
+    assert tokens_state(redis, clock)[:2] == (pytest.approx(950 + 30), "continuous")
+
+
+def test_with_nothing_in_flight_the_level_is_the_lowest_remaining_of_the_window(
+    bucket: Bucket, redis: redis_lib.Redis, clock: list[float]
+) -> None:
+    """Until a window's moment its room only shrinks: the lowest remaining told of that moment,
+    less what is in flight now, is room the provider surely has, whatever order the answers
+    came in. A call that ended without telling (an error without headers) may have been counted
+    after any answer: it stays out of that bound until the moment."""
+    for rid in ("a", "b"):
+        assert take(bucket, rid, 1000).status == "granted"
+        clock[0] += 1
+    # a's answer counts b too (b reached the provider first), but b is in flight and was taken
+    # after a: the level falls to 4000 less b.
+    answer(bucket, "a", 1000, 4000, 30.0)
+    assert tokens_state(redis, clock)[0] == pytest.approx(3000)
+    # b's answer alone cannot raise it (a was in flight when b was taken), but nothing is in
+    # flight any more and the lowest remaining told is 4000: that is the room.
+    answer(bucket, "b", 1000, 4000, 30.0)
+    assert tokens_state(redis, clock)[0] == pytest.approx(4000)
+    for rid in ("d", "e"):
+        assert take(bucket, rid, 500).status == "granted"
+        clock[0] += 1
+    charges = [Charge("requests", 60, 1), Charge("tokens", 6000, 0)]
+    bucket.settle("d", "d", charges, Settlement({"requests": None, "tokens": None}))  # no headers
+    answer(bucket, "e", 500, 3500, 30.0)  # may not count d
+    assert tokens_state(redis, clock)[0] == pytest.approx(3500 - 500)
+    clock[0] += 30_000  # the moment: a new window, a new lowest
+    assert take(bucket, "f", 1000).status == "granted"
+    answer(bucket, "f", 1000, 5000, 40.0)
+    assert tokens_state(redis, clock)[0] == pytest.approx(5000)
 
 
 def test_floors_are_lent_out_just_before_the_room_comes_back(

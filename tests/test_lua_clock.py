@@ -10,7 +10,7 @@ import redis as redis_lib
 
 from broker_config.bucket_state import read_state
 from broker_config.deployments import Deployment
-from workers.admission import Bucket, Charge, Settlement
+from workers.admission import Bucket, BucketPolicy, Charge, Settlement
 from workers.breaker import Breaker, BreakerPolicy
 
 T0 = 1_700_000_000_000.0  # ms, a realistic Redis TIME
@@ -43,7 +43,7 @@ def test_a_bucket_neither_drains_nor_refills_while_the_clock_is_behind(
     """Before: level = stored + (now - since) x rate went deeply negative, and every take waited
     for the whole step. Now the bucket holds its level until the clock catches up, then refills
     from where it stood."""
-    bucket = Bucket(redis, clock_ms=lambda: clock[0])
+    bucket = Bucket(redis, BucketPolicy(first_call_s=0.0), clock_ms=lambda: clock[0])
     assert bucket.take("d", "a", _charges(3000), priority="interactive", ttl_s=60).status == "granted"
     clock[0] = T0 - TEN_MINUTES_MS
     assert bucket.take("d", "b", _charges(2000), priority="interactive", ttl_s=60).status == "granted"
@@ -65,7 +65,7 @@ def test_a_pause_and_the_rate_factor_survive_a_clock_stepping_back(
 ) -> None:
     """Before: a 2.5 s pause asked for 602.5 s from a clock ten minutes behind, and the rate factor
     fell to 0.7 - 600 s x 1%/s = -5.3."""
-    bucket = Bucket(redis, clock_ms=lambda: clock[0])
+    bucket = Bucket(redis, BucketPolicy(first_call_s=0.0), clock_ms=lambda: clock[0])
     bucket.take("d", "a", _charges(100), priority="interactive", ttl_s=60)
     limited = Settlement(used={"requests": 0, "tokens": 0}, rate_limited=True, pause_s=2.5)
     bucket.settle("d", "a", _charges(0), limited)

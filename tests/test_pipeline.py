@@ -345,7 +345,8 @@ def test_a_request_no_deployment_has_room_for_is_parked_not_failed(
     ((member, ready_ms),) = redis.zrange("headrace:delayed", 0, -1, withscores=True)
     assert member.decode() == f"default|{second}"
     now_s, now_us = redis.time()
-    assert 50_000 < ready_ms - (now_s * 1000 + now_us / 1000) <= 60_000
+    # A minute for one request's refill, and the quarter second a new bucket starts late.
+    assert 50_000 < ready_ms - (now_s * 1000 + now_us / 1000) <= 60_250
     published: list[tuple[str, str]] = []
     redis.zadd("headrace:delayed", {member: 0})  # pretend the minute has passed
     assert deps.delays.publish_due(published.extend) == 1

@@ -146,6 +146,9 @@ class BucketPolicy:
     # On a limiter whose room comes back at a moment (a window), the floors are lent out this
     # long before it: a request above waits at most this long, and the window's room is used.
     floor_lift_s: float = 2.0
+    # A new bucket starts its refill this much after its first take: the provider's starts when
+    # that call reaches it (client set-up, connection), and ours must not run ahead of it.
+    first_call_s: float = 0.25
 
     def reservation_ttl_s(self, deployment: Deployment) -> float:
         """How long a reservation on ``deployment`` lives unsettled. It must outlive the call: an
@@ -211,6 +214,7 @@ class Bucket:
             int(ttl_s * 1000),
             policy.factor_recovery_per_s / 1000,
             int(policy.floor_lift_s * 1000),
+            int(policy.first_call_s * 1000),
             len(charges),
         ]
         for charge in charges:

@@ -23,36 +23,45 @@ local id, recover = ARGV[2], tonumber(ARGV[3])
 local pause_ms, limited = tonumber(ARGV[4]), ARGV[5] == '1'
 local drop, min_factor, tolerance = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 
-local taken, tenant_taken, totals_then = {}, {}, nil
+local taken, tenant_taken, totals_then, ended_then = {}, {}, nil, {}
 local taken_at = -1
 local record = redis.call('HGET', resv, id)
 if record then
-  local at, charges, tenant_charges, totals = string.match(record, '^([^|]*)|([^|]*)|([^|]*)|?(.*)$')
+  local at, charges, tenant_charges, totals, ended = string.match(record, '^([^|]*)|([^|]*)|([^|]*)|?([^|]*)|?(.*)$')
   taken, tenant_taken, taken_at = parse_charges(charges), parse_charges(tenant_charges), tonumber(at)
-  totals_then = parse_charges(totals)
-  redis.call('HDEL', resv, id)
-  redis.call('ZREM', resv_exp, id)
+  totals_then, ended_then = parse_charges(totals), parse_charges(ended)
 end
+end_reservation(bucket, resv, resv_exp, id, record)
 
--- What the provider may not have counted when it answered, as (least, most): at most, everything
--- taken after this call (in flight, or settled since: an answer settled late) and calls taken
--- before it still in flight (their request may reach it later); at least, calls taken after it
--- still in flight. Nil without the reservation.
+-- Per limit, what calls in flight now hold: all of them, and those taken after this call.
 local in_flight = nil
-local function not_counted(name)
-  if not (totals_then and totals_then[name]) then return nil end
+local function held(name)
   if in_flight == nil then
-    in_flight = {before = {}, after = {}}
+    in_flight = {all = {}, after = {}}
     local all = redis.call('HGETALL', resv)
     for j = 2, #all, 2 do
       local at, charges = string.match(all[j], '^([^|]*)|([^|]*)|')
-      local side = tonumber(at) <= taken_at and in_flight.before or in_flight.after
-      for limit, cost in pairs(parse_charges(charges)) do side[limit] = (side[limit] or 0) + cost end
+      for limit, cost in pairs(parse_charges(charges)) do
+        in_flight.all[limit] = (in_flight.all[limit] or 0) + cost
+        if tonumber(at) > taken_at then in_flight.after[limit] = (in_flight.after[limit] or 0) + cost end
+      end
     end
   end
+  return in_flight.all[name] or 0, in_flight.after[name] or 0
+end
+
+-- What the provider may not have counted when it answered, as (least, most): at most, everything
+-- taken after this call (in flight, or settled since: an answer settled late) and every call in
+-- flight when it was taken (their requests may have reached the provider after it, and may have
+-- been answered since); at least, calls taken after it still in flight. Nil without the
+-- reservation.
+local function not_counted(name)
+  if not (totals_then and totals_then[name]) then return nil end
+  local _, after_in_flight = held(name)
   local total = tonumber(redis.call('HGET', bucket, 'sum:' .. name)) or totals_then[name]
   local after = math.max(0, total - totals_then[name])
-  return in_flight.after[name] or 0, after + (in_flight.before[name] or 0)
+  local in_flight_then = math.max(0, totals_then[name] - (taken[name] or 0) - (ended_then[name] or 0))
+  return after_in_flight, after + in_flight_then
 end
 
 local factor = rate_factor(bucket, now, recover)
@@ -93,11 +102,22 @@ for k = 1, n do
       local refill = short * 60000 / per_minute
       step = step or (pause_ms > refill and differs(pause_ms, refill))
     end
+    local was_stepped = stepped(bucket, name, now)
     if step then redis.call('HSET', bucket, 'step:' .. name, num(now)) end
     if stepped(bucket, name, now) then
+      -- The window's room (prelude: window_room), learned afresh when the steps begin; a 429's
+      -- remaining does not count the call it refused.
+      if not limited then
+        local shown = said_remaining + (taken[name] or 0)
+        local peak = tonumber(redis.call('HGET', bucket, 'peak:' .. name))
+        if not was_stepped or peak == nil or shown > peak then
+          redis.call('HSET', bucket, 'peak:' .. name, num(shown))
+        end
+      end
       -- Within the provider's room less what it may not have counted: down to it with the
       -- least, up to it with the most (so that an answer settled late cannot raise the level by
-      -- calls settled before it). Without the reservation, only down.
+      -- calls settled before it). Without the reservation, only down (then up, below, to what
+      -- the lowest remaining of the window surely leaves).
       local least, most = not_counted(name)
       if least == nil then least, most = 0, math.huge end
       if lvl > said_remaining - least then lvl = said_remaining - least end
@@ -107,10 +127,26 @@ for k = 1, n do
         -- one is pending, a moment up to SAME_MOMENT_MS after it is that one.
         local moment, pending = now + said_reset, forecast(bucket, name)
         if pending > now and moment > pending and moment <= pending + SAME_MOMENT_MS then moment = pending end
+        -- Until that moment the provider's room only shrinks (a window's, or what a rolling one
+        -- has not yet given back): it is at most the lowest remaining any answer telling this
+        -- moment showed, and at least that less every call in flight now and every call that
+        -- ended without telling (only those may be missing from it). When nothing is in
+        -- flight and every answer told, that is exactly the room.
+        local low = redis.call('HMGET', bucket, 'low:' .. name, 'untold:' .. name)
+        local lowest, untold = tonumber(low[1]), tonumber(low[2]) or 0
+        if lowest == nil or math.abs(moment - pending) > SAME_MOMENT_MS then
+          lowest, untold = said_remaining, 0
+        elseif said_remaining < lowest then
+          lowest = said_remaining
+        end
+        redis.call('HSET', bucket, 'low:' .. name, num(lowest), 'untold:' .. name, num(untold))
+        local surely = lowest - untold - held(name)
+        if lvl < surely then lvl = math.min(cap, surely) end
         -- What the provider lacks comes back then, as fast as this busy period took it (a
         -- rolling window gives room back as it was taken; a fixed one, all at once, and the
         -- next answer says so).
-        local gain = math.max(0, per_minute - said_remaining)
+        local room = window_room(bucket, name, now) or per_minute
+        local gain = math.max(0, math.min(room, per_minute) - said_remaining)
         local pace = tonumber(redis.call('HGET', bucket, 'drain_pace:' .. name)) or 0
         redis.call('HSET', bucket, 'ret:' .. name, num(moment), 'gain:' .. name, num(gain), 'pace:' .. name, num(pace))
       else
@@ -118,12 +154,24 @@ for k = 1, n do
       end
     else
       redis.call('HDEL', bucket, 'ret:' .. name, 'gain:' .. name, 'pace:' .. name)
+      -- The provider's room now is at most what it said when it answered plus its refill since
+      -- this call was taken (before that answer): a level above that is ahead of the provider
+      -- (its bucket began refilling later than ours, when the first call reached it).
+      if record and taken_at >= 0 then
+        local bound = said_remaining + elapsed(now, taken_at) * per_minute / 60000
+        if lvl > bound then lvl = bound end
+      end
       -- Someone else shares the key, or the provider counts differently: follow it down.
       if lvl > said_remaining + tolerance * cap then
         lvl = said_remaining
         redis.call('HINCRBY', bucket, 'n:follow', 1)
       end
     end
+  end
+  if said_remaining < 0 and record and taken[name] then
+    -- An answer that tells nothing of this limit (an error without headers) may have been
+    -- counted, after any answer yet to come: the lowest remaining's bound leaves it out.
+    redis.call('HINCRBYFLOAT', bucket, 'untold:' .. name, taken[name])
   end
   redis.call('HSET', bucket, 'lvl:' .. name, num(lvl))
 end

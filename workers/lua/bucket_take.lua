@@ -2,7 +2,8 @@
 --
 -- KEYS[1] deployment bucket hash    {dep}   levels, learned limits, pause, factor, counters
 -- KEYS[2] reservations hash         {dep}   reservation id ->
---                                           "taken_at|name=cost,...|tenant charges|name=running total,..."
+--                                           "taken_at|name=cost,...|tenant charges|name=running total,...
+--                                            |name=ended total,..." (prelude: end_reservation)
 -- KEYS[3] reservation expiry zset   {dep}   reservation id -> expiry (ms)
 -- KEYS[4] tenant bucket hash        {dep}   levels of the tenant's own ceiling (may be unused)
 -- ARGV[1] clock override (ms) or ''        ARGV[2] reservation id
@@ -10,7 +11,8 @@
 -- ARGV[4] reservation ttl (ms): the call's own timeouts plus a margin, so it outlives the call
 -- ARGV[5] factor recovery per ms
 -- ARGV[6] floor lift (ms): how long before a forecast's moment the floor is lent out (prelude)
--- ARGV[7] n = number of deployment limits, then n triples: name, configured limit/min, cost
+-- ARGV[7] first call (ms): how much later than its first take a new bucket starts refilling
+-- ARGV[8] n = number of deployment limits, then n triples: name, configured limit/min, cost
 -- then m = number of tenant limits, then m triples: name, limit/min, cost
 --
 -- Returns {1, 0, ''}                granted (the reservation is recorded under its id)
@@ -20,13 +22,12 @@
 local bucket, resv, resv_exp, tenant = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now = monotonic_now(bucket, ARGV[1])
 local id, floor, ttl, recover = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local lift = tonumber(ARGV[6])
+local lift, first_call = tonumber(ARGV[6]), tonumber(ARGV[7])
 
 -- Reservations whose worker never settled them (it died) stop counting as in flight.
 local stale = redis.call('ZRANGEBYSCORE', resv_exp, '-inf', now, 'LIMIT', 0, 50)
 for _, old in ipairs(stale) do
-  redis.call('HDEL', resv, old)
-  redis.call('ZREM', resv_exp, old)
+  end_reservation(bucket, resv, resv_exp, old, redis.call('HGET', resv, old))
 end
 
 local paused = tonumber(redis.call('HGET', bucket, 'pause')) or 0
@@ -45,21 +46,32 @@ local function check(hash, name, configured, cost, scaled)
   if cost > unscaled then return {-1, math.floor(unscaled), name} end
   local since = tonumber(redis.call('HGET', hash, 'ts')) or now
   local lvl = level(hash, name, cap, since, now)
-  local share = floor
+  local share, base = floor, cap
   if scaled and floor_lifted(hash, name, now, lift) then share = 0 end
+  if scaled then
+    local room = window_room(hash, name, now)
+    if room and room < base then base = room end
+  end
   -- A priority's floor never asks for more than the whole bucket.
-  local need = math.min(cost + share * cap, cap)
+  local need = math.min(cost + share * base, cap)
   if lvl < need then
     local w = wait_ms(hash, name, cap, since, now, lvl, cost, need, lift)
     if w > wait then wait, reason = w, name end
   end
-  table.insert(plan, {hash, name, lvl - cost, scaled and lvl >= 0.9 * cap})
+  local after = lvl - cost
+  if scaled and redis.call('HEXISTS', hash, 'lvl:' .. name) == 0 then
+    -- A new bucket: the provider's begins refilling when this first call reaches it, a little
+    -- after ours would; without this our refill runs that much ahead of it for good (seen as
+    -- a 429 when a burst first empties both).
+    after = after - first_call * cap / 60000
+  end
+  table.insert(plan, {hash, name, after, scaled and lvl >= 0.9 * cap})
   return nil
 end
 
 -- Every limit of a hash is passed on every call (cost 0 when it does not apply), so that all of
 -- them are refilled up to the one timestamp stored for the hash.
-local i = 7
+local i = 8
 local n = tonumber(ARGV[i])
 local charges, tenant_charges = {}, {}
 for k = 1, n do
@@ -95,10 +107,11 @@ redis.call('HSET', bucket, 'factor', num(factor), 'factor_ts', num(now))
 redis.call('HINCRBY', bucket, 'n:grant', 1)
 -- Each limit's running total of everything taken, as it stands after this take: a settlement
 -- tells from it what was taken after this call (bucket_settle.lua).
-local totals = {}
+local totals, ended = {}, {}
 for name, cost in string.gmatch(table.concat(charges, ','), '([%w_]+)=([^,]+)') do
   local total = redis.call('HINCRBYFLOAT', bucket, 'sum:' .. name, cost)
   table.insert(totals, name .. '=' .. total)
+  table.insert(ended, name .. '=' .. (redis.call('HGET', bucket, 'ended:' .. name) or '0'))
   -- The fastest this busy period has drained the limit (averaged over MIN_DRAIN_MS at least).
   local drain = redis.call('HMGET', bucket, 'drain_at:' .. name, 'drain_sum:' .. name, 'drain_pace:' .. name)
   local drain_at, drain_sum, pace = tonumber(drain[1]), tonumber(drain[2]), tonumber(drain[3]) or 0
@@ -107,7 +120,9 @@ for name, cost in string.gmatch(table.concat(charges, ','), '([%w_]+)=([^,]+)') 
     if recent > pace then redis.call('HSET', bucket, 'drain_pace:' .. name, num(recent)) end
   end
 end
-local record = table.concat({num(now), table.concat(charges, ','), table.concat(tenant_charges, ','), table.concat(totals, ',')}, '|')
+local record = table.concat({
+  num(now), table.concat(charges, ','), table.concat(tenant_charges, ','), table.concat(totals, ','),
+  table.concat(ended, ',')}, '|')
 redis.call('HSET', resv, id, record)
 redis.call('ZADD', resv_exp, now + ttl, id)
 -- Idle deployments leave no keys behind: everything expires an hour after its last use, or once

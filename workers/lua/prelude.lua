@@ -17,7 +17,8 @@
 -- only starts giving room back then is corrected by the next answer's remaining); from then on
 -- the level refills continuously again until the next forecast, so that a provider that stops
 -- sending headers can never hold a bucket shut. The floors a priority leaves for the ones above
--- it are lent out in the last `lift` ms before that moment: the room comes back anyway.
+-- it are shares of the window's room (window_room), lent out in the last `lift` ms before that
+-- moment: the room comes back anyway.
 --
 -- Units: times in milliseconds (Redis server time), amounts in requests or tokens.
 -- Floats are stored as strings with all 17 significant digits (num below): a number returned to
@@ -101,6 +102,16 @@ local function stepped(bucket, name, now)
   return seen ~= nil and elapsed(now, seen) < LEARNED_LIMIT_TTL_MS
 end
 
+-- The room one of the provider's windows holds, for a stepped limit (nil when unknown or not
+-- stepped): the most an answer has shown, counting the answered call itself (the provider
+-- counts a call when it admits it, so the first call of a window shows the whole window less
+-- itself). A short window (10 s within a minute) holds a sixth of the per-minute limit: the
+-- floors and what comes back at a moment are shares of it, not of the minute.
+local function window_room(bucket, name, now)
+  if not stepped(bucket, name, now) then return nil end
+  return tonumber(redis.call('HGET', bucket, 'peak:' .. name))
+end
+
 -- Whether the floors are lent out: from `lift` ms before a forecast's moment until what it
 -- said comes back is back (the room comes back anyway).
 local function floor_lifted(bucket, name, now, lift)
@@ -154,4 +165,17 @@ local function parse_charges(text)
     charges[name] = tonumber(cost)
   end
   return charges
+end
+
+-- A reservation ends (settled, or expired with its worker): it leaves the hashes, and its charges
+-- join each limit's running total of ended charges, 'ended:<limit>'. With 'sum:<limit>' (all
+-- taken) that tells, at any take, what was in flight then (bucket_settle.lua: not_counted).
+local function end_reservation(bucket, resv, resv_exp, id, record)
+  redis.call('HDEL', resv, id)
+  redis.call('ZREM', resv_exp, id)
+  if not record then return end
+  local charges = string.match(record, '^[^|]*|([^|]*)')
+  for name, cost in pairs(parse_charges(charges)) do
+    redis.call('HINCRBYFLOAT', bucket, 'ended:' .. name, cost)
+  end
 end
