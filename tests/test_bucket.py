@@ -85,6 +85,7 @@ class Model:
     ended: dict[str, float] = field(default_factory=dict)  # charges of reservations settled or expired
     low: dict[str, float] = field(default_factory=dict)  # lowest remaining told of the pending moment
     untold: dict[str, float] = field(default_factory=dict)  # charges of calls ended without telling since
+    told: dict[str, float] = field(default_factory=dict)  # when the pending moment was first told
     forecast: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # moment, gain, pace
     step_seen: dict[str, float] = field(default_factory=dict)
     drain: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # since, total then, pace
@@ -216,15 +217,21 @@ class Model:
                 pending = self.forecast.get(name, (0.0, 0.0, 0.0))[0]
                 if now < pending < moment <= pending + SAME_MOMENT_MS:
                     moment = pending  # the same moment, told by an answer settled later
-                if name not in self.low or abs(moment - pending) > SAME_MOMENT_MS:
+                new_moment = abs(moment - pending) > SAME_MOMENT_MS
+                fresh = held is not None and held[0] >= self.told.get(name, 0.0)
+                stale = pending > 0 and new_moment and not fresh
+                if name not in self.low or (new_moment and not stale):
                     self.low[name], self.untold[name] = remaining, 0.0
                 self.low[name] = min(self.low[name], remaining)
                 in_flight = sum(c[name] for _, _, c, *_ in self.held.values())
                 surely = self.low[name] - self.untold.get(name, 0.0) - in_flight
                 if levels[name] < surely:
                     levels[name] = min(cap, surely)
-                pace = self.drain[name][2] if name in self.drain else 0.0
-                self.forecast[name] = (moment, max(0, self.window(name, now) - remaining), pace)
+                if not stale:
+                    pace = self.drain[name][2] if name in self.drain else 0.0
+                    self.forecast[name] = (moment, max(0, self.window(name, now) - remaining), pace)
+                    if new_moment:
+                        self.told[name] = now
             else:
                 self.forecast.pop(name, None)
                 if held is not None:  # at most the remaining plus the refill since the take

@@ -182,6 +182,23 @@ def test_a_level_ahead_of_the_providers_continuous_refill_follows_it_down(
     assert tokens_state(redis, clock)[:2] == (pytest.approx(950 + 30), "continuous")
 
 
+def test_an_answer_settled_late_tells_no_new_window(
+    bucket: Bucket, redis: redis_lib.Redis, clock: list[float]
+) -> None:
+    """An answer to a call taken before the pending moment was first told is stale: it tells its
+    moment later by however long it took to settle. Before: one settled 4 s late (a slow thread)
+    read as a new window, and the level rose to the room it had seen (4 429s of 600 on a rolling
+    window at interactive priority)."""
+    assert take(bucket, "a", 1000).status == "granted"
+    clock[0] += 10
+    assert take(bucket, "b", 1000).status == "granted"
+    answer(bucket, "b", 1000, 1000, 30.0)  # the moment: 30 s from now
+    clock[0] += 4000
+    answer(bucket, "a", 1000, 2000, 29.99)  # seen before b, settled 4 s late: "34 s"
+    level, shape, back_in_s, _ = tokens_state(redis, clock)
+    assert (level, shape, back_in_s) == (pytest.approx(1000), "steps", pytest.approx(26.0))
+
+
 def test_with_nothing_in_flight_the_level_is_the_lowest_remaining_of_the_window(
     bucket: Bucket, redis: redis_lib.Redis, clock: list[float]
 ) -> None:

@@ -127,6 +127,12 @@ for k = 1, n do
         -- one is pending, a moment up to SAME_MOMENT_MS after it is that one.
         local moment, pending = now + said_reset, forecast(bucket, name)
         if pending > now and moment > pending and moment <= pending + SAME_MOMENT_MS then moment = pending end
+        local new_moment = math.abs(moment - pending) > SAME_MOMENT_MS
+        -- An answer to a call taken before the pending moment was first told tells a moment
+        -- later than the one it saw by however long it took to settle (a slow thread, a slow
+        -- call): it tells no new window, only its remaining.
+        local told_at = tonumber(redis.call('HGET', bucket, 'told:' .. name)) or 0
+        local stale = pending > 0 and new_moment and not (record and taken_at >= told_at)
         -- Until that moment the provider's room only shrinks (a window's, or what a rolling one
         -- has not yet given back): it is at most the lowest remaining any answer telling this
         -- moment showed, and at least that less every call in flight now and every call that
@@ -134,7 +140,7 @@ for k = 1, n do
         -- flight and every answer told, that is exactly the room.
         local low = redis.call('HMGET', bucket, 'low:' .. name, 'untold:' .. name)
         local lowest, untold = tonumber(low[1]), tonumber(low[2]) or 0
-        if lowest == nil or math.abs(moment - pending) > SAME_MOMENT_MS then
+        if lowest == nil or (new_moment and not stale) then
           lowest, untold = said_remaining, 0
         elseif said_remaining < lowest then
           lowest = said_remaining
@@ -142,13 +148,16 @@ for k = 1, n do
         redis.call('HSET', bucket, 'low:' .. name, num(lowest), 'untold:' .. name, num(untold))
         local surely = lowest - untold - held(name)
         if lvl < surely then lvl = math.min(cap, surely) end
-        -- What the provider lacks comes back then, as fast as this busy period took it (a
-        -- rolling window gives room back as it was taken; a fixed one, all at once, and the
-        -- next answer says so).
-        local room = window_room(bucket, name, now) or per_minute
-        local gain = math.max(0, math.min(room, per_minute) - said_remaining)
-        local pace = tonumber(redis.call('HGET', bucket, 'drain_pace:' .. name)) or 0
-        redis.call('HSET', bucket, 'ret:' .. name, num(moment), 'gain:' .. name, num(gain), 'pace:' .. name, num(pace))
+        if not stale then
+          -- What the provider lacks comes back then, as fast as this busy period took it (a
+          -- rolling window gives room back as it was taken; a fixed one, all at once, and the
+          -- next answer says so).
+          local room = window_room(bucket, name, now) or per_minute
+          local gain = math.max(0, math.min(room, per_minute) - said_remaining)
+          local pace = tonumber(redis.call('HGET', bucket, 'drain_pace:' .. name)) or 0
+          redis.call('HSET', bucket, 'ret:' .. name, num(moment), 'gain:' .. name, num(gain), 'pace:' .. name, num(pace))
+          if new_moment then redis.call('HSET', bucket, 'told:' .. name, num(now)) end
+        end
       else
         redis.call('HDEL', bucket, 'ret:' .. name, 'gain:' .. name, 'pace:' .. name)
       end
