@@ -44,6 +44,12 @@ def breaker(deployment: str) -> str:
     return f"{PREFIX}:{{{deployment}}}:breaker"
 
 
+def breaker_waiters(deployment: str) -> str:
+    """Sorted set: delayed-queue members parked because this deployment was in trouble or its
+    breaker open (score: when they were due); woken when the breaker closes."""
+    return f"{PREFIX}:{{{deployment}}}:waiters"
+
+
 def breaker_calls(deployment: str) -> str:
     """Sorted set: the breaker's window of recent calls (score: time, ms)."""
     return f"{PREFIX}:{{{deployment}}}:breaker-calls"

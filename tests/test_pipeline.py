@@ -30,7 +30,7 @@ from db.tenants import create_api_key
 from headrace.embedded import free_port
 from tests.simulator_fixture import SimControl
 from workers.admission import Bucket
-from workers.breaker import Breaker, FallbackCounter
+from workers.breaker import Breaker, BreakerPolicy, FallbackCounter
 from workers.delays import DelayQueue
 from workers.leases import Leases
 from workers.pipeline import Deps, run_request
@@ -202,6 +202,31 @@ def test_trouble_everywhere_waits_while_the_window_is_open_then_expires_with_eac
     request, attempts, batch = _state(deps, rid)
     assert request.status == "expired" and batch.expired_count == 1 and len(attempts) == 6
     assert [d["status"] for d in request.error["deployments"]] == [503, 503]  # type: ignore[index]
+
+
+def test_requests_parked_for_a_deployments_trouble_are_released_when_its_breaker_closes(
+    deps: Deps, redis: redis_lib.Redis
+) -> None:
+    """Parked for trouble, a request waits its backoff, unless the breaker of the deployment
+    that was in trouble closes first: then it is due at once (the bucket paces it like any
+    other). Before: requests parked late in an outage waited up to their whole backoff after the
+    provider was back (+27 s of span in bench/rate_limits.py --faults on 10 s windows)."""
+    policy = BreakerPolicy(open_s=0.05, probes=1, consecutive_failures=3)
+    deps = replace(deps, breaker=Breaker(redis, policy))
+    (parked,) = _submit(deps, "single", "[[sim:status=503]] hi")
+    run_request(parked, deps)  # two 503s: the breaker not yet open, the request parked
+    member = f"default|{parked}"
+    assert redis.zscore("headrace:{oa}:waiters", member) is not None
+    redis.zadd("headrace:delayed", {member: 10**15})  # as if its backoff were long
+    for i in range(3):
+        deps.breaker.record("oa", f"x{i}", failed=True, probe=False)
+    time.sleep(0.1)  # open, then half-open: the next call is the probe
+    (probe,) = _submit(deps, "single")
+    run_request(probe, deps)
+    assert _state(deps, probe)[0].status == "succeeded"
+    now_s, now_us = redis.time()
+    assert redis.zscore("headrace:delayed", member) <= now_s * 1000 + now_us / 1000
+    assert not redis.exists("headrace:{oa}:waiters")
 
 
 def test_a_deployment_that_cannot_serve_fails_the_request_when_nothing_else_can(deps: Deps) -> None:

@@ -183,3 +183,4 @@ def test_status_shows_every_deployments_bucket(stack: EmbeddedStack, run_cli: Ca
     for name in ("openai-mini", "claude-haiku", "openai-4o", "input_tokens", "output_tokens"):
         assert name in table
     assert f"{2 * SIM_TPM:,} (provider: {SIM_TPM})" in table
+    assert "continuous" in table  # the simulator's default limiter is a token bucket

@@ -328,14 +328,16 @@ def _after_call(
     """Tell Redis how the call went: best-effort, after the ledger has the call."""
     deployment = ticket.deployment
     settle(deps.bucket, ticket, settlement(deployment, estimate, outcome))
-    best_effort(
-        "breaker",
-        deps.breaker.record,
-        deployment.name,
-        call_id,
-        failed=is_provider_failure(outcome),
-        probe=permit.probe,
-    )
+    best_effort("breaker", _record_breaker, deps, deployment.name, call_id, outcome, permit)
+
+
+def _record_breaker(
+    deps: Deps, deployment: str, call_id: str, outcome: ProviderReply | CallFailed, permit: Permit
+) -> None:
+    failed = is_provider_failure(outcome)
+    if deps.breaker.record(deployment, call_id, failed=failed, probe=permit.probe) == "closed":
+        woken = deps.delays.wake(deployment)
+        log.info("%d request(s) parked for deployment %s released: its breaker closed", woken, deployment)
 
 
 def best_effort(what: str, fn: Callable[..., object], *args: Any, **kwargs: Any) -> None:

@@ -4,7 +4,7 @@ every worker through Redis, both written after a routing decision, best-effort.
 A deployment whose calls fail too often (server errors, timeouts, cut connections: the provider's
 health, not the request's fault nor a rate limit) is opened: requests go straight to the next
 deployment of their chain instead of spending attempts on it. After ``open_s`` a few probe calls
-are let through (half-open); when they succeed it closes, when one fails it opens again. The state
+are let through (half-open); when they succeed it closes, when as many fail it opens again. The state
 machine lives in ``lua/breaker_allow.lua`` and ``lua/breaker_record.lua``.
 """
 
@@ -28,7 +28,9 @@ class BreakerPolicy:
     window_s: float = 30.0
     min_calls: int = 10  # no verdict on fewer calls than this in the window
     failure_ratio: float = 0.5
-    open_s: float = 15.0
+    # Short and constant: a probe of a provider that refuses before any work costs nothing, and a
+    # longer open period kept the end of a 10 s outage waiting 8 s more.
+    open_s: float = 5.0
     probes: int = 2  # successes needed (and probes allowed at once) to close
     # Failures in a row that open it at once (0: only the ratio): the window's successes from
     # before a sudden outage would otherwise keep it closed until as many calls had failed. Ten:

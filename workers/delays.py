@@ -22,11 +22,39 @@ class DelayQueue:
         self._claim = client.register_script((LUA_DIR / "delayed_claim.lua").read_text())
         self._release = client.register_script((LUA_DIR / "delayed_release.lua").read_text())
 
-    def park(self, request_id: str, priority: str, delay_s: float) -> None:
-        """Publish ``request_id`` again in ``delay_s`` seconds (server time)."""
+    def park(self, request_id: str, priority: str, delay_s: float, wake_on: Sequence[str] = ()) -> None:
+        """Publish ``request_id`` again in ``delay_s`` seconds (server time), or sooner when the
+        breaker of a deployment in ``wake_on`` closes (``wake``)."""
         now_s, now_us = self.redis.time()
         ready_ms = now_s * 1000 + now_us / 1000 + delay_s * 1000
-        self.redis.zadd(keys.delayed_requests(), {f"{priority}|{request_id}": ready_ms})
+        member = f"{priority}|{request_id}"
+        self.redis.zadd(keys.delayed_requests(), {member: ready_ms})
+        for deployment in wake_on:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zadd(keys.breaker_waiters(deployment), {member: ready_ms})
+            # Not kept past the latest wait it holds: a waiter due anyway needs no waking.
+            pipe.pexpire(keys.breaker_waiters(deployment), int(delay_s * 1000) + 60_000, gt=True)
+            pipe.pexpire(keys.breaker_waiters(deployment), int(delay_s * 1000) + 60_000, nx=True)
+            pipe.execute()
+
+    def wake(self, deployment: str) -> int:
+        """The deployment's breaker closed: its waiters are due now (the bucket paces them like any
+        other request). Returns how many were still waiting."""
+        waiters = keys.breaker_waiters(deployment)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.zrangebyscore(waiters, "-inf", "+inf")
+        pipe.delete(waiters)
+        members, _ = pipe.execute()
+        if not members:
+            return 0
+        now_s, now_us = self.redis.time()
+        now_ms = now_s * 1000 + now_us / 1000
+        # XX: only members still parked; LT: never later than they were due.
+        return int(
+            self.redis.zadd(
+                keys.delayed_requests(), dict.fromkeys(members, now_ms), xx=True, lt=True, ch=True
+            )
+        )
 
     def publish_due(self, publish: Callable[[Sequence[tuple[str, str]]], object], limit: int = 1000) -> int:
         """Publish every due request once; returns how many."""

@@ -155,7 +155,13 @@ def _wait(deps: Deps, walk: Walk, errors: list[dict[str, Any]]) -> None:
     reason = "provider trouble" if trouble else "no room"
     waiting = {"kind": "waiting", "message": f"waiting {delay_s:.1f}s ({reason})", "deployments": errors}
     if ledger.defer_run(deps.db, run.request_id, walk.lease.token, waiting=waiting, trouble=trouble):
-        deps.delays.park(run.request_id, run.priority, delay_s)
+        # Woken early when the breaker of a deployment that was in trouble closes again.
+        troubled = {
+            e["deployment"]
+            for e in walk.failures
+            if e.get("passes") and ("attempt" in e or e["kind"] == "circuit_open")  # a call's trouble
+        }
+        deps.delays.park(run.request_id, run.priority, delay_s, wake_on=sorted(troubled))
 
 
 def _deadline(run: ledger.RunStart, route: Route) -> datetime:

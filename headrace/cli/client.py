@@ -129,7 +129,9 @@ def deployments_table(state: dict[str, Any]) -> Table:
         "effective",
         "left",
         "in flight",
+        "refill",
         "paused",
+        "rate",
         "grants",
         "waits",
         "429s",
@@ -148,12 +150,22 @@ def deployments_table(state: dict[str, Any]) -> Table:
                 f"{limit['effective']:,.0f}",
                 f"{limit['level']:,.0f}",
                 f"{limit['in_flight']:,.0f}",
+                _refill(limit),
                 f"{dep['paused_for_s']:.1f}s" if first and dep["paused_for_s"] else "",
+                f"{dep['rate_factor']:.0%}" if first and dep["rate_factor"] < 1 else "",
                 str(dep["grants"]) if first else "",
                 str(dep["waits"]) if first else "",
                 str(dep["rate_limited"]) if first else "",
             )
     return table
+
+
+def _refill(limit: dict[str, Any]) -> str:
+    """How the limit's room comes back, as the provider's headers last told it."""
+    if limit["shape"] != "steps":
+        return "continuous"
+    back = limit["room_back_in_s"]
+    return f"steps, back in {back:.1f}s" if back > 0 else "steps"
 
 
 def results(

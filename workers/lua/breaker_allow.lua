@@ -1,6 +1,6 @@
 -- May a call go to this deployment now? The breaker's state machine, shared by every worker:
 --   closed --(failure ratio over the window)--> open --(after open_ms)--> half_open
---   half_open --(probes succeed)--> closed;  half_open --(a probe fails)--> open
+--   half_open --(probes succeed)--> closed;  half_open --(as many probes fail)--> open
 --
 -- KEYS[1] breaker hash {dep}: state, opened_at, half_open_at, probes (in flight), probe_ok,
 --         ts (the breaker's monotonic clock, prelude: monotonic_now)
@@ -17,7 +17,7 @@ if state == 'open' then
   local open_for = elapsed(now, tonumber(redis.call('HGET', breaker, 'opened_at')) or 0)
   if open_for < open_ms then return {0, math.ceil(open_ms - open_for), 'open'} end
   redis.call('HSET', breaker, 'state', 'half_open', 'half_open_at', num(now), 'probes', 0, 'probe_ok', 0,
-    'ts', num(now))
+    'probe_failed', 0, 'ts', num(now))
   state = 'half_open'
 end
 

@@ -27,7 +27,12 @@ end
 
 if state == 'half_open' and probe then
   redis.call('HINCRBY', breaker, 'probes', -1)
-  if failed then return open() end
+  -- As many failed probes as must succeed reopen it: one random 5xx from a provider that is
+  -- back (a few percent of its calls fail anyway) must not keep it shut for another open period.
+  if failed then
+    if redis.call('HINCRBY', breaker, 'probe_failed', 1) >= needed then return open() end
+    return ''
+  end
   if redis.call('HINCRBY', breaker, 'probe_ok', 1) >= needed then
     redis.call('HSET', breaker, 'state', 'closed')
     redis.call('DEL', calls, failures)
