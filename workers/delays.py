@@ -50,11 +50,10 @@ class DelayQueue:
         now_s, now_us = self.redis.time()
         now_ms = now_s * 1000 + now_us / 1000
         # XX: only members still parked; LT: never later than they were due.
-        return int(
-            self.redis.zadd(
-                keys.delayed_requests(), dict.fromkeys(members, now_ms), xx=True, lt=True, ch=True
-            )
+        changed = self.redis.zadd(
+            keys.delayed_requests(), dict.fromkeys(members, now_ms), xx=True, lt=True, ch=True
         )
+        return int(changed or 0)
 
     def publish_due(self, publish: Callable[[Sequence[tuple[str, str]]], object], limit: int = 1000) -> int:
         """Publish every due request once; returns how many."""
