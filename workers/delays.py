@@ -28,14 +28,15 @@ class DelayQueue:
         now_s, now_us = self.redis.time()
         ready_ms = now_s * 1000 + now_us / 1000 + delay_s * 1000
         member = f"{priority}|{request_id}"
-        self.redis.zadd(keys.delayed_requests(), {member: ready_ms})
+        pipe = self.redis.pipeline(transaction=False)  # one round trip
+        pipe.zadd(keys.delayed_requests(), {member: ready_ms})
         for deployment in wake_on:
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.zadd(keys.breaker_waiters(deployment), {member: ready_ms})
-            # Not kept past the latest wait it holds: a waiter due anyway needs no waking.
-            pipe.pexpire(keys.breaker_waiters(deployment), int(delay_s * 1000) + 60_000, gt=True)
-            pipe.pexpire(keys.breaker_waiters(deployment), int(delay_s * 1000) + 60_000, nx=True)
-            pipe.execute()
+            waiters, ttl_ms = keys.breaker_waiters(deployment), int(delay_s * 1000) + 60_000
+            pipe.zadd(waiters, {member: ready_ms})
+            # Kept as long as its longest wait: a waiter due anyway needs no waking.
+            pipe.pexpire(waiters, ttl_ms, gt=True)
+            pipe.pexpire(waiters, ttl_ms, nx=True)
+        pipe.execute()
 
     def wake(self, deployment: str) -> int:
         """The deployment's breaker closed: its waiters are due now (the bucket paces them like any
