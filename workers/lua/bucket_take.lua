@@ -47,8 +47,8 @@ local function check(hash, name, configured, cost, scaled)
   local since = tonumber(redis.call('HGET', hash, 'ts')) or now
   local lvl = level(hash, name, cap, since, now)
   local share, base = floor, cap
-  if scaled and floor_lifted(hash, name, now, lift) then share = 0 end
   if scaled then
+    if floor_lifted(hash, name, now, lift) then share = 0 end
     local room = window_room(hash, name, now)
     if room and room < base then base = room end
   end

@@ -10,15 +10,16 @@
 -- Forecasts: a provider's headers say, per limit, the room now and when it comes back. When that
 -- is what a token bucket would say (its time to full), nothing changes. When they say the room
 -- comes back at a moment instead (a window's end, a rolling window's next expiry; the limit is
--- then learned as stepped for LEARNED_LIMIT_TTL_MS), bucket_settle.lua sets the level to the
--- provider's room and stores that moment as 'ret:<limit>' and what the provider did not have as
--- 'gain:<limit>': until that moment the level holds (no refill); at it, the gain comes back at
--- once (the reset is when the room is fully back, as OpenAI defines it; a rolling window that
--- only starts giving room back then is corrected by the next answer's remaining); from then on
--- the level refills continuously again until the next forecast, so that a provider that stops
--- sending headers can never hold a bucket shut. The floors a priority leaves for the ones above
--- it are shares of the window's room (window_room), lent out in the last `lift` ms before that
--- moment: the room comes back anyway.
+-- then learned as stepped for LEARNED_LIMIT_TTL_MS), bucket_settle.lua keeps the level within the
+-- provider's room less what it may not have counted yet (and no lower than the lowest remaining
+-- told of that moment less what is in flight), and stores that moment as 'ret:<limit>', what the
+-- window lacked as 'gain:<limit>' and how fast the busy period took it as 'pace:<limit>': until
+-- that moment the level holds (no refill); from it, the gain comes back at that pace (at once
+-- without one; the next answer's remaining corrects either); then the level refills
+-- continuously again until the next forecast, so that a provider that stops sending headers can
+-- never hold a bucket shut. The floors a priority leaves for the ones above it are shares of
+-- the window's room (window_room), lent out in the last `lift` ms before that moment: the room
+-- comes back anyway.
 --
 -- Units: times in milliseconds (Redis server time), amounts in requests or tokens.
 -- Floats are stored as strings with all 17 significant digits (num below): a number returned to
