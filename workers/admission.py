@@ -146,6 +146,10 @@ class BucketPolicy:
     # On a limiter whose room comes back at a moment (a window), the floors are lent out this
     # long before it: a request above waits at most this long, and the window's room is used.
     floor_lift_s: float = 2.0
+    # On a continuous limit a floor is lent out while no priority above it has asked for this
+    # long: a bulk batch alone gets the whole limit, and the first interactive request after it
+    # waits only for the refill of its own cost (the floor is back as soon as it asks).
+    floor_idle_s: float = 30.0
     # A new bucket starts its refill this much after its first take: the provider's starts when
     # that call reaches it (client set-up, connection), and ours must not run ahead of it.
     first_call_s: float = 0.25
@@ -207,14 +211,17 @@ class Bucket:
     ) -> Admission:
         """Take every charge at once, or nothing. One round trip."""
         policy = self.policy
+        floor = policy.floors.get(priority, 0.0)
         args: list[str | float | int] = [
             self._clock(),
             reservation_id,
-            policy.floors.get(priority, 0.0),
+            repr(floor),
             int(ttl_s * 1000),
             policy.factor_recovery_per_s / 1000,
             int(policy.floor_lift_s * 1000),
             int(policy.first_call_s * 1000),
+            int(policy.floor_idle_s * 1000),
+            ",".join(repr(other) for other in sorted(set(policy.floors.values())) if other < floor),
             len(charges),
         ]
         for charge in charges:

@@ -12,7 +12,10 @@
 -- ARGV[5] factor recovery per ms
 -- ARGV[6] floor lift (ms): how long before a forecast's moment the floor is lent out (prelude)
 -- ARGV[7] first call (ms): how much later than its first take a new bucket starts refilling
--- ARGV[8] n = number of deployment limits, then n triples: name, configured limit/min, cost
+-- ARGV[8] floor idle (ms): on a continuous limit a floor is lent out while no priority above
+--         this one has asked for this long
+-- ARGV[9] the floors of the priorities above this one, comma-separated, spelled as ARGV[3] is
+-- ARGV[10] n = number of deployment limits, then n triples: name, configured limit/min, cost
 -- then m = number of tenant limits, then m triples: name, limit/min, cost
 --
 -- Returns {1, 0, ''}                granted (the reservation is recorded under its id)
@@ -23,6 +26,15 @@ local bucket, resv, resv_exp, tenant = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now = monotonic_now(bucket, ARGV[1])
 local id, floor, ttl, recover = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local lift, first_call = tonumber(ARGV[6]), tonumber(ARGV[7])
+
+-- Who asked when: a floor protects the priorities above it only while they are around.
+redis.call('HSET', bucket, 'asked:' .. ARGV[3], num(now))
+if redis.call('PTTL', bucket) < 0 then redis.call('PEXPIRE', bucket, math.max(3600000, ttl)) end
+local wanted = false
+for above in string.gmatch(ARGV[9], '[^,]+') do
+  local at = tonumber(redis.call('HGET', bucket, 'asked:' .. above))
+  if at and elapsed(now, at) < tonumber(ARGV[8]) then wanted = true end
+end
 
 -- Reservations whose worker never settled them (it died) stop counting as in flight.
 local stale = redis.call('ZRANGEBYSCORE', resv_exp, '-inf', now, 'LIMIT', 0, 50)
@@ -47,10 +59,15 @@ local function check(hash, name, configured, cost, scaled)
   local since = tonumber(redis.call('HGET', hash, 'ts')) or now
   local lvl = level(hash, name, cap, since, now)
   local share, base = floor, cap
-  if scaled then
+  if scaled and stepped(hash, name, now) then
+    -- A window's room comes back only at its moment: a floor lent out while nobody above asks
+    -- would make the next one who does wait for the next window. It is lent just before that.
     if floor_lifted(hash, name, now, lift) then share = 0 end
     local room = window_room(hash, name, now)
     if room and room < base then base = room end
+  elseif not wanted then
+    -- A continuous refill gives whoever asks next the room back within a few seconds.
+    share = 0
   end
   -- A priority's floor never asks for more than the whole bucket.
   local need = math.min(cost + share * base, cap)
@@ -71,7 +88,7 @@ end
 
 -- Every limit of a hash is passed on every call (cost 0 when it does not apply), so that all of
 -- them are refilled up to the one timestamp stored for the hash.
-local i = 8
+local i = 10
 local n = tonumber(ARGV[i])
 local charges, tenant_charges = {}, {}
 for k = 1, n do
