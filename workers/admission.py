@@ -25,7 +25,7 @@ import logging
 import random
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -254,7 +254,7 @@ class Bucket:
             self._clock(),
             reservation_id,
             policy.factor_recovery_per_s / 1000,
-            int(settlement.pause_s * 1000),
+            _from_now_ms(settlement.pause_s, settlement) if settlement.pause_s else 0,
             1 if settlement.rate_limited else 0,
             policy.factor_drop,
             policy.factor_min,
@@ -264,7 +264,7 @@ class Bucket:
         for charge in charges:
             used = settlement.used.get(charge.name)
             seen = settlement.observed.get(charge.name, Forecast())
-            reset_ms = None if seen.reset_s is None else round(seen.reset_s * 1000)
+            reset_ms = None if seen.reset_s is None else _from_now_ms(seen.reset_s, settlement)
             said = (seen.limit, seen.remaining, reset_ms)
             args += [charge.name, charge.limit, -1 if used is None else used]
             args += [-1 if value is None else value for value in said]
@@ -274,6 +274,11 @@ class Bucket:
             args += [charge.name, charge.limit, -1 if used is None else used]
         found = self._settle(keys=self._keys(deployment, tenant), args=args)
         return bool(found)
+
+
+def _from_now_ms(duration_s: float, settlement: Settlement) -> int:
+    """A duration the provider's answer gave (a reset, a retry-after), counted from now."""
+    return max(0, round((duration_s - settlement.age_s) * 1000))
 
 
 # --- 3. Before the call: admit -------------------------------------------------------------------
@@ -353,9 +358,12 @@ def admit(
 # --- 4. After the call: settle -------------------------------------------------------------------
 
 
-def settlement(deployment: Deployment, estimate: Estimate, outcome: ProviderReply | CallFailed) -> Settlement:
-    """What the call really counted, limit by limit, from how it ended (``metering.py``)."""
-    return settlement_of(deployment, estimate.prompt_tokens, outcome)
+def settlement(
+    deployment: Deployment, estimate: Estimate, outcome: ProviderReply | CallFailed, *, age_s: float = 0.0
+) -> Settlement:
+    """What the call really counted, limit by limit, from how it ended (``metering.py``);
+    ``age_s``: how long ago the provider answered."""
+    return replace(settlement_of(deployment, estimate.prompt_tokens, outcome), age_s=age_s)
 
 
 def settle(bucket: Bucket, ticket: Ticket, settlement: Settlement) -> bool:

@@ -184,9 +184,10 @@ def _attempt(
         attempt_id=f"{walk.run.request_id}:{attempt_no}",
     )
     outcome = call_provider(deps.adapters[deployment.provider], timed)
-    latency_ms = round((time.monotonic() - started) * 1000)
+    answered = time.monotonic()
+    latency_ms = round((answered - started) * 1000)
     decision = _record(walk, deployment, attempt_no, outcome, latency_ms, deps)  # first, and held
-    _after_call(deps, ticket, estimate, outcome, permit, f"{walk.run.request_id}:{attempt_no}")
+    _after_call(deps, ticket, estimate, outcome, permit, f"{walk.run.request_id}:{attempt_no}", answered)
     if decision is None or walk.over:
         return None
     assert isinstance(outcome, CallFailed)
@@ -324,10 +325,13 @@ def _after_call(
     outcome: ProviderReply | CallFailed,
     permit: Permit,
     call_id: str,
+    answered: float,
 ) -> None:
-    """Tell Redis how the call went: best-effort, after the ledger has the call."""
+    """Tell Redis how the call went: best-effort, after the ledger has the call (``answered``:
+    the monotonic time the provider's answer came, which its durations count from)."""
     deployment = ticket.deployment
-    settle(deps.bucket, ticket, settlement(deployment, estimate, outcome))
+    age_s = time.monotonic() - answered
+    settle(deps.bucket, ticket, settlement(deployment, estimate, outcome, age_s=age_s))
     best_effort("breaker", _record_breaker, deps, deployment.name, call_id, outcome, permit)
 
 

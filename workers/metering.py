@@ -49,6 +49,10 @@ class Settlement:
     ``used``: per limit, what the call really counted (None keeps the reservation as charged,
     when we cannot know, e.g. after a timeout). ``tenant_used`` likewise for the tenant's ceiling.
     ``observed``: the provider's forecast of each limit, from the answer's headers.
+    ``age_s``: how long before the settlement the provider answered. Its durations (resets,
+    retry-after) count from its answer, and the ledger is written first: a settlement that waited
+    seconds for a busy database must not push the moment a window's room returns that much later
+    (seen: an answer settled 3.7 s late told a "new" window, and 5 calls met 429s in the old one).
     """
 
     used: Mapping[str, float | None]
@@ -56,6 +60,7 @@ class Settlement:
     observed: Mapping[str, Forecast] = field(default_factory=dict)
     rate_limited: bool = False
     pause_s: float = 0.0
+    age_s: float = 0.0
 
 
 def settlement_of(
