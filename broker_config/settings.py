@@ -71,6 +71,12 @@ class Settings(BaseSettings):
         description="Share of each limit a default-priority request must leave for interactive ones.",
     )
     bucket_floor_bulk: float = Field(default=0.10, ge=0, lt=1, description="Same, for bulk requests.")
+    bucket_floor_idle_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="On a continuous limit, a floor is lent out while no priority above it has asked "
+        "for this long (stepped limits always keep theirs).",
+    )
     rate_factor_on_429: float = Field(default=0.7, gt=0, le=1)
     rate_factor_min: float = Field(default=0.2, gt=0, le=1)
     rate_factor_recovery_per_s: float = Field(default=0.01, ge=0)

@@ -69,6 +69,7 @@ def bucket_policy(settings: Settings) -> BucketPolicy:
             Priority.DEFAULT: settings.bucket_floor_default,
             Priority.BULK: settings.bucket_floor_bulk,
         },
+        floor_idle_s=settings.bucket_floor_idle_s,
         # A reservation outlives its call: each deployment's own timeouts (these for those that
         # set none) plus a margin, so that a slow call still gets its refund.
         call_timeout_s=settings.call_timeout_s,
