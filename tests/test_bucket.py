@@ -242,8 +242,7 @@ class Model:
                         self.told[name] = now
             else:
                 self.forecast.pop(name, None)
-                if held is not None:  # at most the remaining plus the refill since the take
-                    levels[name] = min(levels[name], remaining + (now - held[0]) * cap / 60000)
+                levels[name] = min(levels[name], remaining)  # answered now: its refill since is 0
                 if levels[name] > remaining + 0.02 * cap:
                     levels[name] = remaining
         self._write(levels, clock)

@@ -254,17 +254,18 @@ class Bucket:
             self._clock(),
             reservation_id,
             policy.factor_recovery_per_s / 1000,
-            _from_now_ms(settlement.pause_s, settlement) if settlement.pause_s else 0,
+            int(settlement.pause_s * 1000),
             1 if settlement.rate_limited else 0,
             policy.factor_drop,
             policy.factor_min,
             policy.follow_tolerance,
+            max(0, round(settlement.age_s * 1000)),
             len(charges),
         ]
         for charge in charges:
             used = settlement.used.get(charge.name)
             seen = settlement.observed.get(charge.name, Forecast())
-            reset_ms = None if seen.reset_s is None else _from_now_ms(seen.reset_s, settlement)
+            reset_ms = None if seen.reset_s is None else round(seen.reset_s * 1000)
             said = (seen.limit, seen.remaining, reset_ms)
             args += [charge.name, charge.limit, -1 if used is None else used]
             args += [-1 if value is None else value for value in said]
@@ -274,11 +275,6 @@ class Bucket:
             args += [charge.name, charge.limit, -1 if used is None else used]
         found = self._settle(keys=self._keys(deployment, tenant), args=args)
         return bool(found)
-
-
-def _from_now_ms(duration_s: float, settlement: Settlement) -> int:
-    """A duration the provider's answer gave (a reset, a retry-after), counted from now."""
-    return max(0, round((duration_s - settlement.age_s) * 1000))
 
 
 # --- 3. Before the call: admit -------------------------------------------------------------------

@@ -7,7 +7,9 @@
 -- ARGV[3] factor recovery per ms           ARGV[4] pause (ms, 0 for none)
 -- ARGV[5] 1 if the provider answered 429   ARGV[6] factor multiplier on a 429 (e.g. 0.7)
 -- ARGV[7] lowest factor                     ARGV[8] follow-down tolerance (fraction of capacity)
--- ARGV[9] n, then n groups of 6: name, configured limit/min, actual used (-1: keep the charge),
+-- ARGV[9] age (ms): how long before this settlement the provider answered; its durations (the
+--         pause, resets) count from then, and its remaining is as of then
+-- ARGV[10] n, then n groups of 6: name, configured limit/min, actual used (-1: keep the charge),
 --         provider's limit, remaining, and reset (ms after its answer) (-1 each: not said)
 -- then m, then m triples for the tenant bucket: name, limit/min, actual used (-1: keep)
 --
@@ -22,6 +24,10 @@ local now = monotonic_now(bucket, ARGV[1])
 local id, recover = ARGV[2], tonumber(ARGV[3])
 local pause_ms, limited = tonumber(ARGV[4]), ARGV[5] == '1'
 local drop, min_factor, tolerance = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+-- When the provider answered: the ledger is written before the settlement, and a busy one can
+-- delay it by seconds. The shape is judged on the answer's own figures (remaining and reset as
+-- of then); the moment it tells counts from then.
+local answered = now - tonumber(ARGV[9])
 
 local taken, tenant_taken, totals_then, ended_then = {}, {}, nil, {}
 local taken_at = -1
@@ -70,7 +76,7 @@ local last_drop = tonumber(redis.call('HGET', bucket, 'drop_ts')) or -1
 -- Admitted since the rate last dropped (HGET answers false, not nil, for a missing field).
 local fresh = record ~= false and taken_at >= last_drop
 local room_shown, told = fresh and not limited, false
-local i = 9
+local i = 10
 local n = tonumber(ARGV[i])
 for k = 1, n do
   local base = i + 6 * (k - 1)
@@ -125,7 +131,7 @@ for k = 1, n do
       if said_reset >= 0 then
         -- An answer settled later than another tells the same moment later by its delay: while
         -- one is pending, a moment up to SAME_MOMENT_MS after it is that one.
-        local moment, pending = now + said_reset, forecast(bucket, name)
+        local moment, pending = math.max(now, answered + said_reset), forecast(bucket, name)
         if pending > now and moment > pending and moment <= pending + SAME_MOMENT_MS then moment = pending end
         local new_moment = math.abs(moment - pending) > SAME_MOMENT_MS
         -- An answer to a call taken before the pending moment was first told tells a moment
@@ -163,13 +169,11 @@ for k = 1, n do
       end
     else
       redis.call('HDEL', bucket, 'ret:' .. name, 'gain:' .. name, 'pace:' .. name)
-      -- The provider's room now is at most what it said when it answered plus its refill since
-      -- this call was taken (before that answer): a level above that is ahead of the provider
-      -- (its bucket began refilling later than ours, when the first call reached it).
-      if record and taken_at >= 0 then
-        local bound = said_remaining + elapsed(now, taken_at) * per_minute / 60000
-        if lvl > bound then lvl = bound end
-      end
+      -- The provider's room now is at most what it said when it answered plus its refill since:
+      -- a level above that is ahead of the provider (its bucket began refilling later than ours,
+      -- when the first call reached it).
+      local bound = said_remaining + elapsed(now, answered) * per_minute / 60000
+      if lvl > bound then lvl = bound end
       -- Someone else shares the key, or the provider counts differently: follow it down.
       if lvl > said_remaining + tolerance * cap then
         lvl = said_remaining
@@ -207,7 +211,8 @@ if limited then
     redis.call('HSET', bucket, 'drop_ts', num(now))
   end
   local paused = tonumber(redis.call('HGET', bucket, 'pause')) or 0
-  if now + pause_ms > paused then redis.call('HSET', bucket, 'pause', num(now + pause_ms)) end
+  local until_ms = answered + pause_ms
+  if until_ms > paused then redis.call('HSET', bucket, 'pause', num(until_ms)) end
 elseif room_shown and told and factor < 1 then
   factor = 1
 end
