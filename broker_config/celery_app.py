@@ -52,7 +52,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         "worker_soft_shutdown_timeout": 30.0,
         "worker_enable_soft_shutdown_on_idle": True,
-        "worker_send_task_events": True,
+        # Off unless asked for: an event per task state is a pub/sub publish through a fresh kombu
+        # client, 11% of a worker's CPU per request (py-spy, bench/pipeline.py). Flower turns
+        # them on in every worker it sees while it runs (it broadcasts enable_events every few
+        # seconds), so its task views still fill; nobody pays for them when nobody watches.
+        "worker_send_task_events": settings.worker_task_events,
         # Off: a "sent" event per published task doubled the cost of accepting a batch (50,000 tasks:
         # 33 s instead of ~15 s); Flower still sees each task from the moment a worker receives it.
         "task_send_sent_event": False,

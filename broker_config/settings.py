@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     # kombu redelivers anything unacked for longer than this; it must exceed the longest
     # fetch-to-ack time (all attempts and backoffs of one request). Same on every process.
     visibility_timeout_s: int = Field(default=1800, ge=10)
+    worker_task_events: bool = Field(
+        default=False,
+        description="Workers send Celery task events from the start (Flower switches them on "
+        "while it runs anyway).",
+    )
     # Rate limits (the shared bucket)
     bucket_max_inline_wait_s: float = Field(
         default=2.0,

@@ -163,7 +163,11 @@ def begin_run(db: Database, request_id: str, lease: str, claim: Claim) -> RunSta
         batch = session.get(Batch, request.batch_id)
         assert batch is not None, f"request {request_id} of a missing batch"
         delta = BatchDelta()
-        _mark_lost_attempts(session, request, delta, claim, now)
+        # A request that never began an attempt has none to cost or count (most runs: a query
+        # of the attempts table saved twice).
+        tried = request.attempt_count > 0
+        if tried:
+            _mark_lost_attempts(session, request, delta, claim, now)
         stop: RequestEnd | None = None
         if request.deliveries >= claim.max_deliveries:
             message = f"its run died {request.deliveries} times: not trying again"
@@ -195,7 +199,7 @@ def begin_run(db: Database, request_id: str, lease: str, claim: Claim) -> RunSta
             expires_at=batch.expires_at,
             tenant=tenant.name if tenant else batch.tenant_id,
             created_at=request.created_at,
-            billed_attempts=_billed_attempts(session, request.id),
+            billed_attempts=_billed_attempts(session, request.id) if tried else 0,
             park_rounds=request.park_rounds,
             last_errors=tuple(deployment_errors(request.error)),
         )

@@ -139,7 +139,10 @@ def worker(
 
     _check_config()
     _check_visibility_timeout()
-    threads = concurrency or get_settings().worker_concurrency
+    settings = get_settings()
+    threads = concurrency or settings.worker_concurrency
+    # Task events only when asked (HEADRACE_WORKER_TASK_EVENTS); Flower switches them on itself.
+    events = ["--task-events"] if settings.worker_task_events else []
     celery_app.worker_main(
         [
             "worker",
@@ -153,7 +156,7 @@ def worker(
             name or f"headrace-{os.getpid()}@%h",
             "--without-mingle",
             "--without-gossip",
-            "--task-events",
+            *events,
             "--loglevel",
             loglevel,
         ]
