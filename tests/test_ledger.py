@@ -245,6 +245,24 @@ def test_orphans_and_hand_backs_return_to_the_outbox(db: Database) -> None:
         assert session.get(LlmRequest, other).deliveries == 0  # type: ignore[union-attr]
 
 
+def test_an_attempt_is_written_only_by_its_owner_and_never_in_a_cancelled_batch(db: Database) -> None:
+    """begin_attempt numbers the attempts of the run that owns the request; another run's token
+    gets no attempt; once the batch is cancelled, the run's next attempt ends the request
+    cancelled instead, with no attempt row and its count unchanged."""
+    batch_id, (rid, *_) = _batch(db)
+    _start(db, rid, "L1")
+    assert (_attempt(db, rid, "L1"), _attempt(db, rid, "L1"), _attempt(db, rid, "L0")) == (1, 2, None)
+    cancel_batch(db, tenant_of(db, batch_id), batch_id)
+    assert _attempt(db, rid, "L1") is None
+    with db.session() as session:
+        request = session.get(LlmRequest, rid)
+        attempts = session.scalars(select(Attempt.attempt_no).where(Attempt.request_id == rid)).all()
+        batch = session.get(Batch, batch_id)
+    assert request is not None and batch is not None
+    assert (request.status, request.attempt_count, request.lease) == (RequestStatus.CANCELLED, 2, None)
+    assert sorted(attempts) == [1, 2] and batch.cancelled_count == batch.total_count
+
+
 @pytest.mark.parametrize("round_no", range(3))
 def test_cancel_and_workers_share_one_lock_order(db: Database, round_no: int) -> None:
     """Runs beginning and ending requests of one batch while the batch is cancelled, with no

@@ -17,7 +17,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from db.batch_state import BatchDelta, apply_delta, deployment_errors
@@ -222,11 +222,27 @@ def begin_attempt(
     run lost the request (its lease was taken over), or the batch was cancelled meanwhile."""
 
     def unit(session: Session) -> int | None:
-        request = _lock_request(session, request_id)
-        if request is None or not _owned(request, lease):
+        # Core statements, not ORM objects: this runs before every call, and loading the request
+        # (its body included) only to count it cost more than the rest of the transaction. The
+        # UPDATE takes the request's row lock first, as every transaction here does.
+        owned = session.execute(
+            update(LlmRequest)
+            .where(
+                LlmRequest.id == request_id,
+                LlmRequest.status == RequestStatus.RUNNING,
+                LlmRequest.lease == lease,
+            )
+            .values(attempt_count=LlmRequest.attempt_count + 1)
+            .returning(LlmRequest.attempt_count, LlmRequest.batch_id)
+            .execution_options(synchronize_session=False)
+        ).one_or_none()
+        if owned is None:
             return None
-        batch = session.get(Batch, request.batch_id)
-        if batch is not None and batch.cancelled_at is not None:
+        attempt_no, batch_id = owned
+        if session.scalar(select(Batch.cancelled_at).where(Batch.id == batch_id)) is not None:
+            request = _lock_request(session, request_id)
+            assert request is not None
+            request.attempt_count -= 1  # no call is made
             delta = BatchDelta()
             message = "the batch was cancelled before this attempt"
             end_request(
@@ -235,13 +251,12 @@ def begin_attempt(
                 RequestEnd(RequestStatus.CANCELLED, error={"kind": "cancelled", "message": message}),
                 utcnow(),
             )
-            apply_delta(session, request.batch_id, delta, utcnow())
+            apply_delta(session, batch_id, delta, utcnow())
             return None
-        request.attempt_count += 1
-        session.add(
-            Attempt(
+        session.execute(
+            insert(Attempt).values(
                 request_id=request_id,
-                attempt_no=request.attempt_count,
+                attempt_no=attempt_no,
                 deployment=deployment,
                 provider=provider,
                 model=model,
@@ -255,7 +270,7 @@ def begin_attempt(
                 cost_estimated=False,
             )
         )
-        return request.attempt_count
+        return int(attempt_no)
 
     return db.transact(unit)
 
