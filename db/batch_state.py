@@ -13,9 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Batch, LlmRequest
@@ -56,6 +56,20 @@ class BatchDelta:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name)}
 
 
+_batches = cast(Table, Batch.__table__)
+_ADD_DELTA = (
+    update(_batches)
+    .where(_batches.c.id == bindparam("b_batch_id"))
+    .values(
+        {
+            f.name: _batches.c[f.name] + bindparam(f"d_{f.name}", type_=_batches.c[f.name].type)
+            for f in fields(BatchDelta)
+        }
+    )
+    .returning(_batches.c.total_count, _batches.c.status, *(_batches.c[c] for c in _ENDED_COLUMNS))
+)
+
+
 def apply_delta(
     session: Session, batch_id: str, delta: BatchDelta, now: datetime, also: Mapping[str, Any] | None = None
 ) -> None:
@@ -65,13 +79,18 @@ def apply_delta(
     changes = delta.changes()
     if not changes and not also:
         return
-    counts = session.execute(
-        update(Batch)
-        .where(Batch.id == batch_id)
-        .values({name: getattr(Batch, name) + value for name, value in changes.items()} | dict(also or {}))
-        .returning(Batch.total_count, Batch.status, *(getattr(Batch, c) for c in _ENDED_COLUMNS))
-        .execution_options(synchronize_session=False)
-    ).one()
+    if also:
+        counts = session.execute(
+            update(Batch)
+            .where(Batch.id == batch_id)
+            .values({name: getattr(Batch, name) + value for name, value in changes.items()} | dict(also))
+            .returning(Batch.total_count, Batch.status, *(getattr(Batch, c) for c in _ENDED_COLUMNS))
+            .execution_options(synchronize_session=False)
+        ).one()
+    else:
+        # Every request's end takes this path: one statement built once, adding every counter.
+        params = {f"d_{f.name}": getattr(delta, f.name) for f in fields(delta)}
+        counts = session.execute(_ADD_DELTA, params | {"b_batch_id": batch_id}).one()
     total, status, *ended = counts
     counted_an_end = any(name in changes for name in _ENDED_COLUMNS) or bool(also)
     if counted_an_end and sum(ended) >= total and status in OPEN_BATCH_STATUSES:

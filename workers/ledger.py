@@ -15,16 +15,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import Integer, String, Table, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from db.batch_state import BatchDelta, apply_delta, deployment_errors
 from db.engine import Database
 from db.models import Attempt, Batch, LlmRequest, Tenant
 from db.states import TERMINAL_REQUEST_STATUSES, AttemptOutcome, RequestStatus
-from db.types import utcnow
+from db.types import Money, utcnow
 from workers.providers.base import Usage
 
 log = logging.getLogger(__name__)
@@ -207,6 +207,21 @@ def begin_run(db: Database, request_id: str, lease: str, claim: Claim) -> RunSta
     return db.transact(unit)
 
 
+_requests, _attempts, _batches = (cast(Table, m.__table__) for m in (LlmRequest, Attempt, Batch))
+_COUNT_ATTEMPT = (
+    update(_requests)
+    .where(
+        _requests.c.id == bindparam("request_id"),
+        _requests.c.status == RequestStatus.RUNNING.value,
+        _requests.c.lease == bindparam("b_lease"),
+    )
+    .values(attempt_count=_requests.c.attempt_count + 1)
+    .returning(_requests.c.attempt_count, _requests.c.batch_id)
+)
+_BATCH_CANCELLED_AT = select(_batches.c.cancelled_at).where(_batches.c.id == bindparam("batch_id"))
+_NEW_ATTEMPT = insert(_attempts)
+
+
 def begin_attempt(
     db: Database,
     request_id: str,
@@ -222,24 +237,15 @@ def begin_attempt(
     run lost the request (its lease was taken over), or the batch was cancelled meanwhile."""
 
     def unit(session: Session) -> int | None:
-        # Core statements, not ORM objects: this runs before every call, and loading the request
-        # (its body included) only to count it cost more than the rest of the transaction. The
-        # UPDATE takes the request's row lock first, as every transaction here does.
-        owned = session.execute(
-            update(LlmRequest)
-            .where(
-                LlmRequest.id == request_id,
-                LlmRequest.status == RequestStatus.RUNNING,
-                LlmRequest.lease == lease,
-            )
-            .values(attempt_count=LlmRequest.attempt_count + 1)
-            .returning(LlmRequest.attempt_count, LlmRequest.batch_id)
-            .execution_options(synchronize_session=False)
-        ).one_or_none()
+        # Statements built once (module level), not ORM objects: this runs before every call,
+        # and building statements and loading the request only to count it cost more than the
+        # rest of the transaction. The UPDATE takes the request's row lock first, as every
+        # transaction here does.
+        owned = session.execute(_COUNT_ATTEMPT, {"request_id": request_id, "b_lease": lease}).one_or_none()
         if owned is None:
             return None
         attempt_no, batch_id = owned
-        if session.scalar(select(Batch.cancelled_at).where(Batch.id == batch_id)) is not None:
+        if session.scalar(_BATCH_CANCELLED_AT, {"batch_id": batch_id}) is not None:
             request = _lock_request(session, request_id)
             assert request is not None
             request.attempt_count -= 1  # no call is made
@@ -254,25 +260,68 @@ def begin_attempt(
             apply_delta(session, batch_id, delta, utcnow())
             return None
         session.execute(
-            insert(Attempt).values(
-                request_id=request_id,
-                attempt_no=attempt_no,
-                deployment=deployment,
-                provider=provider,
-                model=model,
-                started_at=utcnow(),
-                outcome=AttemptOutcome.IN_FLIGHT,
-                estimated_input_tokens=estimated_input_tokens,
-                worker=worker,
-                lease=lease,
-                input_tokens=0,
-                output_tokens=0,
-                cost_estimated=False,
-            )
+            _NEW_ATTEMPT,
+            {
+                "request_id": request_id,
+                "attempt_no": attempt_no,
+                "deployment": deployment,
+                "provider": provider,
+                "model": model,
+                "started_at": utcnow(),
+                "outcome": AttemptOutcome.IN_FLIGHT.value,
+                "estimated_input_tokens": estimated_input_tokens,
+                "worker": worker,
+                "lease": lease,
+                "input_tokens": 0,
+                "output_tokens": 0,
+                "cost_estimated": False,
+            },
         )
         return int(attempt_no)
 
     return db.transact(unit)
+
+
+_LOCK_REQUEST_STATE = (
+    select(_requests.c.status, _requests.c.lease, _requests.c.batch_id)
+    .where(_requests.c.id == bindparam("request_id"))
+    .with_for_update()
+)
+_LOCK_ATTEMPT = (
+    select(
+        _attempts.c.lease,
+        _attempts.c.outcome,
+        _attempts.c.input_tokens,
+        _attempts.c.output_tokens,
+        _attempts.c.cost_usd,
+    )
+    .where(
+        _attempts.c.request_id == bindparam("request_id"),
+        _attempts.c.attempt_no == bindparam("attempt_no"),
+    )
+    .with_for_update()
+)
+_RECORD_ATTEMPT = update(_attempts).where(
+    _attempts.c.request_id == bindparam("b_request_id"), _attempts.c.attempt_no == bindparam("b_attempt_no")
+)
+_ADD_USAGE = (
+    update(_requests)
+    .where(_requests.c.id == bindparam("b_request_id"))
+    .values(
+        input_tokens=_requests.c.input_tokens + bindparam("d_in", type_=Integer),
+        output_tokens=_requests.c.output_tokens + bindparam("d_out", type_=Integer),
+        cost_usd=_requests.c.cost_usd + bindparam("d_cost", type_=Money),
+    )
+)
+# end_request's writes, for a request known to be running (so not yet ended).
+_END_REQUEST = _ADD_USAGE.values(
+    status=bindparam("status"),
+    response=bindparam("response", type_=_requests.c.response.type),
+    error=bindparam("error", type_=_requests.c.error.type),
+    deployment=func.coalesce(bindparam("deployment", type_=String), _requests.c.deployment),
+    ended_at=bindparam("ended_at", type_=_requests.c.ended_at.type),
+    lease=None,
+)
 
 
 def finish_attempt(
@@ -290,35 +339,58 @@ def finish_attempt(
     """
 
     def unit(session: Session) -> bool:
+        # Prebuilt statements, as in begin_attempt: this runs after every call.
         now = utcnow()
-        request = _lock_request(session, request_id)
-        assert request is not None
-        attempt = session.scalars(
-            select(Attempt)
-            .where(Attempt.request_id == request_id, Attempt.attempt_no == attempt_no)
-            .with_for_update()
-        ).one()
+        request = session.execute(_LOCK_REQUEST_STATE, {"request_id": request_id}).one()
+        attempt = session.execute(_LOCK_ATTEMPT, {"request_id": request_id, "attempt_no": attempt_no}).one()
         delta = BatchDelta()
+        added = BatchDelta()  # what the request's own counters get: the delta's usage part
         if attempt.lease == lease and attempt.outcome in (AttemptOutcome.IN_FLIGHT, AttemptOutcome.LOST):
             if attempt.outcome == AttemptOutcome.LOST:
                 # Declared lost too early; the real figures replace the estimate.
-                _add_usage(request, delta, attempt.input_tokens, attempt.output_tokens, attempt.cost_usd, -1)
+                for counts in (delta, added):
+                    counts.usage(attempt.input_tokens, attempt.output_tokens, attempt.cost_usd, -1)
             usage = result.usage or Usage(0, 0)
-            attempt.outcome = result.outcome
-            attempt.ended_at = now
-            attempt.http_status = result.http_status
-            attempt.latency_ms = result.latency_ms
-            attempt.input_tokens = usage.input_tokens
-            attempt.output_tokens = usage.output_tokens
-            attempt.error = result.error
-            attempt.provider_request_id = result.provider_request_id
-            attempt.cost_estimated = False
             # A failed call before any tokens were used costs nothing; with usage, its price.
-            attempt.cost_usd = result.cost_usd if result.usage is not None else Decimal(0)
-            _add_usage(request, delta, usage.input_tokens, usage.output_tokens, attempt.cost_usd)
-        owned = _owned(request, lease)
+            cost = result.cost_usd if result.usage is not None else Decimal(0)
+            session.execute(
+                _RECORD_ATTEMPT,
+                {
+                    "b_request_id": request_id,
+                    "b_attempt_no": attempt_no,
+                    "outcome": result.outcome.value,
+                    "ended_at": now,
+                    "http_status": result.http_status,
+                    "latency_ms": result.latency_ms,
+                    "input_tokens": usage.input_tokens,
+                    "output_tokens": usage.output_tokens,
+                    "error": result.error,
+                    "provider_request_id": result.provider_request_id,
+                    "cost_estimated": False,
+                    "cost_usd": cost,
+                },
+            )
+            for counts in (delta, added):
+                counts.usage(usage.input_tokens, usage.output_tokens, cost)
+        usage_params = {
+            "b_request_id": request_id,
+            "d_in": added.input_tokens,
+            "d_out": added.output_tokens,
+            "d_cost": added.cost_usd,
+        }
+        owned: bool = request.status == RequestStatus.RUNNING and request.lease == lease
         if owned and end is not None:
-            end_request(request, delta, end, now)
+            end_params = {
+                "status": end.status.value,
+                "response": end.response,
+                "error": end.error,
+                "deployment": end.deployment,
+                "ended_at": now,
+            }
+            session.execute(_END_REQUEST, usage_params | end_params)
+            delta.ended(end.status)
+        elif added.changes():
+            session.execute(_ADD_USAGE, usage_params)
         apply_delta(session, request.batch_id, delta, now)
         return owned
 
