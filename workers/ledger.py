@@ -153,61 +153,114 @@ def begin_run(db: Database, request_id: str, lease: str, claim: Claim) -> RunSta
     None when there is nothing to do (already ended, cancelled, expired, or poison)."""
 
     def unit(session: Session) -> RunStart | None:
+        # One statement reads the request (locked), its batch and its tenant; the usual run (a
+        # first delivery of a live request) is one more statement. Anything else takes the
+        # general path below.
         now = utcnow()
-        request = _lock_request(session, request_id)
-        if request is None:
+        row = session.execute(_RUN_START, {"request_id": request_id}).one_or_none()
+        if row is None:
             log.warning("request %s is not in the ledger; dropping its message", request_id)
             return None
-        if request.status in TERMINAL_REQUEST_STATUSES:
+        if row.status in TERMINAL_REQUEST_STATUSES:
             return None  # a redelivery of finished work: its result is already written once
-        batch = session.get(Batch, request.batch_id)
-        assert batch is not None, f"request {request_id} of a missing batch"
-        delta = BatchDelta()
-        # A request that never began an attempt has none to cost or count (most runs: a query
-        # of the attempts table saved twice).
-        tried = request.attempt_count > 0
-        if tried:
-            _mark_lost_attempts(session, request, delta, claim, now)
-        stop: RequestEnd | None = None
-        if request.deliveries >= claim.max_deliveries:
-            message = f"its run died {request.deliveries} times: not trying again"
-            stop = RequestEnd(RequestStatus.FAILED, error={"kind": "poison", "message": message})
-        elif batch.cancelled_at is not None:
-            stop = RequestEnd(RequestStatus.CANCELLED)
-        elif now >= batch.expires_at:
-            message = "the batch's completion window passed before this request could run"
-            error = {"kind": "expired", "message": message, "deployments": deployment_errors(request.error)}
-            stop = RequestEnd(RequestStatus.EXPIRED, error=error)
-        if stop is not None:
-            end_request(request, delta, stop, now)
-        else:
-            request.status = RequestStatus.RUNNING
-            request.started_at = request.started_at or now
-            request.lease = lease
-            # Counts runs that have not ended cleanly; a deferral or a clean hand-back takes it back.
-            request.deliveries += 1
-        apply_delta(session, batch.id, delta, now)
-        if stop is not None:
-            return None
-        tenant = session.get(Tenant, batch.tenant_id)
+        unusual = (
+            row.attempt_count > 0
+            or row.deliveries >= claim.max_deliveries
+            or row.cancelled_at is not None
+            or now >= row.expires_at
+        )
+        if unusual:
+            return _claim_request(session, request_id, lease, claim, now)
+        session.execute(_START_RUN, {"b_request_id": request_id, "v_lease": lease, "now": now})
         return RunStart(
-            request_id=request.id,
-            batch_id=batch.id,
-            model=request.model,
-            body=request.body,
-            priority=request.priority,
-            expires_at=batch.expires_at,
-            tenant=tenant.name if tenant else batch.tenant_id,
-            created_at=request.created_at,
-            billed_attempts=_billed_attempts(session, request.id) if tried else 0,
-            park_rounds=request.park_rounds,
-            last_errors=tuple(deployment_errors(request.error)),
+            request_id=row.id,
+            batch_id=row.batch_id,
+            model=row.model,
+            body=row.body,
+            priority=row.priority,
+            expires_at=row.expires_at,
+            tenant=row.tenant_name or row.tenant_id,
+            created_at=row.created_at,
+            park_rounds=row.park_rounds,
+            last_errors=tuple(deployment_errors(row.error)),
         )
 
     return db.transact(unit)
 
 
+def _claim_request(
+    session: Session, request_id: str, lease: str, claim: Claim, now: datetime
+) -> RunStart | None:
+    """begin_run's general path: earlier attempts to cost or count, or a request to end now."""
+    request = _lock_request(session, request_id)
+    assert request is not None
+    batch = session.get(Batch, request.batch_id)
+    assert batch is not None, f"request {request_id} of a missing batch"
+    delta = BatchDelta()
+    _mark_lost_attempts(session, request, delta, claim, now)
+    stop: RequestEnd | None = None
+    if request.deliveries >= claim.max_deliveries:
+        message = f"its run died {request.deliveries} times: not trying again"
+        stop = RequestEnd(RequestStatus.FAILED, error={"kind": "poison", "message": message})
+    elif batch.cancelled_at is not None:
+        stop = RequestEnd(RequestStatus.CANCELLED)
+    elif now >= batch.expires_at:
+        message = "the batch's completion window passed before this request could run"
+        error = {"kind": "expired", "message": message, "deployments": deployment_errors(request.error)}
+        stop = RequestEnd(RequestStatus.EXPIRED, error=error)
+    if stop is not None:
+        end_request(request, delta, stop, now)
+    else:
+        request.status = RequestStatus.RUNNING
+        request.started_at = request.started_at or now
+        request.lease = lease
+        # Counts runs that have not ended cleanly; a deferral or a clean hand-back takes it back.
+        request.deliveries += 1
+    apply_delta(session, batch.id, delta, now)
+    if stop is not None:
+        return None
+    tenant = session.get(Tenant, batch.tenant_id)
+    return RunStart(
+        request_id=request.id,
+        batch_id=batch.id,
+        model=request.model,
+        body=request.body,
+        priority=request.priority,
+        expires_at=batch.expires_at,
+        tenant=tenant.name if tenant else batch.tenant_id,
+        created_at=request.created_at,
+        billed_attempts=_billed_attempts(session, request.id),
+        park_rounds=request.park_rounds,
+        last_errors=tuple(deployment_errors(request.error)),
+    )
+
+
 _requests, _attempts, _batches = (cast(Table, m.__table__) for m in (LlmRequest, Attempt, Batch))
+_tenants = cast(Table, Tenant.__table__)
+_RUN_START = (
+    select(
+        _requests,
+        _batches.c.cancelled_at,
+        _batches.c.expires_at,
+        _batches.c.tenant_id,
+        _tenants.c.name.label("tenant_name"),
+    )
+    .join_from(_requests, _batches, _batches.c.id == _requests.c.batch_id)
+    .outerjoin(_tenants, _tenants.c.id == _batches.c.tenant_id)
+    .where(_requests.c.id == bindparam("request_id"))
+    .with_for_update(of=_requests)
+)
+_START_RUN = (
+    update(_requests)
+    .where(_requests.c.id == bindparam("b_request_id"))
+    .values(
+        status=RequestStatus.RUNNING.value,
+        started_at=func.coalesce(_requests.c.started_at, bindparam("now", type_=_requests.c.started_at.type)),
+        lease=bindparam("v_lease"),
+        # Counts runs that have not ended cleanly; a deferral or a clean hand-back takes it back.
+        deliveries=_requests.c.deliveries + 1,
+    )
+)
 _COUNT_ATTEMPT = (
     update(_requests)
     .where(
