@@ -15,16 +15,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Integer, String, Table, bindparam, func, insert, select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.batch_state import BatchDelta, apply_delta, deployment_errors
 from db.engine import Database
 from db.models import Attempt, Batch, LlmRequest, Tenant
 from db.states import TERMINAL_REQUEST_STATUSES, AttemptOutcome, RequestStatus
-from db.types import Money, utcnow
+from db.types import utcnow
+from workers import ledger_statements as sql
 from workers.providers.base import Usage
 
 log = logging.getLogger(__name__)
@@ -157,7 +158,7 @@ def begin_run(db: Database, request_id: str, lease: str, claim: Claim) -> RunSta
         # first delivery of a live request) is one more statement. Anything else takes the
         # general path below.
         now = utcnow()
-        row = session.execute(_RUN_START, {"request_id": request_id}).one_or_none()
+        row = session.execute(sql.RUN_START, {"request_id": request_id}).one_or_none()
         if row is None:
             log.warning("request %s is not in the ledger; dropping its message", request_id)
             return None
@@ -171,7 +172,7 @@ def begin_run(db: Database, request_id: str, lease: str, claim: Claim) -> RunSta
         )
         if unusual:
             return _claim_request(session, request_id, lease, claim, now)
-        session.execute(_START_RUN, {"b_request_id": request_id, "v_lease": lease, "now": now})
+        session.execute(sql.START_RUN, {"b_request_id": request_id, "v_lease": lease, "now": now})
         return RunStart(
             request_id=row.id,
             batch_id=row.batch_id,
@@ -235,46 +236,6 @@ def _claim_request(
     )
 
 
-_requests, _attempts, _batches = (cast(Table, m.__table__) for m in (LlmRequest, Attempt, Batch))
-_tenants = cast(Table, Tenant.__table__)
-_RUN_START = (
-    select(
-        _requests,
-        _batches.c.cancelled_at,
-        _batches.c.expires_at,
-        _batches.c.tenant_id,
-        _tenants.c.name.label("tenant_name"),
-    )
-    .join_from(_requests, _batches, _batches.c.id == _requests.c.batch_id)
-    .outerjoin(_tenants, _tenants.c.id == _batches.c.tenant_id)
-    .where(_requests.c.id == bindparam("request_id"))
-    .with_for_update(of=_requests)
-)
-_START_RUN = (
-    update(_requests)
-    .where(_requests.c.id == bindparam("b_request_id"))
-    .values(
-        status=RequestStatus.RUNNING.value,
-        started_at=func.coalesce(_requests.c.started_at, bindparam("now", type_=_requests.c.started_at.type)),
-        lease=bindparam("v_lease"),
-        # Counts runs that have not ended cleanly; a deferral or a clean hand-back takes it back.
-        deliveries=_requests.c.deliveries + 1,
-    )
-)
-_COUNT_ATTEMPT = (
-    update(_requests)
-    .where(
-        _requests.c.id == bindparam("request_id"),
-        _requests.c.status == RequestStatus.RUNNING.value,
-        _requests.c.lease == bindparam("b_lease"),
-    )
-    .values(attempt_count=_requests.c.attempt_count + 1)
-    .returning(_requests.c.attempt_count, _requests.c.batch_id)
-)
-_BATCH_CANCELLED_AT = select(_batches.c.cancelled_at).where(_batches.c.id == bindparam("batch_id"))
-_NEW_ATTEMPT = insert(_attempts)
-
-
 def begin_attempt(
     db: Database,
     request_id: str,
@@ -294,11 +255,11 @@ def begin_attempt(
         # and building statements and loading the request only to count it cost more than the
         # rest of the transaction. The UPDATE takes the request's row lock first, as every
         # transaction here does.
-        owned = session.execute(_COUNT_ATTEMPT, {"request_id": request_id, "b_lease": lease}).one_or_none()
+        owned = session.execute(sql.COUNT_ATTEMPT, {"request_id": request_id, "b_lease": lease}).one_or_none()
         if owned is None:
             return None
         attempt_no, batch_id = owned
-        if session.scalar(_BATCH_CANCELLED_AT, {"batch_id": batch_id}) is not None:
+        if session.scalar(sql.BATCH_CANCELLED_AT, {"batch_id": batch_id}) is not None:
             request = _lock_request(session, request_id)
             assert request is not None
             request.attempt_count -= 1  # no call is made
@@ -313,7 +274,7 @@ def begin_attempt(
             apply_delta(session, batch_id, delta, utcnow())
             return None
         session.execute(
-            _NEW_ATTEMPT,
+            sql.NEW_ATTEMPT,
             {
                 "request_id": request_id,
                 "attempt_no": attempt_no,
@@ -335,48 +296,6 @@ def begin_attempt(
     return db.transact(unit)
 
 
-_LOCK_REQUEST_STATE = (
-    select(_requests.c.status, _requests.c.lease, _requests.c.batch_id)
-    .where(_requests.c.id == bindparam("request_id"))
-    .with_for_update()
-)
-_LOCK_ATTEMPT = (
-    select(
-        _attempts.c.lease,
-        _attempts.c.outcome,
-        _attempts.c.input_tokens,
-        _attempts.c.output_tokens,
-        _attempts.c.cost_usd,
-    )
-    .where(
-        _attempts.c.request_id == bindparam("request_id"),
-        _attempts.c.attempt_no == bindparam("attempt_no"),
-    )
-    .with_for_update()
-)
-_RECORD_ATTEMPT = update(_attempts).where(
-    _attempts.c.request_id == bindparam("b_request_id"), _attempts.c.attempt_no == bindparam("b_attempt_no")
-)
-_ADD_USAGE = (
-    update(_requests)
-    .where(_requests.c.id == bindparam("b_request_id"))
-    .values(
-        input_tokens=_requests.c.input_tokens + bindparam("d_in", type_=Integer),
-        output_tokens=_requests.c.output_tokens + bindparam("d_out", type_=Integer),
-        cost_usd=_requests.c.cost_usd + bindparam("d_cost", type_=Money),
-    )
-)
-# end_request's writes, for a request known to be running (so not yet ended).
-_END_REQUEST = _ADD_USAGE.values(
-    status=bindparam("status"),
-    response=bindparam("response", type_=_requests.c.response.type),
-    error=bindparam("error", type_=_requests.c.error.type),
-    deployment=func.coalesce(bindparam("deployment", type_=String), _requests.c.deployment),
-    ended_at=bindparam("ended_at", type_=_requests.c.ended_at.type),
-    lease=None,
-)
-
-
 def finish_attempt(
     db: Database,
     request_id: str,
@@ -394,8 +313,9 @@ def finish_attempt(
     def unit(session: Session) -> bool:
         # Prebuilt statements, as in begin_attempt: this runs after every call.
         now = utcnow()
-        request = session.execute(_LOCK_REQUEST_STATE, {"request_id": request_id}).one()
-        attempt = session.execute(_LOCK_ATTEMPT, {"request_id": request_id, "attempt_no": attempt_no}).one()
+        request = session.execute(sql.LOCK_REQUEST_STATE, {"request_id": request_id}).one()
+        keys = {"request_id": request_id, "attempt_no": attempt_no}
+        attempt = session.execute(sql.LOCK_ATTEMPT, keys).one()
         delta = BatchDelta()
         added = BatchDelta()  # what the request's own counters get: the delta's usage part
         if attempt.lease == lease and attempt.outcome in (AttemptOutcome.IN_FLIGHT, AttemptOutcome.LOST):
@@ -407,7 +327,7 @@ def finish_attempt(
             # A failed call before any tokens were used costs nothing; with usage, its price.
             cost = result.cost_usd if result.usage is not None else Decimal(0)
             session.execute(
-                _RECORD_ATTEMPT,
+                sql.RECORD_ATTEMPT,
                 {
                     "b_request_id": request_id,
                     "b_attempt_no": attempt_no,
@@ -440,10 +360,10 @@ def finish_attempt(
                 "deployment": end.deployment,
                 "ended_at": now,
             }
-            session.execute(_END_REQUEST, usage_params | end_params)
+            session.execute(sql.END_REQUEST, usage_params | end_params)
             delta.ended(end.status)
         elif added.changes():
-            session.execute(_ADD_USAGE, usage_params)
+            session.execute(sql.ADD_USAGE, usage_params)
         apply_delta(session, request.batch_id, delta, now)
         return owned
 
