@@ -173,18 +173,7 @@ def begin_run(db: Database, request_id: str, lease: str, claim: Claim) -> RunSta
         if unusual:
             return _claim_request(session, request_id, lease, claim, now)
         session.execute(sql.START_RUN, {"b_request_id": request_id, "v_lease": lease, "now": now})
-        return RunStart(
-            request_id=row.id,
-            batch_id=row.batch_id,
-            model=row.model,
-            body=row.body,
-            priority=row.priority,
-            expires_at=row.expires_at,
-            tenant=row.tenant_name or row.tenant_id,
-            created_at=row.created_at,
-            park_rounds=row.park_rounds,
-            last_errors=tuple(deployment_errors(row.error)),
-        )
+        return _run_start(row, row.expires_at, row.tenant_name or row.tenant_id, billed=0)
 
     return db.transact(unit)
 
@@ -221,16 +210,22 @@ def _claim_request(
     if stop is not None:
         return None
     tenant = session.get(Tenant, batch.tenant_id)
+    name = tenant.name if tenant else batch.tenant_id
+    return _run_start(request, batch.expires_at, name, billed=_billed_attempts(session, request.id))
+
+
+def _run_start(request: Any, expires_at: datetime, tenant: str, *, billed: int) -> RunStart:
+    """A run's start from the request's columns (an ORM object or a row: the same names)."""
     return RunStart(
         request_id=request.id,
-        batch_id=batch.id,
+        batch_id=request.batch_id,
         model=request.model,
         body=request.body,
         priority=request.priority,
-        expires_at=batch.expires_at,
-        tenant=tenant.name if tenant else batch.tenant_id,
+        expires_at=expires_at,
+        tenant=tenant,
         created_at=request.created_at,
-        billed_attempts=_billed_attempts(session, request.id),
+        billed_attempts=billed,
         park_rounds=request.park_rounds,
         last_errors=tuple(deployment_errors(request.error)),
     )
