@@ -158,6 +158,31 @@ class Outage(threading.Thread):
             self.window = (started, time.time())
 
 
+def write_timeline(
+    out: Path, rules: Rules, faults: bool, stats: dict[str, Any], logs: Path, outage: Outage | None
+) -> None:
+    """Per second from the first call: calls by outcome, and admitted tokens; the stack's logs beside."""
+    name = f"{rules.shape}-{rules.sub_window_s or ''}{'-faults' if faults else ''}".replace(".0", "")
+    target = out / name
+    target.mkdir(parents=True, exist_ok=True)
+    records = stats.get("records", [])
+    if records:
+        t0 = min(r["t"] for r in records)
+        seconds: dict[int, dict[str, int]] = {}
+        for r in records:
+            second = seconds.setdefault(int(r["t"] - t0), {})
+            key = f"{r['status']}"
+            second[key] = second.get(key, 0) + 1
+            if r["admitted"]:
+                second["tokens"] = second.get("tokens", 0) + r["input_tokens"] + r["reserved_tokens"]
+        lines = [f"{s:4d} {json.dumps(seconds[s], sort_keys=True)}" for s in sorted(seconds)]
+        if outage is not None and outage.window:
+            lines.insert(0, f"outage {outage.window[0] - t0:.1f} .. {outage.window[1] - t0:.1f} s")
+        (target / "timeline.txt").write_text("\n".join(lines) + "\n")
+    for log in logs.glob("*.log"):
+        (target / log.name).write_bytes(log.read_bytes())
+
+
 def summarize(stats: dict[str, Any], lost: int, wall: float, cpu: float) -> dict[str, Any]:
     return {
         "span": admission_span(stats["records"]),
@@ -214,6 +239,8 @@ def run_headrace(
             ).json()
         finally:
             stack.stop()
+        if args.timeline:
+            write_timeline(Path(args.timeline), rules, faults, stats, Path(home) / "logs", outage)
     errors = []
     for line, result in zip(lines, results, strict=True):
         if result["status"] == "succeeded":
@@ -283,6 +310,9 @@ def main() -> None:
         "--faults", action="store_true", help="also run Headrace with 5%% 500s and a 10 s outage"
     )
     parser.add_argument("--outage-at", type=float, default=2.0, help="seconds after the first admission")
+    parser.add_argument(
+        "--timeline", default="", help="a directory: per run, calls per second by outcome and the stack's logs"
+    )
     args = parser.parse_args()
     lines = workload(args.requests, args.seed, args.max_tokens)
     costs = provider_costs(lines)
