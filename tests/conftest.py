@@ -18,7 +18,10 @@ from headrace.embedded import start_redis
 from headrace.stack import EmbeddedStack
 from tests.infra.postgres import PostgresCluster, running_postgres
 
-pytest_plugins = ["tests.simulator_fixture"]  # the session's simulator: `sim`, `sim_url`
+pytest_plugins = [
+    "tests.simulator_fixture",  # the session's simulator: `sim`, `sim_url`
+    "tests.infra.exclusive",  # tests marked `exclusive` run alone under xdist
+]
 
 PROVIDER_ENV = (
     "OPENAI_API_KEY",

@@ -31,7 +31,7 @@ from headrace.stack import EmbeddedStack
 from tests.test_end_to_end import wait_ended
 
 # The windows are a minute long: the run takes about 80 s.
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.exclusive]
 
 RPM, TPM = 600, 160_000
 MAX_TOKENS = (256, 512, 768)
