@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 
-import redis
 from fastapi import FastAPI
 
 from api.body_limit import BodyLimitMiddleware
@@ -15,6 +14,7 @@ from api.openapi import install_openapi
 from api.routes import anthropic_compat, batches, deployments, health, openai_compat, webhooks
 from broker_config.celery_app import configure as configure_broker
 from broker_config.deployments import load_config
+from broker_config.redis_clients import settings_client
 from broker_config.settings import Settings, get_settings
 from db.engine import get_database
 
@@ -31,7 +31,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings=settings,
         db=get_database(settings.database_url),
         config=load_config(settings.config),
-        redis=redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2),
+        redis=settings_client(settings, socket_timeout=2, socket_connect_timeout=2),
     )
     configure_broker(settings)
     install_error_handlers(app)

@@ -311,7 +311,7 @@ def main() -> None:
     )
     parser.add_argument("--outage-at", type=float, default=2.0, help="seconds after the first admission")
     parser.add_argument(
-        "--timeline", default="", help="a directory: per run, calls per second by outcome and the stack's logs"
+        "--timeline", default="", help="a directory: per run, calls per second by outcome, and the logs"
     )
     args = parser.parse_args()
     lines = workload(args.requests, args.seed, args.max_tokens)

@@ -8,6 +8,7 @@ from celery import Celery
 from kombu.entity import Queue
 
 from broker_config.queues import ALL_QUEUES, PRIORITY_STEPS
+from broker_config.redis_clients import celery_transport_options
 from broker_config.settings import Settings, get_settings
 
 app = Celery("headrace", include=["workers.tasks"])
@@ -20,6 +21,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
         "broker_transport_options": {
+            **celery_transport_options(
+                settings.redis_url,
+                master_name=settings.redis_sentinel_master,
+                sentinel_password=settings.redis_sentinel_password,
+            ),
             "visibility_timeout": visibility,
             "priority_steps": PRIORITY_STEPS,
             "queue_order_strategy": "priority",

@@ -18,7 +18,17 @@ class Settings(BaseSettings):
         default=f"sqlite:///{DEFAULT_HOME / 'headrace.db'}",
         description="SQLAlchemy URL of the ledger; postgresql+psycopg://... in production.",
     )
-    redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="Broker and bucket Redis.")
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        description="Broker and bucket Redis: redis://host:port/db, or a Sentinel group "
+        "sentinel://host:26379/0;sentinel://host2:26379/0 (broker_config/redis_clients.py).",
+    )
+    redis_sentinel_master: str = Field(
+        default="mymaster", description="The Sentinel group's name, when redis_url is a sentinel:// URL."
+    )
+    redis_sentinel_password: str | None = Field(
+        default=None, description="The sentinels' own password, when they ask for one."
+    )
     config: Path = Field(default=Path("headrace.toml"), description="The deployments/routes TOML file.")
 
     # API

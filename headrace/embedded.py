@@ -127,9 +127,15 @@ class ManagedProcess:
 
 
 def start_redis(
-    data_dir: Path, *, port: int | None = None, appendonly: bool = True, env: Mapping[str, str] | None = None
+    data_dir: Path,
+    *,
+    port: int | None = None,
+    appendonly: bool = True,
+    env: Mapping[str, str] | None = None,
+    extra_args: Sequence[str] = (),
 ) -> tuple[ManagedProcess, str]:
-    """A redis-server on loopback, configured as a broker should be (AOF, no eviction)."""
+    """A redis-server on loopback, configured as a broker should be (AOF, no eviction);
+    ``extra_args`` are more of its options (e.g. ``--replicaof``)."""
     port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     argv = [
@@ -152,6 +158,7 @@ def start_redis(
         "0",
         "--protected-mode",
         "yes",
+        *extra_args,
     ]
     proc = ManagedProcess(f"redis-{port}", argv, log_dir=data_dir, env=env)
     url = f"redis://127.0.0.1:{port}/0"

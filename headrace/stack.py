@@ -94,6 +94,8 @@ class EmbeddedStack:
     flower_url: str = ""
     api_key: str = ""
     redis_port: int = 0
+    # An outside Redis (e.g. a Sentinel group's sentinel:// URL) instead of one of our own.
+    redis_url: str | None = None
 
     def start(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
@@ -101,9 +103,11 @@ class EmbeddedStack:
         config_path = self.home / "headrace.toml"
         # Every process of the stack carries its config path, so it can be told from others.
         self.env = {"HEADRACE_CONFIG": str(config_path), "PYTHONUNBUFFERED": "1"}
-        redis_proc, redis_url = start_redis(self.home / "redis", env=self.env)
-        self.processes.append(redis_proc)
-        self.redis_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+        redis_url = self.redis_url
+        if redis_url is None:
+            redis_proc, redis_url = start_redis(self.home / "redis", env=self.env)
+            self.processes.append(redis_proc)
+            self.redis_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
 
         sim_port = free_port()
         self.simulator_url = f"http://127.0.0.1:{sim_port}"

@@ -20,7 +20,7 @@ from tests.infra.postgres import PostgresCluster, running_postgres
 
 pytest_plugins = [
     "tests.simulator_fixture",  # the session's simulator: `sim`, `sim_url`
-    "tests.infra.exclusive",  # tests marked `exclusive` run alone under xdist
+    "tests.infra.xdist_schedule",  # slow modules first; tests marked `exclusive` run alone
 ]
 
 PROVIDER_ENV = (

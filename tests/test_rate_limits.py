@@ -14,7 +14,7 @@ from headrace.stack import EmbeddedStack
 from tests.test_end_to_end import wait_ended
 
 # A four-worker stack run for over a minute against limits that bind.
-pytestmark = [pytest.mark.slow, pytest.mark.exclusive]
+pytestmark = pytest.mark.slow
 
 SIM_RPM, SIM_TPM = 600, 6000  # OpenAI dialect, per model
 SIM_ANTHROPIC_RPM, SIM_ITPM, SIM_OTPM = 120, 20000, 8000

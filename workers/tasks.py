@@ -18,6 +18,7 @@ from broker_config.celery_app import app
 from broker_config.deployments import load_config
 from broker_config.publisher import publish_requests
 from broker_config.queues import RUN_REQUEST_TASK
+from broker_config.redis_clients import settings_client
 from broker_config.settings import Settings, get_settings
 from db.engine import get_database
 from db.retention import SUGGESTED_INTERVAL_S
@@ -47,8 +48,8 @@ for _noisy in ("httpx", "httpx2"):
 
 def bucket_redis(settings: Settings) -> redis.Redis:
     """The client for buckets and delays: short timeouts, a few quick retries, never a long hang."""
-    return redis.Redis.from_url(
-        settings.redis_url,
+    return settings_client(
+        settings,
         socket_timeout=2,
         socket_connect_timeout=2,
         health_check_interval=30,
@@ -59,7 +60,7 @@ def bucket_redis(settings: Settings) -> redis.Redis:
 
 def lease_redis(settings: Settings) -> redis.Redis:
     """The lease keeper's own connection: one second to answer, no retries (it tries again soon)."""
-    return redis.Redis.from_url(settings.redis_url, socket_timeout=1, socket_connect_timeout=1)
+    return settings_client(settings, socket_timeout=1, socket_connect_timeout=1)
 
 
 def bucket_policy(settings: Settings) -> BucketPolicy:

@@ -1,4 +1,8 @@
-"""Tests that measure pace run alone, even when pytest-xdist runs the suite on both cores.
+"""How the suite shares two cores under pytest-xdist: slow modules first, pace tests alone.
+
+Slow modules are collected first (longest first is the classic way to keep one process from
+running the last long module alone while the other has finished; alphabetical order put the
+minute-long outage test last).
 
 The suite runs as two xdist processes (README: ``-n 2``): most of its time is spent waiting on
 stacks under outages, and two at once halve the wall time. A test marked ``exclusive`` measures
@@ -30,6 +34,12 @@ MARKER = "exclusive: measures pace; runs with no other test beside it under pyte
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules with a slow test first, each module's tests in their own order."""
+    slow_modules = {getattr(item, "module", None) for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: getattr(item, "module", None) not in slow_modules)
 
 
 def _lock_dir(config: pytest.Config) -> Path | None:

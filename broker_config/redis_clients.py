@@ -1,0 +1,103 @@
+"""Every Redis client Headrace opens is made here, from one URL, whatever stands behind it.
+
+``HEADRACE_REDIS_URL`` is either one server (``redis://``, ``rediss://``, ``unix://``) or a
+Sentinel group in kombu's notation, one ``sentinel://`` URL per sentinel joined by ``;``::
+
+    sentinel://:secret@10.0.0.1:26379/0;sentinel://10.0.0.2:26379/0;sentinel://10.0.0.3:26379/0
+
+with the group's name in ``HEADRACE_REDIS_SENTINEL_MASTER`` (``master_name`` in kombu's terms).
+The password and database of the first URL are the primary's; ``HEADRACE_REDIS_SENTINEL_PASSWORD``
+is the sentinels' own, when they ask for one. The broker reads the same URL through kombu's
+``sentinel`` transport (``celery_transport_options``); buckets, leases, breakers and delays through
+redis-py's ``Sentinel``. Either asks the sentinels for the primary again when its connection
+breaks, so a failover costs each client a reconnection, not a restart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import redis
+from redis.sentinel import Sentinel
+
+from broker_config.settings import Settings
+
+SENTINEL_SCHEME = "sentinel"
+SENTINEL_PORT = 26379
+
+
+@dataclass(frozen=True)
+class SentinelGroup:
+    nodes: list[tuple[str, int]]
+    db: int
+    password: str | None
+    username: str | None
+
+
+def is_sentinel(url: str) -> bool:
+    return url.split("://", 1)[0] == SENTINEL_SCHEME
+
+
+def parse_sentinel_url(url: str) -> SentinelGroup:
+    """The sentinels of a ``sentinel://...;sentinel://...`` URL, and the primary's db and credentials."""
+    parts = [part.strip() for part in url.split(";") if part.strip()]
+    nodes = []
+    for part in parts:
+        parsed = urlparse(part)
+        if parsed.scheme != SENTINEL_SCHEME or not parsed.hostname:
+            raise ValueError(f"{part!r} is not a sentinel://host:port URL (a group joins them with ';')")
+        nodes.append((parsed.hostname, parsed.port or SENTINEL_PORT))
+    first = urlparse(parts[0])
+    path = first.path.strip("/")
+    if path and not path.isdigit():
+        raise ValueError(f"the database of {parts[0]!r} must be a number, not {path!r}")
+    return SentinelGroup(
+        nodes=nodes,
+        db=int(path or 0),
+        password=unquote(first.password) if first.password else None,
+        username=unquote(first.username) if first.username else None,
+    )
+
+
+def redis_client(
+    url: str, *, master_name: str = "mymaster", sentinel_password: str | None = None, **options: Any
+) -> redis.Redis:
+    """A client of the Redis that ``url`` names (for a Sentinel group, of its current primary).
+
+    ``options`` are redis-py connection options (timeouts, retry); with Sentinel they apply to the
+    primary and, for the timeouts, to the sentinels too."""
+    if not is_sentinel(url):
+        return redis.Redis.from_url(url, **options)
+    group = parse_sentinel_url(url)
+    sentinel_kwargs: dict[str, Any] = {
+        key: options[key] for key in ("socket_timeout", "socket_connect_timeout") if key in options
+    }
+    if sentinel_password:
+        sentinel_kwargs["password"] = sentinel_password
+    sentinel = Sentinel(group.nodes, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+        master_name, db=group.db, password=group.password, username=group.username, **options
+    )
+    return client
+
+
+def settings_client(settings: Settings, **options: Any) -> redis.Redis:
+    """A client of the Redis the settings name (``options`` as for ``redis_client``)."""
+    return redis_client(
+        settings.redis_url,
+        master_name=settings.redis_sentinel_master,
+        sentinel_password=settings.redis_sentinel_password,
+        **options,
+    )
+
+
+def celery_transport_options(url: str, *, master_name: str, sentinel_password: str | None) -> dict[str, Any]:
+    """What kombu's redis transport needs beyond the URL (nothing, for a single server)."""
+    if not is_sentinel(url):
+        return {}
+    options: dict[str, Any] = {"master_name": master_name}
+    if sentinel_password:
+        options["sentinel_kwargs"] = {"password": sentinel_password}
+    return options
