@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis as redis_lib
@@ -200,6 +201,40 @@ def test_the_keeper_keeps_leases_alive_writes_back_lost_ones_and_notices_a_takeo
     finally:
         keeper.stop()
         server.stop()
+
+
+def test_a_lease_released_while_its_refresh_is_on_the_way_is_not_written_back(redis: redis_lib.Redis) -> None:
+    """The keeper takes the held leases, and the run releases its lease before the refresh lands:
+    the refresh writes the key again (it writes back keys Redis lost), and the refresh must then
+    delete it, or every delivery of the request bounces off it for a whole TTL."""
+    leases = Leases(redis, ttl_s=15)
+    lease = leases.acquire("r1")
+    assert lease is not None
+
+    class ReleasedMeanwhile:
+        """The keeper's connection: the run releases its lease just before the refresh executes."""
+
+        def __init__(self) -> None:
+            self.first = True
+
+        def pipeline(self, transaction: bool = False) -> Any:
+            pipe = redis.pipeline(transaction=transaction)
+            execute = pipe.execute
+
+            def late() -> Any:
+                if self.first:
+                    self.first = False
+                    assert lease is not None
+                    leases.release(lease)
+                    assert redis.get(keys.lease("r1")) is None
+                return execute()
+
+            pipe.execute = late  # type: ignore[method-assign]
+            return pipe
+
+    leases.refresh(ReleasedMeanwhile())  # type: ignore[arg-type]
+    assert redis.get(keys.lease("r1")) is None
+    assert leases.acquire("r1") is not None
 
 
 def test_the_orphan_sweep_requeues_a_dead_run_only_once_its_lease_stays_gone(

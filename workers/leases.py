@@ -68,6 +68,7 @@ class Leases:
         with self._lock:
             if self._held.get(lease.request_id) is lease:
                 del self._held[lease.request_id]
+        # Deleted after it left the held set: a refresh under way deletes it again (``refresh``).
         try:
             self._release(keys=[keys.lease(lease.request_id)], args=[lease.token])
         except redis.RedisError as exc:
@@ -93,7 +94,20 @@ class Leases:
             elif not lease.lost:
                 lease.lost = True
                 log.warning("lease on request %s was taken over by another run", lease.request_id)
+        # A run that released its lease while this refresh was on its way had its key written
+        # back for a whole TTL, and every delivery of its request (parked, say, and published
+        # again) bounced off it until it expired (seen: a request 8 s late, the last of its batch).
+        released = [lease for lease in leases if not self._holds(lease)]
+        if released:
+            pipe = (client or self.redis).pipeline(transaction=False)
+            for lease in released:
+                self._release(keys=[keys.lease(lease.request_id)], args=[lease.token], client=pipe)
+            pipe.execute()
         return kept
+
+    def _holds(self, lease: Lease) -> bool:
+        with self._lock:
+            return self._held.get(lease.request_id) is lease
 
     def holders(self, request_ids: Iterable[str]) -> dict[str, str | None]:
         """The live token on each request (None: no live lease)."""
