@@ -99,7 +99,7 @@ class Settings(BaseSettings):
     breaker_window_s: float = Field(default=30.0, gt=0)
     breaker_min_calls: int = Field(default=10, ge=1)
     breaker_failure_ratio: float = Field(default=0.5, gt=0, le=1)
-    breaker_open_s: float = Field(default=5.0, gt=0)
+    breaker_open_s: float = Field(default=2.0, gt=0)
     breaker_probes: int = Field(default=2, ge=1)
     breaker_consecutive_failures: int = Field(
         default=10, ge=0, description="Failures in a row that open a breaker at once (0: only the ratio)."

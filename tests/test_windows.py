@@ -19,7 +19,7 @@ from tests.test_end_to_end import lines, wait_ended
 
 pytestmark = pytest.mark.slow
 OUTAGE_S = 60
-BREAKER_OPEN_S = 5  # the default
+BREAKER_OPEN_S = 2  # the default
 BREAKER_PROBES = 2
 WORKERS, THREADS, ATTEMPTS_PER_DEPLOYMENT = 2, 8, 3
 

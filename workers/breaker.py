@@ -28,9 +28,11 @@ class BreakerPolicy:
     window_s: float = 30.0
     min_calls: int = 10  # no verdict on fewer calls than this in the window
     failure_ratio: float = 0.5
-    # Short and constant: a probe of a provider that refuses before any work costs nothing, and a
-    # longer open period kept the end of a 10 s outage waiting 8 s more.
-    open_s: float = 5.0
+    # Short and constant: a probe of a provider that refuses before any work costs nothing, and the
+    # end of an outage waits for the next probe. 15 s kept a 10 s outage's end waiting 8 s more;
+    # 5 s still lost a 10-second window when a probe fell just before the end (bench/rate_limits.py
+    # --faults --timeline). Two probes per 2 s is one call a second while a deployment is down.
+    open_s: float = 2.0
     probes: int = 2  # successes needed (and probes allowed at once) to close
     # Failures in a row that open it at once (0: only the ratio): the window's successes from
     # before a sudden outage would otherwise keep it closed until as many calls had failed. Ten:
