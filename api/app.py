@@ -16,7 +16,7 @@ from broker_config.celery_app import configure as configure_broker
 from broker_config.deployments import load_config
 from broker_config.redis_clients import settings_client
 from broker_config.settings import Settings, get_settings
-from db.engine import get_database
+from db.engine import settings_database
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -29,7 +29,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.headrace = AppContext(
         settings=settings,
-        db=get_database(settings.database_url),
+        db=settings_database(settings),
         config=load_config(settings.config),
         redis=settings_client(settings, socket_timeout=2, socket_connect_timeout=2),
     )

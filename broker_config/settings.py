@@ -18,6 +18,17 @@ class Settings(BaseSettings):
         default=f"sqlite:///{DEFAULT_HOME / 'headrace.db'}",
         description="SQLAlchemy URL of the ledger; postgresql+psycopg://... in production.",
     )
+    database_pool_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="PostgreSQL connections each process keeps (2 more at a peak); default: a "
+        "worker's threads + 2 (its sweeps and webhooks), 10 for the API and the CLI.",
+    )
+    database_prepared_statements: bool = Field(
+        default=True,
+        description="false behind PgBouncer in transaction mode (before 1.21, or without "
+        "max_prepared_statements): psycopg would prepare statements a later transaction cannot see.",
+    )
     redis_url: str = Field(
         default="redis://127.0.0.1:6379/0",
         description="Broker and bucket Redis: redis://host:port/db, or a Sentinel group "

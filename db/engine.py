@@ -6,10 +6,17 @@ the busy timeout does not help it. So writes go through a second engine whose tr
 with ``BEGIN IMMEDIATE`` (they wait for the lock up front), while reads keep plain deferred
 transactions, so that a long results download never holds the write lock. On PostgreSQL both
 roles share one engine.
+
+PostgreSQL connections are a budget: ``pool_size`` held, ``POOL_OVERFLOW`` more at a peak, per
+process (a worker sizes its pool to its threads that touch the ledger: ``workers/tasks.py``).
+Behind PgBouncer in transaction mode a server connection serves one transaction and goes back to
+its pool, so nothing may outlive a transaction: ``prepared_statements=False`` stops psycopg from
+preparing statements it runs often (it would look for them on another connection).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -25,12 +32,16 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
+from broker_config.settings import Settings
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 POSTGRES_CONNECT_TIMEOUT_S = 5  # libpq waits forever by default; a dead host must not hang a thread
 DEFAULT_HOLD_S = 10.0  # how long a write is retried through transient failures, unless told otherwise
+DEFAULT_POOL_SIZE = 10
+POOL_OVERFLOW = 2  # beyond the pool, at a peak: a thread that briefly needs a second connection
 
 # SQLSTATE classes worth running a unit of work again for: 08 connection exception, 40 transaction
 # rollback (serialization failure, deadlock), 53 insufficient resources (too many connections),
@@ -70,7 +81,14 @@ def _sqlite_engine(url: str, *, immediate: bool) -> Engine:
 class Database:
     """The ledger's connection: ``session()`` for reads, ``transact(fn)`` for writes."""
 
-    def __init__(self, url: str, *, pool_size: int = 10, hold_s: float = DEFAULT_HOLD_S) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = DEFAULT_POOL_SIZE,
+        hold_s: float = DEFAULT_HOLD_S,
+        prepared_statements: bool = True,
+    ) -> None:
         self.url = url
         self.hold_s = hold_s
         self.dialect = make_url(url).get_backend_name()
@@ -78,13 +96,16 @@ class Database:
             self.engine = _sqlite_engine(url, immediate=False)
             self.write_engine = _sqlite_engine(url, immediate=True)
         else:
+            connect_args: dict[str, Any] = {"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S}
+            if not prepared_statements:
+                connect_args["prepare_threshold"] = None  # psycopg 3: never prepare on the server
             self.engine = create_engine(
                 url,
                 pool_pre_ping=True,
                 pool_size=pool_size,
-                max_overflow=pool_size,
+                max_overflow=POOL_OVERFLOW,
                 pool_recycle=1800,
-                connect_args={"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S},
+                connect_args=connect_args,
             )
             self.write_engine = self.engine
         self._reads = sessionmaker(self.engine, expire_on_commit=False)
@@ -126,6 +147,12 @@ class Database:
                 return unit(session)
         raise AssertionError("unreachable: stamina re-raises the last failure")
 
+    def with_hold(self, hold_s: float) -> Database:
+        """The same engines (one connection pool), with another default hold for its writes."""
+        other = copy.copy(self)
+        other.hold_s = hold_s
+        return other
+
     def ping(self) -> None:
         with self.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
@@ -154,7 +181,26 @@ def is_transient(exc: Exception) -> bool:
     return False
 
 
+def settings_database(
+    settings: Settings, *, hold_s: float = DEFAULT_HOLD_S, pool_size: int | None = None
+) -> Database:
+    """The ledger the settings name, with their pool budget and prepared-statement choice
+    (``pool_size``: this process's own default when the settings give none)."""
+    return get_database(
+        settings.database_url,
+        hold_s,
+        pool_size=settings.database_pool_size or pool_size or DEFAULT_POOL_SIZE,
+        prepared_statements=settings.database_prepared_statements,
+    )
+
+
 @lru_cache(maxsize=8)
-def get_database(url: str, hold_s: float = DEFAULT_HOLD_S) -> Database:
-    """One Database per URL (and hold) per process (engines are thread-safe; sessions are not)."""
-    return Database(url, hold_s=hold_s)
+def get_database(
+    url: str,
+    hold_s: float = DEFAULT_HOLD_S,
+    *,
+    pool_size: int = DEFAULT_POOL_SIZE,
+    prepared_statements: bool = True,
+) -> Database:
+    """One Database per URL and options per process (engines are thread-safe; sessions are not)."""
+    return Database(url, hold_s=hold_s, pool_size=pool_size, prepared_statements=prepared_statements)

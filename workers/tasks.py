@@ -20,7 +20,7 @@ from broker_config.publisher import publish_requests
 from broker_config.queues import RUN_REQUEST_TASK
 from broker_config.redis_clients import settings_client
 from broker_config.settings import Settings, get_settings
-from db.engine import get_database
+from db.engine import DEFAULT_HOLD_S, settings_database
 from db.retention import SUGGESTED_INTERVAL_S
 from db.states import Priority
 from workers.admission import Bucket, BucketPolicy
@@ -41,6 +41,8 @@ from workers.providers import default_adapters
 from workers.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
+# Housekeeping threads that touch the ledger ("sweeps" and "webhooks"; "delays" only publishes).
+LEDGER_HOUSEKEEPERS = 2
 # One INFO line per provider call from the HTTP clients would drown the worker's own log.
 for _noisy in ("httpx", "httpx2"):
     logging.getLogger(_noisy).setLevel(logging.WARNING)
@@ -102,7 +104,12 @@ def default_deps() -> Deps:
     LeaseKeeper(leases, lease_redis(settings)).start()
     return Deps(
         # Runs hold their writes through a ledger outage: a paid call's row must not be lost.
-        db=get_database(settings.database_url, hold_s=settings.ledger_hold_s),
+        # One pool per process, a connection for each thread that touches the ledger.
+        db=settings_database(
+            settings,
+            hold_s=settings.ledger_hold_s,
+            pool_size=settings.worker_concurrency + LEDGER_HOUSEKEEPERS,
+        ),
         config=load_config(settings.config),
         settings=settings,
         adapters=default_adapters(),
@@ -127,7 +134,7 @@ def housekeepers(deps: Deps) -> list[Housekeeper]:
     """The worker's periodic jobs, in three groups that never wait on each other."""
     settings, client = deps.settings, deps.bucket.redis
     # Sweeps give up on a write after the default short hold: a ledger outage skips a round.
-    db = get_database(settings.database_url)
+    db = deps.db.with_hold(DEFAULT_HOLD_S)
     interval = settings.sweep_interval_s
     sweeps = [
         Job(

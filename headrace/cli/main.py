@@ -67,10 +67,10 @@ def migrate() -> None:
 @keys_app.command("create")
 def keys_create(tenant: Annotated[str, typer.Option(help="Tenant name; created on first use.")]) -> None:
     """Create an API key for TENANT and print it alone on stdout (it is shown only once)."""
-    from db.engine import get_database
+    from db.engine import settings_database
     from db.tenants import create_api_key
 
-    new = create_api_key(get_database(get_settings().database_url), tenant)
+    new = create_api_key(settings_database(get_settings()), tenant)
     typer.echo(new.key)
 
 
@@ -82,11 +82,11 @@ def keys_secret(
     ] = False,
 ) -> None:
     """Print TENANT's webhook signing secret (Standard Webhooks, "whsec_..."), alone on stdout."""
-    from db.engine import get_database
+    from db.engine import settings_database
     from db.tenants import tenant_webhook_secret
 
     try:
-        typer.echo(tenant_webhook_secret(get_database(get_settings().database_url), tenant, rotate=rotate))
+        typer.echo(tenant_webhook_secret(settings_database(get_settings()), tenant, rotate=rotate))
     except LookupError as exc:
         _fail(str(exc))
 
@@ -98,13 +98,13 @@ def keys_webhook(
 ) -> None:
     """Set where TENANT's batches report when they end, unless a batch names its own webhook."""
     from broker_config.webhook_urls import UnsafeWebhookUrl, check_webhook_url
-    from db.engine import get_database
+    from db.engine import settings_database
     from db.tenants import set_tenant_webhook_url
 
     settings = get_settings()
     try:
         checked = check_webhook_url(url, settings.webhook_allow_hosts) if url else None
-        set_tenant_webhook_url(get_database(settings.database_url), tenant, checked)
+        set_tenant_webhook_url(settings_database(settings), tenant, checked)
     except (UnsafeWebhookUrl, LookupError) as exc:
         _fail(str(exc))
     typer.echo(f"tenant {tenant}: default webhook {'set to ' + url if url else 'removed'}", err=True)
@@ -141,6 +141,9 @@ def worker(
     _check_visibility_timeout()
     settings = get_settings()
     threads = concurrency or settings.worker_concurrency
+    # The worker sizes its ledger pool to its threads: it reads them from its settings.
+    os.environ["HEADRACE_WORKER_CONCURRENCY"] = str(threads)
+    get_settings.cache_clear()
     # Task events only when asked (HEADRACE_WORKER_TASK_EVENTS); Flower switches them on itself.
     events = ["--task-events"] if settings.worker_task_events else []
     celery_app.worker_main(
