@@ -38,6 +38,7 @@ START_MS = 1e9
 
 
 LIFT_MS = BucketPolicy().floor_lift_s * 1000
+FLOOR_RECHECK_MS = 500  # bucket_take.lua's wait_ms
 LEARNED_MS = 600_000  # a learned shape (and limit) holds for 10 minutes
 SLACK_MS = 2500  # a forecast further than this (+5%) from a token bucket's is stepped
 SAME_MOMENT_MS = 3000  # answers settled this much apart may tell one moment
@@ -130,6 +131,8 @@ class Model:
             return (need - lvl) * 60000 / cap
         ret, gain, pace = self.forecast[name]
         if now < ret - LIFT_MS and lvl >= cost:
+            if self.held:  # calls in flight may show the room was there: look again soon
+                return min(ret - LIFT_MS - now, FLOOR_RECHECK_MS)
             return ret - LIFT_MS - now
         y = need - lvl + back(now - ret, gain, pace, cap / 60000)
         if y <= gain:

@@ -282,6 +282,27 @@ def test_floors_are_lent_out_just_before_the_room_comes_back(
     assert take(bucket, "b", 500, "bulk").status == "granted"
 
 
+def test_a_floor_that_blocks_while_calls_are_in_flight_is_looked_at_again_soon(
+    bucket: Bucket, redis: redis_lib.Redis, clock: list[float]
+) -> None:
+    """A window's level can be low only for what calls in flight reserved, and their answers
+    raise it: a request stopped by the floor then looks again within half a second instead of
+    waiting for the lend (seen: a batch's last request told to wait 8 s in a window its answers
+    showed 81% used). With nothing in flight the lend is the first chance, as before."""
+    assert take(bucket, "a", 4000).status == "granted"
+    answer(bucket, "a", 4000, 2000, 20.0)  # a window: 2000 left, room back in 20 s
+    assert take(bucket, "in-flight", 1000).status == "granted"  # 1000 left while it runs
+    waiting = take(bucket, "b", 500, "bulk")  # 500 + 600 of floor > 1000
+    assert waiting.status == "wait" and waiting.wait_s == pytest.approx(0.5)
+    answer(bucket, "in-flight", 300, 1700, 20.0)  # it used less: the provider shows 1700
+    assert take(bucket, "b", 500, "bulk").status == "granted"  # 500 + 600 <= 1700
+    waiting = take(bucket, "c", 700, "bulk")  # 700 + 600 > 1200, and "b" is in flight
+    assert waiting.status == "wait" and waiting.wait_s == pytest.approx(0.5)
+    answer(bucket, "b", 500, 1200, 20.0)
+    waiting = take(bucket, "c", 700, "bulk")  # nothing in flight: only the lend helps now
+    assert waiting.status == "wait" and waiting.wait_s == pytest.approx(18.0)
+
+
 def test_a_429_with_a_long_retry_after_teaches_the_shape(
     bucket: Bucket, redis: redis_lib.Redis, clock: list[float]
 ) -> None:

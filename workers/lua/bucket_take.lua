@@ -41,6 +41,7 @@ local stale = redis.call('ZRANGEBYSCORE', resv_exp, '-inf', now, 'LIMIT', 0, 50)
 for _, old in ipairs(stale) do
   end_reservation(bucket, resv, resv_exp, old, redis.call('HGET', resv, old))
 end
+local busy = redis.call('HLEN', resv) > 0  -- calls in flight, whose answers may give room back
 
 local paused = tonumber(redis.call('HGET', bucket, 'pause')) or 0
 if paused > now then
@@ -72,7 +73,7 @@ local function check(hash, name, configured, cost, scaled)
   -- A priority's floor never asks for more than the whole bucket.
   local need = math.min(cost + share * base, cap)
   if lvl < need then
-    local w = wait_ms(hash, name, cap, since, now, lvl, cost, need, lift)
+    local w = wait_ms(hash, name, cap, since, now, lvl, cost, need, lift, busy)
     if w > wait then wait, reason = w, name end
   end
   local after = lvl - cost

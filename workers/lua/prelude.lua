@@ -123,12 +123,18 @@ local function floor_lifted(bucket, name, now, lift)
 end
 
 -- Milliseconds until `lvl` (the level now) reaches `need`: while a forecast holds the level and
--- the floor is what stands in the way, until the floor is lent out; else until what comes back
--- (as `back` says) makes up the difference.
-local function wait_ms(bucket, name, cap, since, now, lvl, cost, need, lift)
+-- the floor is what stands in the way, until the floor is lent out, or, while calls are in
+-- flight (`busy`), a short while: their answers may show the level was low only for what they
+-- reserved (seen: a window's last request told at its start to wait 8 s for the lend, in a
+-- window then 81% used); else until what comes back (as `back` says) makes up the difference.
+local FLOOR_RECHECK_MS = 500
+local function wait_ms(bucket, name, cap, since, now, lvl, cost, need, lift, busy)
   local rate, ret, gain, pace = cap / 60000, forecast(bucket, name)
   if ret <= 0 then return (need - lvl) * 60000 / cap end
-  if now < ret - lift and lvl >= cost then return ret - lift - now end
+  if now < ret - lift and lvl >= cost then
+    if busy then return math.min(ret - lift - now, FLOOR_RECHECK_MS) end
+    return ret - lift - now
+  end
   -- The amount `back` must reach, counted from the forecast's moment; then its inverse.
   local y = need - lvl + back(now - ret, gain, pace, rate)
   local x
