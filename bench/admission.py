@@ -31,9 +31,18 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from broker_config.deployments import TenantLimits, parse_config
+from broker_config.deployments import Deployment, TenantLimits, parse_config
 from headrace.embedded import start_redis
-from workers.admission import Bucket, BucketPolicy, Ticket, admit, estimate_call, settle, settlement
+from workers.admission import (
+    Bucket,
+    BucketPolicy,
+    Estimate,
+    Ticket,
+    admit,
+    estimate_call,
+    settle,
+    settlement,
+)
 from workers.breaker import Breaker
 from workers.providers.base import ProviderReply, Usage
 
@@ -61,13 +70,32 @@ HEADERS = {
 }
 
 
+REPLY = ProviderReply(body={}, usage=Usage(20, 5), http_status=200, headers=HEADERS)
+TENANT = TenantLimits(name="acme", rpm=100_000_000, tpm=100_000_000_000)
+
+
+def _take(bucket: Bucket, deployment: Deployment, estimate: Estimate) -> Ticket:
+    """The worker's own admission (``admit``), for a default-priority request of a tenant."""
+    ticket = admit(
+        bucket,
+        deployment,
+        estimate,
+        request_id=uuid.uuid4().hex,
+        priority="default",
+        tenant=TENANT,
+        max_inline_wait_s=0,
+        sleep=time.sleep,
+    )
+    assert isinstance(ticket, Ticket), ticket
+    return ticket
+
+
 def _worker(url: str, deployments: int, threads: int, seconds: float, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
     import threading
 
     client = redis.Redis.from_url(url)
     config = parse_config("".join(DEPLOYMENT.format(i=i) for i in range(deployments)), Path("bench.toml"))
     bucket, breaker = Bucket(client, BucketPolicy()), Breaker(client)
-    tenant = TenantLimits(name="acme", rpm=100_000_000, tpm=100_000_000_000)
     latencies: list[float] = []
     lock = threading.Lock()
     stop_at = time.monotonic() + seconds
@@ -79,19 +107,8 @@ def _worker(url: str, deployments: int, threads: int, seconds: float, out: multi
         while time.monotonic() < stop_at:
             started = time.perf_counter()
             permit = breaker.allow(deployment.name)
-            ticket = admit(
-                bucket,
-                deployment,
-                estimate,
-                request_id=uuid.uuid4().hex,
-                priority="default",
-                tenant=tenant,
-                max_inline_wait_s=0,
-                sleep=time.sleep,
-            )
-            assert isinstance(ticket, Ticket), ticket
-            reply = ProviderReply(body={}, usage=Usage(20, 5), http_status=200, headers=HEADERS)
-            settle(bucket, ticket, settlement(deployment, estimate, reply))
+            ticket = _take(bucket, deployment, estimate)
+            settle(bucket, ticket, settlement(deployment, estimate, REPLY))
             breaker.record(deployment.name, uuid.uuid4().hex, failed=False, probe=permit.probe)
             mine.append(time.perf_counter() - started)
         with lock:
@@ -157,28 +174,16 @@ def _per_script(client: redis.Redis, n: int = 2000) -> dict[str, float]:
     deployment = config.deployments[0]
     bucket, breaker = Bucket(client, BucketPolicy()), Breaker(client)
     estimate = estimate_call(deployment, BODY, 256)
-    reply = ProviderReply(body={}, usage=Usage(20, 5), http_status=200, headers=HEADERS)
     tickets: list[Ticket] = []
 
     def allow() -> None:
         breaker.allow(deployment.name)
 
     def take() -> None:
-        ticket = admit(
-            bucket,
-            deployment,
-            estimate,
-            request_id=uuid.uuid4().hex,
-            priority="default",
-            tenant=TenantLimits(name="acme", rpm=100_000_000, tpm=100_000_000_000),
-            max_inline_wait_s=0,
-            sleep=time.sleep,
-        )
-        assert isinstance(ticket, Ticket), ticket
-        tickets.append(ticket)
+        tickets.append(_take(bucket, deployment, estimate))
 
     def settle_one() -> None:
-        settle(bucket, tickets.pop(), settlement(deployment, estimate, reply))
+        settle(bucket, tickets.pop(), settlement(deployment, estimate, REPLY))
 
     def record() -> None:
         breaker.record(deployment.name, uuid.uuid4().hex, failed=False, probe=False)
