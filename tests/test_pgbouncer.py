@@ -88,15 +88,14 @@ def test_prepared_statements_break_behind_pgbouncer_unless_turned_off(
         unprepared.dispose()
 
 
-@pytest.mark.slow
-def test_a_run_through_pgbouncer_ends_every_request_once_on_a_bounded_pool(
+@pytest.fixture(scope="module")
+def stack(
     bouncer: tuple[PostgresCluster, str], tmp_path_factory: pytest.TempPathFactory
-) -> None:
+) -> Iterator[EmbeddedStack]:
     cluster, url = bouncer
-    name = _fresh_database(cluster)
     stack = EmbeddedStack(
         tmp_path_factory.mktemp("pgbouncer"),
-        database_url=f"{url}/{name}",
+        database_url=f"{url}/{_fresh_database(cluster)}",
         workers=2,
         worker_concurrency=16,
         simulator_args=("--latency-ms", "40"),
@@ -104,24 +103,31 @@ def test_a_run_through_pgbouncer_ends_every_request_once_on_a_bounded_pool(
     )
     try:
         stack.start()
-        with httpx.Client(
-            base_url=stack.api_url, headers={"Authorization": f"Bearer {stack.api_key}"}, timeout=60
-        ) as http:
-            batch = http.post("/v1/batches", json={"requests": lines(REQUESTS, "pb", ("fast",))}).json()["id"]
-            most = 0
-            deadline = time.monotonic() + 240
-            while time.monotonic() < deadline:
-                most = max(most, server_connections(cluster, name))
-                if http.get(f"/v1/batches/{batch}").json()["status"] in ("completed", "failed"):
-                    break
-                time.sleep(0.2)
-            view = wait_ended(http, [batch], timeout_s=60)[batch]
-            results = _results(http, batch)
-        assert view["status"] == "completed", view
-        assert sorted(r["custom_id"] for r in results) == sorted(f"pb-{i}" for i in range(REQUESTS))
-        assert all(r["status"] == "succeeded" for r in results)
-        _assert_each_call_once_and_costed(stack, [batch])
-        print(f"\nat most {most} PostgreSQL connections to the ledger (PgBouncer pool: {POOL_SIZE})")
-        assert 0 < most <= POOL_SIZE
+        yield stack
     finally:
         stack.stop()
+
+
+@pytest.mark.slow
+def test_a_run_through_pgbouncer_ends_every_request_once_on_a_bounded_pool(
+    bouncer: tuple[PostgresCluster, str], stack: EmbeddedStack, http: httpx.Client
+) -> None:
+    cluster, _ = bouncer
+    assert stack.database_url is not None
+    name = stack.database_url.rsplit("/", 1)[1]
+    batch = http.post("/v1/batches", json={"requests": lines(REQUESTS, "pb", ("fast",))}).json()["id"]
+    most = 0
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        most = max(most, server_connections(cluster, name))
+        if http.get(f"/v1/batches/{batch}").json()["status"] in ("completed", "failed"):
+            break
+        time.sleep(0.2)
+    view = wait_ended(http, [batch], timeout_s=60)[batch]
+    results = _results(http, batch)
+    assert view["status"] == "completed", view
+    assert sorted(r["custom_id"] for r in results) == sorted(f"pb-{i}" for i in range(REQUESTS))
+    assert all(r["status"] == "succeeded" for r in results)
+    _assert_each_call_once_and_costed(stack, [batch])
+    print(f"\nat most {most} PostgreSQL connections to the ledger (PgBouncer pool: {POOL_SIZE})")
+    assert 0 < most <= POOL_SIZE

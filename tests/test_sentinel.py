@@ -11,6 +11,7 @@ keeps its run, and buckets relearn from the provider's headers."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -34,15 +35,14 @@ def test_a_sentinel_url_names_every_sentinel_and_the_primarys_database() -> None
         parse_sentinel_url("sentinel://10.0.0.1:26379/zero")
 
 
-@pytest.mark.slow
-def test_the_primary_killed_mid_run_loses_no_request_and_no_cost(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> None:
-    with running_sentinel_group(tmp_path_factory.mktemp("sentinel")) as sentinels:
-        _run_through_a_failover(tmp_path_factory, sentinels)
+@pytest.fixture(scope="module")
+def sentinels(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelGroup]:
+    with running_sentinel_group(tmp_path_factory.mktemp("sentinel")) as group:
+        yield group
 
 
-def _run_through_a_failover(tmp_path_factory: pytest.TempPathFactory, sentinels: SentinelGroup) -> None:
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, sentinels: SentinelGroup) -> Iterator[EmbeddedStack]:
     stack = EmbeddedStack(
         tmp_path_factory.mktemp("sentinel-stack"),
         redis_url=sentinels.url,
@@ -59,30 +59,34 @@ def _run_through_a_failover(tmp_path_factory: pytest.TempPathFactory, sentinels:
     )
     try:
         stack.start()
-        with httpx.Client(
-            base_url=stack.api_url, headers={"Authorization": f"Bearer {stack.api_key}"}, timeout=60
-        ) as http:
-            batch = http.post("/v1/batches", json={"requests": lines(REQUESTS, "ha", ("fast",))}).json()["id"]
-            done = 0
-            deadline = time.monotonic() + 120
-            while done < REQUESTS * 0.3 and time.monotonic() < deadline:
-                done = http.get(f"/v1/batches/{batch}").json()["request_counts"]["completed"]
-                time.sleep(0.2)
-            assert done < REQUESTS * 0.8, "the run ended before the failover could fall in its middle"
-            killed_at = time.monotonic()
-            sentinels.kill_primary()
-            promoted_s = time.monotonic() - killed_at
-            print(f"\nprimary killed at {done} of {REQUESTS} done; replica promoted in {promoted_s:.1f} s")
-            view = wait_ended(http, [batch], timeout_s=300)[batch]
-            print(f"every request ended {time.monotonic() - killed_at:.1f} s after the kill")
-            client = redis_client(sentinels.url, master_name=MASTER, socket_timeout=1)
-            assert client.get_connection_kwargs()["db"] == 0 and client.ping()
-            assert view["status"] == "completed", view
-            results = _results(http, batch)
-        assert sorted(r["custom_id"] for r in results) == sorted(f"ha-{i}" for i in range(REQUESTS))
-        assert all(r["status"] == "succeeded" for r in results), [
-            r for r in results if r["status"] != "succeeded"
-        ][:3]
-        _assert_each_call_once_and_costed(stack, [batch])
+        yield stack
     finally:
         stack.stop()
+
+
+@pytest.mark.slow
+def test_the_primary_killed_mid_run_loses_no_request_and_no_cost(
+    stack: EmbeddedStack, sentinels: SentinelGroup, http: httpx.Client
+) -> None:
+    batch = http.post("/v1/batches", json={"requests": lines(REQUESTS, "ha", ("fast",))}).json()["id"]
+    done = 0
+    deadline = time.monotonic() + 120
+    while done < REQUESTS * 0.3 and time.monotonic() < deadline:
+        done = http.get(f"/v1/batches/{batch}").json()["request_counts"]["completed"]
+        time.sleep(0.2)
+    assert done < REQUESTS * 0.8, "the run ended before the failover could fall in its middle"
+    killed_at = time.monotonic()
+    sentinels.kill_primary()
+    promoted_s = time.monotonic() - killed_at
+    print(f"\nprimary killed at {done} of {REQUESTS} done; replica promoted in {promoted_s:.1f} s")
+    view = wait_ended(http, [batch], timeout_s=300)[batch]
+    print(f"every request ended {time.monotonic() - killed_at:.1f} s after the kill")
+    client = redis_client(sentinels.url, master_name=MASTER, socket_timeout=1)
+    assert client.get_connection_kwargs()["db"] == 0 and client.ping()
+    assert view["status"] == "completed", view
+    results = _results(http, batch)
+    assert sorted(r["custom_id"] for r in results) == sorted(f"ha-{i}" for i in range(REQUESTS))
+    assert all(r["status"] == "succeeded" for r in results), [
+        r for r in results if r["status"] != "succeeded"
+    ][:3]
+    _assert_each_call_once_and_costed(stack, [batch])
