@@ -2,14 +2,14 @@
 without the call.
 
 Each admission is the worker's own code path on a real redis-server (started here, on a free
-loopback port): the breaker's permit (``breaker_allow.lua``), the bucket take
+loopback port): the bucket take, which asks the deployment's breaker in the same step
 (``bucket_take.lua``: every limit of an OpenAI deployment and a tenant ceiling), then the
-settlement with the answer's rate-limit headers (``bucket_settle.lua``) and the breaker's record
-(``breaker_record.lua``): four scripts, four round trips. --processes worker-like processes run
+settlement with the answer's rate-limit headers, which counts the call in the breaker
+(``bucket_settle.lua``): two scripts, two round trips. --processes worker-like processes run
 --threads threads each, spread over --deployments deployments (one bucket hash each), with limits
 high enough that nobody waits: this measures the scripts and the round trips, not the limiter.
 
-Reports admissions/s, the mean and p99 of one admission (all four round trips), and Redis's own
+Reports admissions/s, the mean and p99 of one admission (both round trips), and Redis's own
 CPU per admission (INFO cpu), which says how far one Redis core goes.
 
     python bench/admission.py --processes 2 --threads 8 --seconds 10
@@ -43,7 +43,7 @@ from workers.admission import (
     settle,
     settlement,
 )
-from workers.breaker import Breaker
+from workers.breaker import BreakerPolicy
 from workers.providers.base import ProviderReply, Usage
 
 DEPLOYMENT = """
@@ -90,12 +90,18 @@ def _take(bucket: Bucket, deployment: Deployment, estimate: Estimate) -> Ticket:
     return ticket
 
 
+def _settle(bucket: Bucket, ticket: Ticket, estimate: Estimate) -> None:
+    """The worker's settlement of a call that succeeded, counted in the breaker too."""
+    answer = settlement(ticket.deployment, estimate, REPLY)
+    settle(bucket, ticket, answer, call_id=ticket.reservation_id, failed=False)
+
+
 def _worker(url: str, deployments: int, threads: int, seconds: float, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
     import threading
 
     client = redis.Redis.from_url(url)
     config = parse_config("".join(DEPLOYMENT.format(i=i) for i in range(deployments)), Path("bench.toml"))
-    bucket, breaker = Bucket(client, BucketPolicy()), Breaker(client)
+    bucket = Bucket(client, BucketPolicy(), breaker=BreakerPolicy())
     latencies: list[float] = []
     lock = threading.Lock()
     stop_at = time.monotonic() + seconds
@@ -106,10 +112,14 @@ def _worker(url: str, deployments: int, threads: int, seconds: float, out: multi
         mine = []
         while time.monotonic() < stop_at:
             started = time.perf_counter()
-            permit = breaker.allow(deployment.name)
             ticket = _take(bucket, deployment, estimate)
-            settle(bucket, ticket, settlement(deployment, estimate, REPLY))
-            breaker.record(deployment.name, uuid.uuid4().hex, failed=False, probe=permit.probe)
+            settle(
+                bucket,
+                ticket,
+                settlement(deployment, estimate, REPLY),
+                call_id=ticket.reservation_id,
+                failed=False,
+            )
             mine.append(time.perf_counter() - started)
         with lock:
             latencies.extend(mine)
@@ -158,7 +168,7 @@ def main() -> None:
     latencies.sort()
     print(
         f"{args.processes} processes x {args.threads} threads, {args.deployments} deployments, "
-        f"{args.seconds:.0f} s: {n:,} admissions, {n / elapsed:,.0f}/s; one admission (4 round trips) "
+        f"{args.seconds:.0f} s: {n:,} admissions, {n / elapsed:,.0f}/s; one admission (2 round trips) "
         f"mean {statistics.mean(latencies) * 1000:.2f} ms, p99 {latencies[int(n * 0.99)] * 1000:.2f} ms; "
         f"Redis CPU {redis_cpu / n * 1e6:.0f} us per admission"
     )
@@ -172,27 +182,27 @@ def _per_script(client: redis.Redis, n: int = 2000) -> dict[str, float]:
     """Redis's own CPU for each step of an admission, and for a PING (the floor of a round trip)."""
     config = parse_config(DEPLOYMENT.format(i="solo"), Path("bench.toml"))
     deployment = config.deployments[0]
-    bucket, breaker = Bucket(client, BucketPolicy()), Breaker(client)
+    bucket = Bucket(client, BucketPolicy(), breaker=BreakerPolicy())
     estimate = estimate_call(deployment, BODY, 256)
     tickets: list[Ticket] = []
-
-    def allow() -> None:
-        breaker.allow(deployment.name)
 
     def take() -> None:
         tickets.append(_take(bucket, deployment, estimate))
 
     def settle_one() -> None:
-        settle(bucket, tickets.pop(), settlement(deployment, estimate, REPLY))
-
-    def record() -> None:
-        breaker.record(deployment.name, uuid.uuid4().hex, failed=False, probe=False)
+        ticket = tickets.pop()
+        settle(
+            bucket,
+            ticket,
+            settlement(deployment, estimate, REPLY),
+            call_id=ticket.reservation_id,
+            failed=False,
+        )
 
     def ping() -> None:
         client.ping()
 
-    steps: dict[str, Callable[[], None]] = {"PING": ping, "breaker_allow": allow, "bucket_take": take}
-    steps |= {"bucket_settle": settle_one, "breaker_record": record}
+    steps: dict[str, Callable[[], None]] = {"PING": ping, "bucket_take": take, "bucket_settle": settle_one}
     costs = {}
     for name, step in steps.items():
         before = _redis_cpu(client)

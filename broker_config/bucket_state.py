@@ -10,26 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
-from pathlib import Path
 from typing import cast
 
 import redis
 
 from broker_config import keys
 from broker_config.deployments import Deployment
-
-# The script is read from the workers package's files rather than imported: broker_config
-# imports nothing above it, and the .lua files are data shipped in the same wheel (package data
-# of `workers` in pyproject.toml), so the path holds in a checkout and in site-packages alike. A
-# copy of the prelude kept here would be exactly the second copy of the arithmetic this avoids.
-LUA_DIR = Path(__file__).resolve().parent.parent / "workers" / "lua"
-
-
-@cache
-def _read_script() -> str:
-    # As workers.admission.lua_script: the prelude first, since Redis has no script imports.
-    return (LUA_DIR / "prelude.lua").read_text() + "\n" + (LUA_DIR / "bucket_read.lua").read_text()
+from broker_config.scripts import PRELUDE, lua_source
 
 
 @dataclass(frozen=True)
@@ -80,7 +67,7 @@ def read_state(
     args.append(len(limits))
     for name, configured in limits.items():
         args += [name, configured]
-    script = client.register_script(_read_script())
+    script = client.register_script(lua_source("bucket_read.lua", PRELUDE))
     bucket_keys = [
         keys.bucket(deployment.name),
         keys.reservations(deployment.name),

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import redis as redis_lib
 
-from workers.breaker import Breaker, BreakerPolicy, is_provider_failure
+from workers.breaker import Breaker, BreakerCall, BreakerPolicy, is_provider_failure
 from workers.providers.base import CallFailed, ProviderReply, Usage
 
 # Only the ratio here; the failures-in-a-row rule has its own test below.
@@ -112,3 +112,38 @@ def test_a_sudden_outage_opens_it_after_a_few_failures_in_a_row(
     assert set(_calls(breaker, clock, 0, 1)) == {""}  # the streak starts again
     assert _calls(breaker, clock, 5, 0) == ["", "", "", "", "opened"]
     assert not breaker.allow("d").allowed
+
+
+def test_admission_asks_and_tells_the_breaker_in_the_buckets_own_step(
+    redis: redis_lib.Redis, clock: list[float]
+) -> None:
+    """The worker's way (one round trip each): a take on a deployment whose breaker is open takes
+    no room; half-open, a take that must wait for room does not hold a probe's place (before, the
+    permit was taken first and a waiting probe held its place for a whole open period); the
+    settlement counts the call and reports the transition."""
+    from workers.admission import Bucket, BucketPolicy, Charge, Settlement
+
+    policy = BreakerPolicy(min_calls=2, failure_ratio=0.5, open_s=15, probes=1, consecutive_failures=0)
+    bucket = Bucket(redis, BucketPolicy(first_call_s=0.0), clock_ms=lambda: clock[0], breaker=policy)
+    breaker = Breaker(redis, policy, clock_ms=lambda: clock[0])
+    small, large = [Charge("requests", 60, 1), Charge("tokens", 6000, 100)], [Charge("tokens", 6000, 5000)]
+
+    def take(rid: str, charges: list[Charge]) -> str:
+        admission = bucket.take("d", rid, charges, priority="interactive", ttl_s=60)
+        return "probe" if admission.probe else admission.status
+
+    def settle(rid: str, failed: bool, probe: bool = False) -> str:
+        used = Settlement(used={"requests": 1, "tokens": 10})
+        return bucket.settle("d", rid, small, used, call=BreakerCall(rid, failed=failed, probe=probe)).transition
+
+    assert take("big", large) == "granted"  # most of the bucket, kept in flight
+    assert take("a", small) == "granted" and take("b", small) == "granted"
+    assert settle("a", failed=True) == "" and settle("b", failed=True) == "opened"
+    assert take("c", small) == "open"
+    assert not redis.hexists("headrace:{d}:resv", "c")  # nothing taken
+    clock[0] += 15_000  # half-open: one probe at a time
+    assert take("waits", large) == "wait"  # no room: no probe's place taken
+    assert take("p", small) == "probe"
+    assert breaker.allow("d").allowed is False  # the one place is the probe's
+    assert settle("p", failed=False, probe=True) == "closed"
+    assert take("after", small) == "granted"

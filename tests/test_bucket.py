@@ -430,8 +430,8 @@ def test_a_floor_is_lent_out_while_nobody_above_it_asks(bucket: Bucket, clock: l
 
 def test_settling_returns_unused_tokens_once(bucket: Bucket, redis: redis_lib.Redis) -> None:
     take(bucket, "a", 5000)
-    assert bucket.settle("d", "a", charges(0), Settlement(used={"requests": 1, "tokens": 1200}))
-    assert not bucket.settle("d", "a", charges(0), Settlement(used={"requests": 1, "tokens": 0}))
+    assert bucket.settle("d", "a", charges(0), Settlement(used={"requests": 1, "tokens": 1200})).found
+    assert not bucket.settle("d", "a", charges(0), Settlement(used={"requests": 1, "tokens": 0})).found
     assert stored_levels(redis)["tokens"] == pytest.approx(6000 - 1200)
 
 
@@ -449,7 +449,7 @@ def test_a_reservation_whose_worker_died_stops_counting(bucket: Bucket, clock: l
     take(bucket, "a", 100)
     clock[0] += TTL_S * 1000 + 1
     take(bucket, "b", 100)
-    assert not bucket.settle("d", "a", charges(0), Settlement(used={"requests": 0, "tokens": 0}))
+    assert not bucket.settle("d", "a", charges(0), Settlement(used={"requests": 0, "tokens": 0})).found
 
 
 def test_a_reservation_outlives_its_deployments_own_timeout(
@@ -481,7 +481,7 @@ def test_a_reservation_outlives_its_deployments_own_timeout(
     first = reserve("a")
     clock[0] += 610_000  # the call runs 610 s; meanwhile other calls take (and sweep stale ones)
     reserve("b")
-    assert settle(bucket, first, Settlement(used={"requests": 1, "tokens": 1500}))
+    assert settle(bucket, first, Settlement(used={"requests": 1, "tokens": 1500})).found
     shown = read_state(redis, slow, clock_ms=lambda: clock[0])
     assert [limit.level for limit in shown.limits] == [59, 6000 - 1000 - 500]  # b's take, a's debt
     clock[0] += 665_001  # past b's ttl, counted from its grant
@@ -499,7 +499,7 @@ def test_settle_never_raises_when_redis_is_gone(clock: list[float]) -> None:
     gone = redis_lib.Redis(port=1, socket_connect_timeout=0.2)
     bucket = Bucket(gone, EXACT, clock_ms=lambda: clock[0])
     ticket = Ticket(DEPLOYMENT, "a", charges(1), None, [])
-    assert settle(bucket, ticket, Settlement(used={"requests": 1, "tokens": 1})) is False
+    assert settle(bucket, ticket, Settlement(used={"requests": 1, "tokens": 1})).found is False
 
 
 def test_the_provider_headers_pull_the_bucket_down(bucket: Bucket, redis: redis_lib.Redis) -> None:

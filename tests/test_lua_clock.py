@@ -52,7 +52,7 @@ def test_a_bucket_neither_drains_nor_refills_while_the_clock_is_behind(
     shown = read_state(redis, DEPLOYMENT, clock_ms=lambda: clock[0])
     assert shown.clock_behind_s == pytest.approx(600)
     # A settlement while behind refunds what was not used, and drains nothing.
-    assert bucket.settle("d", "a", _charges(0), Settlement(used={"requests": 1, "tokens": 500}))
+    assert bucket.settle("d", "a", _charges(0), Settlement(used={"requests": 1, "tokens": 500})).found
     assert _levels(redis, clock)["tokens"] == pytest.approx(3500)
     # Caught up: refill counts from T0 only, never the ten minutes twice.
     clock[0] = T0 + 6000

@@ -125,9 +125,8 @@ def deps(
         config=parse_config(_config(sim.url, compat_url), Path("t.toml")),
         settings=settings,
         adapters=default_adapters(),
-        bucket=Bucket(redis),
+        bucket=Bucket(redis, breaker=BreakerPolicy()),
         delays=DelayQueue(redis),
-        breaker=Breaker(redis),
         leases=Leases(redis, 15),
         fallbacks=FallbackCounter(redis),
         worker="test",
@@ -212,14 +211,14 @@ def test_requests_parked_for_a_deployments_trouble_are_released_when_its_breaker
     other). Before: requests parked late in an outage waited up to their whole backoff after the
     provider was back (+27 s of span in bench/rate_limits.py --faults on 10 s windows)."""
     policy = BreakerPolicy(open_s=0.05, probes=1, consecutive_failures=3)
-    deps = replace(deps, breaker=Breaker(redis, policy))
+    deps = replace(deps, bucket=Bucket(redis, breaker=policy))
     (parked,) = _submit(deps, "single", "[[sim:status=503]] hi")
     run_request(parked, deps)  # two 503s: the breaker not yet open, the request parked
     member = f"default|{parked}"
     assert redis.zscore("headrace:{oa}:waiters", member) is not None
     redis.zadd("headrace:delayed", {member: 10**15})  # as if its backoff were long
     for i in range(3):
-        deps.breaker.record("oa", f"x{i}", failed=True, probe=False)
+        Breaker(redis, policy).record("oa", f"x{i}", failed=True, probe=False)
     time.sleep(0.1)  # open, then half-open: the next call is the probe
     (probe,) = _submit(deps, "single")
     run_request(probe, deps)

@@ -27,7 +27,7 @@ from tests.simulator_fixture import SimControl
 from tests.test_pipeline import KEY_ENV, _config, _state, _submit
 from workers import ledger
 from workers.admission import Bucket
-from workers.breaker import Breaker, FallbackCounter
+from workers.breaker import BreakerPolicy, FallbackCounter
 from workers.delays import DelayQueue
 from workers.housekeeping import LostMessageSweep, OrphanSweep
 from workers.leases import LeaseKeeper, Leases
@@ -81,9 +81,8 @@ def deps(
         config=parse_config(_config(sim.url), Path("t.toml")),
         settings=settings,
         adapters=default_adapters(),
-        bucket=Bucket(client),
+        bucket=Bucket(client, breaker=BreakerPolicy()),
         delays=DelayQueue(client),
-        breaker=Breaker(client),
         leases=Leases(client, settings.lease_ttl_s),
         fallbacks=FallbackCounter(client),
         worker="test",

@@ -8,7 +8,11 @@ call has ended.
     ... the provider call ...
     settlement(deployment, estimate, outcome)  what the call really counted, limit by limit, and
                                                what the provider's headers forecast (forecast.py)
-    settle(bucket, ticket, settlement)         Bucket.settle -> lua/bucket_settle.lua; never raises
+    settle(bucket, ticket, settlement, call)   Bucket.settle -> lua/bucket_settle.lua; never raises
+
+The deployment's circuit breaker (``workers/breaker.py``, ``lua/breaker.lua``) is asked in the
+take and told how the call went in the settlement, in the same atomic step and round trip: a
+deployment it keeps shut takes no room, and a half-open probe's place is taken only with room.
 
 One bucket per deployment (and per tenant ceiling) in Redis, shared by every worker on every
 host. The algorithm, its units and its clock are in ``lua/prelude.lua``. What people see
@@ -26,14 +30,15 @@ import random
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, Literal
 
 import redis
 
 from broker_config import keys
 from broker_config.deployments import Deployment, TenantLimits
+from broker_config.scripts import BREAKER, lua_source
 from db.states import Priority
+from workers.breaker import BreakerCall, BreakerPolicy, count_keys, log_transition
 from workers.forecast import Forecast
 from workers.metering import (
     DEFAULT_PAUSE_S,
@@ -47,7 +52,6 @@ from workers.providers.base import CallFailed, ProviderReply, requested_max_toke
 
 __all__ = [
     "DEFAULT_PAUSE_S",
-    "LUA_DIR",
     "MAX_PAUSE_S",
     "Admission",
     "Bucket",
@@ -55,6 +59,7 @@ __all__ = [
     "Charge",
     "Estimate",
     "Forecast",
+    "Settled",
     "Settlement",
     "Ticket",
     "TooLarge",
@@ -63,7 +68,6 @@ __all__ = [
     "admit",
     "estimate_call",
     "estimate_prompt_tokens",
-    "lua_script",
     "requested_max_tokens",
     "settle",
     "settlement",
@@ -71,14 +75,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-LUA_DIR = Path(__file__).parent / "lua"
-
-
-def lua_script(name: str) -> str:
-    # The prelude holds the helpers every script shares; Redis has no script imports.
-    return (LUA_DIR / "prelude.lua").read_text() + "\n" + (LUA_DIR / name).read_text()
-
 
 # --- 1. How big the call is ------------------------------------------------------------------
 
@@ -166,26 +162,40 @@ class BucketPolicy:
 class Admission:
     """The bucket's answer to one take."""
 
-    status: Literal["granted", "wait", "never"]
+    status: Literal["granted", "wait", "never", "open"]  # open: the breaker keeps it shut
     wait_s: float = 0.0
     reason: str = ""  # which limit made it wait, or is too small
     limit: int = 0  # for "never": the limit the cost exceeds
+    probe: bool = False  # granted as the half-open breaker's probe
+
+
+@dataclass(frozen=True)
+class Settled:
+    """The bucket's answer to one settlement."""
+
+    found: bool  # the reservation was still there to settle
+    transition: str = ""  # what the call did to the breaker: "opened", "closed" or ""
 
 
 class Bucket:
-    """Takes and settles reservations; ``clock_ms`` exists only for the property tests."""
+    """Takes and settles reservations; ``clock_ms`` exists only for the property tests. With a
+    ``breaker`` policy every take first asks the deployment's breaker, and a settlement given the
+    call's ``BreakerCall`` counts it there (the worker's way); without one the breaker is left out."""
 
     def __init__(
         self,
         client: redis.Redis,
         policy: BucketPolicy | None = None,
         clock_ms: Callable[[], float] | None = None,
+        *,
+        breaker: BreakerPolicy | None = None,
     ) -> None:
         self.redis = client
         self.policy = policy or BucketPolicy()
+        self.breaker = breaker
         self._clock_ms = clock_ms
-        self._take = client.register_script(lua_script("bucket_take.lua"))
-        self._settle = client.register_script(lua_script("bucket_settle.lua"))
+        self._take = client.register_script(lua_source("bucket_take.lua", BREAKER))
+        self._settle = client.register_script(lua_source("bucket_settle.lua", BREAKER))
 
     def _keys(self, deployment: str, tenant: str | None) -> list[str]:
         return [
@@ -229,12 +239,18 @@ class Bucket:
         args.append(len(tenant_charges))
         for charge in tenant_charges:
             args += [charge.name, charge.limit, charge.cost]
-        status, amount, reason = self._take(keys=self._keys(deployment, tenant), args=args)
+        script_keys = self._keys(deployment, tenant)
+        if self.breaker is not None:
+            script_keys.append(keys.breaker(deployment))
+            args += [int(self.breaker.open_s * 1000), self.breaker.probes]
+        status, amount, reason = self._take(keys=script_keys, args=args)
         reason = reason.decode() if isinstance(reason, bytes) else str(reason)
         if status == 1:
-            return Admission("granted")
+            return Admission("granted", probe=reason == "probe")
         if status == 0:
             return Admission("wait", wait_s=int(amount) / 1000, reason=reason)
+        if status == 2:
+            return Admission("open", wait_s=int(amount) / 1000, reason="circuit_open")
         return Admission("never", reason=reason, limit=int(amount))
 
     def settle(
@@ -246,9 +262,10 @@ class Bucket:
         *,
         tenant: str | None = None,
         tenant_charges: Sequence[Charge] = (),
-    ) -> bool:
-        """Give back (or take) the difference between reserved and used; learn from headers.
-        True if the reservation was still there to settle."""
+        call: BreakerCall | None = None,
+    ) -> Settled:
+        """Give back (or take) the difference between reserved and used; learn from headers; with
+        a breaker policy and the ``call``, count it in the deployment's breaker."""
         policy = self.policy
         args: list[str | float | int] = [
             self._clock(),
@@ -273,8 +290,15 @@ class Bucket:
         for charge in tenant_charges:
             used = settlement.tenant_used.get(charge.name)
             args += [charge.name, charge.limit, -1 if used is None else used]
-        found = self._settle(keys=self._keys(deployment, tenant), args=args)
-        return bool(found)
+        script_keys = self._keys(deployment, tenant)
+        if self.breaker is not None and call is not None:
+            script_keys += count_keys(deployment)
+            args += self.breaker.count_args(call)
+        found, transition = self._settle(keys=script_keys, args=args)
+        transition = transition.decode() if isinstance(transition, bytes) else str(transition)
+        if transition and call is not None:
+            log_transition(deployment, transition, self.breaker or BreakerPolicy(), probe=call.probe)
+        return Settled(bool(found), transition)
 
 
 # --- 3. Before the call: admit -------------------------------------------------------------------
@@ -289,6 +313,7 @@ class Ticket:
     charges: list[Charge]
     tenant: str | None
     tenant_charges: list[Charge]
+    probe: bool = False  # the half-open breaker's probe: its outcome decides whether it closes
 
 
 @dataclass(frozen=True)
@@ -333,7 +358,9 @@ def admit(
             tenant_charges=ceiling,
         )
         if admission.status == "granted":
-            return Ticket(deployment, reservation_id, charges, tenant_name, ceiling)
+            return Ticket(deployment, reservation_id, charges, tenant_name, ceiling, probe=admission.probe)
+        if admission.status == "open":  # not worth waiting for in place: the chain goes on
+            return Wait(admission.wait_s, admission.reason)
         if admission.status == "never":
             on_tenant = admission.reason.startswith("tenant:")
             limit_name = admission.reason.removeprefix("tenant:")
@@ -362,10 +389,14 @@ def settlement(
     return replace(settlement_of(deployment, estimate.prompt_tokens, outcome), age_s=age_s)
 
 
-def settle(bucket: Bucket, ticket: Ticket, settlement: Settlement) -> bool:
+def settle(
+    bucket: Bucket, ticket: Ticket, settlement: Settlement, *, call_id: str = "", failed: bool | None = None
+) -> Settled:
     """Never raises: a paid call's ledger row must not depend on the bucket. A bucket we cannot
-    reach only loses the refund (it over-throttles until the reservation expires). True if the
-    reservation was found and settled."""
+    reach only loses the refund (it over-throttles until the reservation expires). ``failed``:
+    whether the call says the deployment is unhealthy (None: no call was made, the breaker is not
+    told)."""
+    call = None if failed is None else BreakerCall(call_id, failed=failed, probe=ticket.probe)
     try:
         return bucket.settle(
             ticket.deployment.name,
@@ -374,9 +405,10 @@ def settle(bucket: Bucket, ticket: Ticket, settlement: Settlement) -> bool:
             settlement,
             tenant=ticket.tenant,
             tenant_charges=ticket.tenant_charges,
+            call=call,
         )
     except redis.RedisError as exc:
         log.warning("could not settle reservation %s (%s); it expires on its own", ticket.reservation_id, exc)
     except Exception:  # a bug here must not lose the attempt's row either
         log.exception("settling reservation %s failed", ticket.reservation_id)
-    return False
+    return Settled(False)

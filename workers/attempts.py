@@ -35,7 +35,7 @@ from workers.admission import (
     settle,
     settlement,
 )
-from workers.breaker import Breaker, FallbackCounter, Permit, is_provider_failure
+from workers.breaker import FallbackCounter, is_provider_failure
 from workers.costing import call_cost_usd
 from workers.delays import DelayQueue
 from workers.leases import Lease, Leases
@@ -55,7 +55,6 @@ class Deps:
     adapters: Mapping[str, ProviderAdapter]
     bucket: Bucket
     delays: DelayQueue
-    breaker: Breaker
     leases: Leases
     fallbacks: FallbackCounter
     worker: str  # this process's name on the attempts it makes
@@ -148,11 +147,7 @@ def _attempt(
         end_without_call(deps, walk.run, walk.lease, RequestStatus.EXPIRED, expired)
         walk.over = True
         return None
-    permit = deps.breaker.allow(deployment.name)
-    if not permit.allowed:
-        walk.busy(Wait(permit.wait_s, "circuit_open"), deployment.name)  # an open breaker: do not wait, go on
-        return None
-    ticket = _reserve(walk, deployment, estimate, deps)
+    ticket = _reserve(walk, deployment, estimate, deps)  # asks the deployment's breaker too
     if ticket is None:
         return None
     attempt_no = None
@@ -187,7 +182,7 @@ def _attempt(
     answered = time.monotonic()
     latency_ms = round((answered - started) * 1000)
     decision = _record(walk, deployment, attempt_no, outcome, latency_ms, deps)  # first, and held
-    _after_call(deps, ticket, estimate, outcome, permit, f"{walk.run.request_id}:{attempt_no}", answered)
+    _after_call(deps, ticket, estimate, outcome, f"{walk.run.request_id}:{attempt_no}", answered)
     if decision is None or walk.over:
         return None
     assert isinstance(outcome, CallFailed)
@@ -195,7 +190,8 @@ def _attempt(
 
 
 def _reserve(walk: Walk, deployment: Deployment, estimate: Estimate, deps: Deps) -> Ticket | None:
-    """Room in the deployment's bucket, or None (the chain goes on: it is busy, or too small)."""
+    """Room in the deployment's bucket, or None (the chain goes on: it is busy, its breaker is
+    open, or it is too small)."""
     ticket = admit(
         deps.bucket,
         deployment,
@@ -323,25 +319,28 @@ def _after_call(
     ticket: Ticket,
     estimate: Estimate,
     outcome: ProviderReply | CallFailed,
-    permit: Permit,
     call_id: str,
     answered: float,
 ) -> None:
-    """Tell Redis how the call went: best-effort, after the ledger has the call (``answered``:
-    the monotonic time the provider's answer came, which its durations count from)."""
+    """Tell Redis how the call went, the bucket and the breaker in one step: best-effort, after the
+    ledger has the call (``answered``: the monotonic time the provider's answer came, which its
+    durations count from)."""
     deployment = ticket.deployment
     age_s = time.monotonic() - answered
-    settle(deps.bucket, ticket, settlement(deployment, estimate, outcome, age_s=age_s))
-    best_effort("breaker", _record_breaker, deps, deployment.name, call_id, outcome, permit)
+    settled = settle(
+        deps.bucket,
+        ticket,
+        settlement(deployment, estimate, outcome, age_s=age_s),
+        call_id=call_id,
+        failed=is_provider_failure(outcome),
+    )
+    if settled.transition == "closed":
+        best_effort("breaker waiters", _wake, deps, deployment.name)
 
 
-def _record_breaker(
-    deps: Deps, deployment: str, call_id: str, outcome: ProviderReply | CallFailed, permit: Permit
-) -> None:
-    failed = is_provider_failure(outcome)
-    if deps.breaker.record(deployment, call_id, failed=failed, probe=permit.probe) == "closed":
-        woken = deps.delays.wake(deployment)
-        log.info("%d request(s) parked for deployment %s released: its breaker closed", woken, deployment)
+def _wake(deps: Deps, deployment: str) -> None:
+    woken = deps.delays.wake(deployment)
+    log.info("%d request(s) parked for deployment %s released: its breaker closed", woken, deployment)
 
 
 def best_effort(what: str, fn: Callable[..., object], *args: Any, **kwargs: Any) -> None:

@@ -5,7 +5,9 @@ A deployment whose calls fail too often (server errors, timeouts, cut connection
 health, not the request's fault nor a rate limit) is opened: requests go straight to the next
 deployment of their chain instead of spending attempts on it. After ``open_s`` a few probe calls
 are let through (half-open); when they succeed it closes, when as many fail it opens again. The state
-machine lives in ``lua/breaker_allow.lua`` and ``lua/breaker_record.lua``.
+machine lives in ``lua/breaker.lua``. A worker asks it inside the bucket's take and tells it inside
+the settlement (``workers/admission.py``: one round trip each); ``Breaker`` asks and tells it on its
+own (``lua/breaker_allow.lua``, ``lua/breaker_record.lua``), for tests and tools.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 import redis
 
 from broker_config import keys
-from workers.admission import lua_script
+from broker_config.scripts import BREAKER, lua_source
 from workers.providers.base import CallFailed, ProviderReply
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,48 @@ class BreakerPolicy:
     # before a sudden outage would otherwise keep it closed until as many calls had failed. Ten:
     # a provider failing one call in five at random shows ten in a row about once in ten million.
     consecutive_failures: int = 10
+
+    def count_args(self, call: BreakerCall) -> list[str | float | int]:
+        """What ``breaker_count_from`` in ``lua/breaker.lua`` reads for one call, in its order."""
+        return [
+            call.call_id,
+            1 if call.failed else 0,
+            int(self.window_s * 1000),
+            self.min_calls,
+            self.failure_ratio,
+            self.probes,
+            1 if call.probe else 0,
+            self.consecutive_failures,
+        ]
+
+
+@dataclass(frozen=True)
+class BreakerCall:
+    """One call as the breaker counts it."""
+
+    call_id: str
+    failed: bool  # the deployment's health failed it (``is_provider_failure``)
+    probe: bool  # it went as a half-open probe
+
+
+def count_keys(deployment: str) -> list[str]:
+    """The keys a count touches, in the order ``lua/breaker.lua`` takes them."""
+    return [keys.breaker(deployment), keys.breaker_calls(deployment), keys.breaker_failures(deployment)]
+
+
+def log_transition(deployment: str, transition: str, policy: BreakerPolicy, *, probe: bool) -> None:
+    if transition == "opened":
+        why = (
+            "a probe" if probe else f"{policy.consecutive_failures} in a row or >= {policy.failure_ratio:.0%}"
+        )
+        log.warning(
+            "circuit breaker OPENED for deployment %s: %s of its calls failed; skipped for %.0fs",
+            deployment,
+            why,
+            policy.open_s,
+        )
+    elif transition == "closed":
+        log.warning("circuit breaker CLOSED for deployment %s: its probes succeeded", deployment)
 
 
 @dataclass(frozen=True)
@@ -67,8 +111,8 @@ class Breaker:
         self.redis = client
         self.policy = policy or BreakerPolicy()
         self._clock_ms = clock_ms
-        self._allow = client.register_script(lua_script("breaker_allow.lua"))
-        self._record = client.register_script(lua_script("breaker_record.lua"))
+        self._allow = client.register_script(lua_source("breaker_allow.lua", BREAKER))
+        self._record = client.register_script(lua_source("breaker_record.lua", BREAKER))
 
     def _clock(self) -> str:
         return "" if self._clock_ms is None else repr(self._clock_ms())
@@ -85,35 +129,11 @@ class Breaker:
         """Count one call; returns the transition it caused ('opened', 'closed' or '')."""
         policy = self.policy
         transition = self._record(
-            keys=[
-                keys.breaker(deployment),
-                keys.breaker_calls(deployment),
-                keys.breaker_failures(deployment),
-            ],
-            args=[
-                self._clock(),
-                call_id,
-                1 if failed else 0,
-                int(policy.window_s * 1000),
-                policy.min_calls,
-                policy.failure_ratio,
-                policy.probes,
-                1 if probe else 0,
-                policy.consecutive_failures,
-            ],
+            keys=count_keys(deployment),
+            args=[self._clock(), *policy.count_args(BreakerCall(call_id, failed=failed, probe=probe))],
         )
         transition = transition.decode() if isinstance(transition, bytes) else str(transition)
-        if transition == "opened":
-            log.warning(
-                "circuit breaker OPENED for deployment %s: %s of its calls failed; skipped for %.0fs",
-                deployment,
-                "a probe"
-                if probe
-                else f"{policy.consecutive_failures} in a row or >= {policy.failure_ratio:.0%}",
-                policy.open_s,
-            )
-        elif transition == "closed":
-            log.warning("circuit breaker CLOSED for deployment %s: its probes succeeded", deployment)
+        log_transition(deployment, transition, policy, probe=probe)
         return transition
 
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 import redis
 
 from broker_config import keys
-from workers.admission import LUA_DIR
+from broker_config.scripts import lua_source
 
 log = logging.getLogger(__name__)
 CLAIM_LEASE_MS = 60_000
@@ -19,8 +19,8 @@ CLAIM_LEASE_MS = 60_000
 class DelayQueue:
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
-        self._claim = client.register_script((LUA_DIR / "delayed_claim.lua").read_text())
-        self._release = client.register_script((LUA_DIR / "delayed_release.lua").read_text())
+        self._claim = client.register_script(lua_source("delayed_claim.lua"))
+        self._release = client.register_script(lua_source("delayed_release.lua"))
 
     def park(self, request_id: str, priority: str, delay_s: float, wake_on: Sequence[str] = ()) -> None:
         """Publish ``request_id`` again in ``delay_s`` seconds (server time), or sooner when the

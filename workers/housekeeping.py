@@ -35,6 +35,7 @@ from sqlalchemy.orm import Session
 
 from broker_config import keys
 from broker_config.queues import broker_lists, broker_unacked_index_key, broker_unacked_key
+from broker_config.scripts import lua_source
 from broker_config.settings import Settings
 from db.batch_state import OPEN_BATCH_STATUSES, end_queued_requests
 from db.engine import Database
@@ -44,7 +45,7 @@ from db.retention import purge_expired
 from db.states import RequestStatus
 from db.types import utcnow
 from workers import ledger
-from workers.leases import Leases, load_lua
+from workers.leases import Leases
 
 log = logging.getLogger(__name__)
 TICK_S = 0.25
@@ -73,7 +74,7 @@ class Housekeeper(threading.Thread):
         self.redis = client
         self.jobs = jobs
         self.stopping = threading.Event()
-        self._release = client.register_script(load_lua("lease_release.lua"))
+        self._release = client.register_script(lua_source("lease_release.lua"))
 
     def run(self) -> None:
         while not self.stopping.wait(TICK_S):

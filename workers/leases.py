@@ -20,19 +20,14 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 import redis
 
 from broker_config import keys
+from broker_config.scripts import lua_source
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_ERROR_S = 0.5
-LUA_DIR = Path(__file__).parent / "lua"
-
-
-def load_lua(name: str) -> str:
-    return (LUA_DIR / name).read_text()
 
 
 @dataclass
@@ -50,8 +45,8 @@ class Leases:
         self.ttl_ms = int(ttl_s * 1000)
         self._held: dict[str, Lease] = {}
         self._lock = threading.Lock()
-        self._refresh = client.register_script(load_lua("lease_refresh.lua"))
-        self._release = client.register_script(load_lua("lease_release.lua"))
+        self._refresh = client.register_script(lua_source("lease_refresh.lua"))
+        self._release = client.register_script(lua_source("lease_release.lua"))
 
     def acquire(self, request_id: str) -> Lease | None:
         """A new lease on ``request_id``, or None while another run's lease on it is alive."""

@@ -24,7 +24,7 @@ from db.engine import DEFAULT_HOLD_S, settings_database
 from db.retention import SUGGESTED_INTERVAL_S
 from db.states import Priority
 from workers.admission import Bucket, BucketPolicy
-from workers.breaker import Breaker, BreakerPolicy, FallbackCounter
+from workers.breaker import BreakerPolicy, FallbackCounter
 from workers.delays import DelayQueue
 from workers.housekeeping import (
     Housekeeper,
@@ -113,9 +113,8 @@ def default_deps() -> Deps:
         config=load_config(settings.config),
         settings=settings,
         adapters=default_adapters(),
-        bucket=Bucket(client, bucket_policy(settings)),
+        bucket=Bucket(client, bucket_policy(settings), breaker=breaker_policy(settings)),
         delays=DelayQueue(client),
-        breaker=Breaker(client, breaker_policy(settings)),
         leases=leases,
         fallbacks=FallbackCounter(client),
         worker=settings.worker_id or f"{socket.gethostname()}:{os.getpid()}",

@@ -12,12 +12,14 @@
 -- ARGV[10] n, then n groups of 6: name, configured limit/min, actual used (-1: keep the charge),
 --         provider's limit, remaining, and reset (ms after its answer) (-1 each: not said)
 -- then m, then m triples for the tenant bucket: name, limit/min, actual used (-1: keep)
+-- KEYS[5..7] (optional) the deployment's breaker hash, calls and failures {dep}: the call is
+--         counted there in the same step (breaker.lua), with the last BREAKER_COUNT_ARGS ARGV
 --
 -- Settling a reservation twice, or one that expired, gives nothing back: the books stay balanced.
 -- The rate factor drops once per burst of 429s (not for a call admitted before the last drop),
 -- and is back to 1 as soon as an answer to a call admitted since shows at least the room the
 -- bucket thinks it has on every limit it tells of; without headers it recovers linearly.
--- Returns 1 if the reservation was found, 0 if not.
+-- Returns {1 if the reservation was found else 0, the breaker's transition ('opened', 'closed', '')}.
 -- Time: the deployment's own monotonic clock (prelude: monotonic_now), stamped as 'ts' here.
 local bucket, resv, resv_exp, tenant = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now = monotonic_now(bucket, ARGV[1])
@@ -222,4 +224,9 @@ redis.call('HSET', bucket, 'factor', num(factor), 'factor_ts', num(now))
 for _, key in ipairs(m > 0 and {bucket, tenant} or {bucket}) do
   if redis.call('PTTL', key) < 3600000 then redis.call('PEXPIRE', key, 3600000) end
 end
-return record and 1 or 0
+local transition = ''
+if KEYS[5] then
+  transition = breaker_count_from(KEYS[5], KEYS[6], KEYS[7], monotonic_now(KEYS[5], ARGV[1]),
+    #ARGV - BREAKER_COUNT_ARGS + 1)
+end
+return {record and 1 or 0, transition}

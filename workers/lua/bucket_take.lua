@@ -17,15 +17,29 @@
 -- ARGV[9] the floors of the priorities above this one, comma-separated, spelled as ARGV[3] is
 -- ARGV[10] n = number of deployment limits, then n triples: name, configured limit/min, cost
 -- then m = number of tenant limits, then m triples: name, limit/min, cost
+-- KEYS[5] (optional) the deployment's breaker hash {dep}, asked first in the same step
+--         (breaker.lua); then the last two ARGV are its open_ms and probes allowed at once
 --
 -- Returns {1, 0, ''}                granted (the reservation is recorded under its id)
+--         {1, 0, 'probe'}           granted, and the call is the half-open breaker's probe
 --         {0, wait_ms, reason}      not now: nothing taken; try again in wait_ms
 --         {-1, limit, name}         never: the cost exceeds the limit itself
+--         {2, wait_ms, state}       the breaker is open (or its probes are all out): nothing taken
 -- Time: the deployment's own monotonic clock (prelude: monotonic_now), stamped as 'ts' on a grant.
 local bucket, resv, resv_exp, tenant = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now = monotonic_now(bucket, ARGV[1])
 local id, floor, ttl, recover = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local lift, first_call = tonumber(ARGV[6]), tonumber(ARGV[7])
+
+-- A deployment its breaker keeps shut takes nothing; a probe's place is taken only with the room
+-- (a probe that waits for room must not hold it).
+local breaker, probe = KEYS[5], false
+if breaker then
+  local allowed, wait_ms, state = breaker_permit(breaker, monotonic_now(breaker, ARGV[1]),
+    tonumber(ARGV[#ARGV - 1]), tonumber(ARGV[#ARGV]))
+  if not allowed then return {2, wait_ms, state} end
+  probe = state == 'half_open'
+end
 
 -- Who asked when: a floor protects the priorities above it only while they are around.
 redis.call('HSET', bucket, 'asked:' .. ARGV[3], num(now))
@@ -145,5 +159,6 @@ redis.call('HSET', resv, id, record)
 redis.call('ZADD', resv_exp, now + ttl, id)
 -- Idle deployments leave no keys behind: everything expires an hour after its last use, or once
 -- the longest reservation has, so that no call's reservation vanishes while the call runs.
-for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, math.max(3600000, ttl)) end
-return {1, 0, ''}
+for k = 1, 4 do redis.call('PEXPIRE', KEYS[k], math.max(3600000, ttl)) end
+if probe then breaker_take_probe(breaker) end
+return {1, 0, probe and 'probe' or ''}
