@@ -11,15 +11,24 @@ is the sentinels' own, when they ask for one. The broker reads the same URL thro
 ``sentinel`` transport (``celery_transport_options``); buckets, leases, breakers and delays through
 redis-py's ``Sentinel``. Either asks the sentinels for the primary again when its connection
 breaks, so a failover costs each client a reconnection, not a restart.
+
+Buckets, breakers, leases and fallback counts may live apart from the broker, on
+``HEADRACE_STATE_REDIS_URL`` (``state_client``): one server, a Sentinel group, or, with
+``HEADRACE_STATE_REDIS_CLUSTER=true``, a Redis Cluster named by some of its nodes
+(``redis://h1:7000,redis://h2:7000``). Every script there touches the keys of one deployment (one
+hash tag, ``broker_config/keys.py``) or one key, so each runs on the node owning its slot. The
+broker cannot follow: kombu has no cluster transport, and its delay queue and the housekeeping
+locks stay with it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote, urlparse
 
 import redis
+from redis.cluster import ClusterNode, RedisCluster
 from redis.sentinel import Sentinel
 
 from broker_config.settings import Settings
@@ -91,6 +100,48 @@ def settings_client(settings: Settings, **options: Any) -> redis.Redis:
         sentinel_password=settings.redis_sentinel_password,
         **options,
     )
+
+
+def state_client(settings: Settings, **options: Any) -> redis.Redis:
+    """A client of the Redis that holds buckets, breakers, leases and fallback counts (``options``
+    as for ``redis_client``): ``HEADRACE_STATE_REDIS_URL``'s, else the broker's."""
+    url = settings.state_redis_url
+    if not url:
+        return settings_client(settings, **options)
+    if settings.state_redis_cluster:
+        return cluster_client(url, **options)
+    return redis_client(
+        url,
+        master_name=settings.state_redis_sentinel_master or settings.redis_sentinel_master,
+        sentinel_password=settings.redis_sentinel_password,
+        **options,
+    )
+
+
+def cluster_client(urls: str, **options: Any) -> redis.Redis:
+    """A Redis Cluster client from some of its nodes (comma-separated ``redis://host:port`` URLs;
+    it learns the rest from them). Typed as ``redis.Redis``: ``RedisCluster`` answers every command
+    the state keys use with the same signature, so that callers need not know which they hold; the
+    one thing it refuses, scripts inside a pipeline, is told by ``is_cluster``."""
+    nodes: list[ClusterNode] = []
+    credentials: dict[str, Any] = {}
+    for part in (p.strip() for p in urls.split(",") if p.strip()):
+        parsed = urlparse(part)
+        if parsed.scheme not in ("redis", "rediss") or not parsed.hostname:
+            raise ValueError(f"{part!r} is not a redis://host:port URL of a cluster node")
+        nodes.append(ClusterNode(parsed.hostname, parsed.port or 6379))  # type: ignore[no-untyped-call]
+        if parsed.password:
+            username = unquote(parsed.username) if parsed.username else None
+            credentials = {"password": unquote(parsed.password), "username": username}
+        if parsed.scheme == "rediss":
+            options.setdefault("ssl", True)
+    if not nodes:
+        raise ValueError("HEADRACE_STATE_REDIS_URL names no cluster node")
+    return cast(redis.Redis, RedisCluster(startup_nodes=nodes, **credentials, **options))
+
+
+def is_cluster(client: redis.Redis) -> bool:
+    return isinstance(client, RedisCluster)
 
 
 def celery_transport_options(url: str, *, master_name: str, sentinel_password: str | None) -> dict[str, Any]:

@@ -40,6 +40,21 @@ class Settings(BaseSettings):
     redis_sentinel_password: str | None = Field(
         default=None, description="The sentinels' own password, when they ask for one."
     )
+    state_redis_url: str | None = Field(
+        default=None,
+        description="Buckets, breakers, leases and fallback counts on a Redis of their own (default: "
+        "redis_url's): one server or Sentinel group as redis_url, or with state_redis_cluster a Redis "
+        "Cluster, its nodes as comma-separated redis:// URLs. The broker, its delay queue and the "
+        "housekeeping locks stay on redis_url (kombu has no cluster transport).",
+    )
+    state_redis_cluster: bool = Field(
+        default=False, description="state_redis_url names the nodes of a Redis Cluster."
+    )
+    state_redis_sentinel_master: str | None = Field(
+        default=None,
+        description="The Sentinel group's name when state_redis_url is a sentinel:// URL "
+        "(default: redis_sentinel_master; the sentinels' password is redis_sentinel_password).",
+    )
     config: Path = Field(default=Path("headrace.toml"), description="The deployments/routes TOML file.")
 
     # API

@@ -133,8 +133,8 @@ def test_admission_asks_and_tells_the_breaker_in_the_buckets_own_step(
         return "probe" if admission.probe else admission.status
 
     def settle(rid: str, failed: bool, probe: bool = False) -> str:
-        used = Settlement(used={"requests": 1, "tokens": 10})
-        return bucket.settle("d", rid, small, used, call=BreakerCall(rid, failed=failed, probe=probe)).transition
+        used, call = Settlement(used={"requests": 1, "tokens": 10}), BreakerCall(rid, failed, probe)
+        return bucket.settle("d", rid, small, used, call=call).transition
 
     assert take("big", large) == "granted"  # most of the bucket, kept in flight
     assert take("a", small) == "granted" and take("b", small) == "granted"
