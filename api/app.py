@@ -14,7 +14,7 @@ from api.openapi import install_openapi
 from api.routes import anthropic_compat, batches, deployments, health, openai_compat, webhooks
 from broker_config.celery_app import configure as configure_broker
 from broker_config.deployments import load_config
-from broker_config.redis_clients import settings_client
+from broker_config.redis_clients import settings_client, state_client
 from broker_config.settings import Settings, get_settings
 from db.engine import settings_database
 
@@ -32,6 +32,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         db=settings_database(settings),
         config=load_config(settings.config),
         redis=settings_client(settings, socket_timeout=2, socket_connect_timeout=2),
+        state_redis=state_client(settings, socket_timeout=2, socket_connect_timeout=2),
     )
     configure_broker(settings)
     install_error_handlers(app)

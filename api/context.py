@@ -6,8 +6,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated
 
-import redis
 from fastapi import Depends, Request
+from redis import Redis
 from sqlalchemy.orm import Session
 
 from api.errors import ApiError
@@ -23,7 +23,8 @@ class AppContext:
     settings: Settings
     db: Database
     config: DeploymentsConfig
-    redis: redis.Redis
+    redis: Redis  # the broker's: readiness, the delay queue
+    state_redis: Redis  # buckets, breakers, fallback counts (HEADRACE_STATE_REDIS_URL)
 
 
 def _context(request: Request) -> AppContext:

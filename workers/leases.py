@@ -22,8 +22,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import redis
+from redis.commands.core import Script
 
 from broker_config import keys
+from broker_config.redis_clients import is_cluster
 from broker_config.scripts import lua_source
 
 log = logging.getLogger(__name__)
@@ -79,11 +81,9 @@ class Leases:
         leases = self.held()
         if not leases:
             return 0
-        pipe = (client or self.redis).pipeline(transaction=False)
-        for lease in leases:
-            self._refresh(keys=[keys.lease(lease.request_id)], args=[lease.token, self.ttl_ms], client=pipe)
         kept = 0
-        for lease, ours in zip(leases, pipe.execute(), strict=True):
+        answers = self._run_each(self._refresh, leases, client, self.ttl_ms)
+        for lease, ours in zip(leases, answers, strict=True):
             if ours:
                 kept += 1
             elif not lease.lost:
@@ -94,11 +94,24 @@ class Leases:
         # again) bounced off it until it expired (seen: a request 8 s late, the last of its batch).
         released = [lease for lease in leases if not self._holds(lease)]
         if released:
-            pipe = (client or self.redis).pipeline(transaction=False)
-            for lease in released:
-                self._release(keys=[keys.lease(lease.request_id)], args=[lease.token], client=pipe)
-            pipe.execute()
+            self._run_each(self._release, released, client)
         return kept
+
+    def _run_each(
+        self, script: Script, leases: list[Lease], client: redis.Redis | None, *args: int
+    ) -> list[object]:
+        """``script`` on each lease's key, in one pipelined round trip; one call each on a Redis
+        Cluster, which refuses scripts inside a pipeline (they may reach different nodes)."""
+        client = client or self.redis
+        calls: list[tuple[list[str], list[str | int]]] = [
+            ([keys.lease(lease.request_id)], [lease.token, *args]) for lease in leases
+        ]
+        if is_cluster(client):
+            return [script(keys=k, args=a, client=client) for k, a in calls]
+        pipe = client.pipeline(transaction=False)
+        for k, a in calls:
+            script(keys=k, args=a, client=pipe)
+        return list(pipe.execute())
 
     def _holds(self, lease: Lease) -> bool:
         with self._lock:
@@ -110,7 +123,11 @@ class Leases:
         found: dict[str, str | None] = {}
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
-            values = self.redis.mget([keys.lease(i) for i in chunk])
+            # GETs in a pipeline, not MGET: on a Redis Cluster the keys live in different slots.
+            pipe = self.redis.pipeline(transaction=False)
+            for request_id in chunk:
+                pipe.get(keys.lease(request_id))
+            values = pipe.execute()
             for request_id, value in zip(chunk, values, strict=True):
                 found[request_id] = value.decode() if isinstance(value, bytes) else value
         return found

@@ -18,7 +18,7 @@ from broker_config.celery_app import app
 from broker_config.deployments import load_config
 from broker_config.publisher import publish_requests
 from broker_config.queues import RUN_REQUEST_TASK
-from broker_config.redis_clients import settings_client
+from broker_config.redis_clients import settings_client, state_client
 from broker_config.settings import Settings, get_settings
 from db.engine import DEFAULT_HOLD_S, settings_database
 from db.retention import SUGGESTED_INTERVAL_S
@@ -48,21 +48,28 @@ for _noisy in ("httpx", "httpx2"):
     logging.getLogger(_noisy).setLevel(logging.WARNING)
 
 
-def bucket_redis(settings: Settings) -> redis.Redis:
-    """The client for buckets and delays: short timeouts, a few quick retries, never a long hang."""
-    return settings_client(
-        settings,
-        socket_timeout=2,
-        socket_connect_timeout=2,
-        health_check_interval=30,
-        retry=Retry(ExponentialBackoff(cap=1, base=0.05), 3),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-    )
+# Short timeouts, a few quick retries, never a long hang.
+QUICK: dict[str, Any] = {
+    "socket_timeout": 2,
+    "socket_connect_timeout": 2,
+    "health_check_interval": 30,
+    "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
+}
+
+
+def state_redis(settings: Settings) -> redis.Redis:
+    """The client for buckets, breakers, leases and fallback counts (HEADRACE_STATE_REDIS_URL)."""
+    return state_client(settings, retry=Retry(ExponentialBackoff(cap=1, base=0.05), 3), **QUICK)
+
+
+def broker_redis(settings: Settings) -> redis.Redis:
+    """The client for the delay queue, the housekeeping locks and the broker's own lists."""
+    return settings_client(settings, retry=Retry(ExponentialBackoff(cap=1, base=0.05), 3), **QUICK)
 
 
 def lease_redis(settings: Settings) -> redis.Redis:
     """The lease keeper's own connection: one second to answer, no retries (it tries again soon)."""
-    return settings_client(settings, socket_timeout=1, socket_connect_timeout=1)
+    return state_client(settings, socket_timeout=1, socket_connect_timeout=1)
 
 
 def bucket_policy(settings: Settings) -> BucketPolicy:
@@ -99,7 +106,7 @@ def default_deps() -> Deps:
     """Built once per worker process: one engine, one SDK client per endpoint, shared by threads.
     The lease keeper starts here, before the first task can take a lease."""
     settings = get_settings()
-    client = bucket_redis(settings)
+    client = state_redis(settings)
     leases = Leases(client, settings.lease_ttl_s)
     LeaseKeeper(leases, lease_redis(settings)).start()
     return Deps(
@@ -114,7 +121,7 @@ def default_deps() -> Deps:
         settings=settings,
         adapters=default_adapters(),
         bucket=Bucket(client, bucket_policy(settings), breaker=breaker_policy(settings)),
-        delays=DelayQueue(client),
+        delays=DelayQueue(broker_redis(settings)),
         leases=leases,
         fallbacks=FallbackCounter(client),
         worker=settings.worker_id or f"{socket.gethostname()}:{os.getpid()}",
@@ -131,7 +138,8 @@ _housekeepers: list[Housekeeper] = []
 
 def housekeepers(deps: Deps) -> list[Housekeeper]:
     """The worker's periodic jobs, in three groups that never wait on each other."""
-    settings, client = deps.settings, deps.bucket.redis
+    # Locks, the delay queue and the broker's lists live on the broker's Redis; leases on the state's.
+    settings, client = deps.settings, deps.delays.redis
     # Sweeps give up on a write after the default short hold: a ledger outage skips a round.
     db = deps.db.with_hold(DEFAULT_HOLD_S)
     interval = settings.sweep_interval_s

@@ -25,13 +25,14 @@ async def list_deployments(context: Context, tenant: CurrentTenant) -> dict[str,
     def read() -> dict[str, Any]:
         recovery = context.settings.rate_factor_recovery_per_s
         states = [
-            asdict(read_state(context.redis, d, recovery_per_s=recovery)) for d in context.config.deployments
+            asdict(read_state(context.state_redis, d, recovery_per_s=recovery))
+            for d in context.config.deployments
         ]
         return {
             "object": "list",
             "data": states,
             "delayed_requests": delayed_requests(context.redis),
-            "fallbacks": read_fallbacks(context.redis),
+            "fallbacks": read_fallbacks(context.state_redis),
         }
 
     return await run_in_threadpool(read)
