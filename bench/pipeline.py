@@ -6,6 +6,16 @@
 
 Prints a Markdown table row: acceptance time, wall time to the batch's end, requests/s,
 provider calls, worker CPU seconds (user+system, all worker processes) and CPU ms per request.
+Then what each request cost the shared parts, and memory:
+
+- Redis commands and Redis CPU per request (INFO, everything the run did: publishing, Celery's
+  receive and acknowledgement, buckets, leases), PostgreSQL commits per request and the most
+  connections it had at once (with --database-url);
+- each worker's RSS once 10% of the batch is done (warm) and at its end, and the largest;
+- the API's RSS while --download-clients clients download the results at once.
+
+    python bench/pipeline.py --requests 100000 --workers 2 --concurrency 16 --download-clients 4
+    python bench/pipeline.py --requests 4000 --workers 16 --concurrency 8 --latency-ms 200 --database-url ...
 """
 
 from __future__ import annotations
@@ -17,12 +27,20 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.measure import LockWaitSampler, cpu_seconds, wait_batch
+from bench.measure import (
+    LockWaitSampler,
+    ResourceSampler,
+    cpu_seconds,
+    postgres_commits,
+    redis_counters,
+    wait_batch,
+)
 from headrace.stack import EmbeddedStack
 
 
@@ -48,6 +66,7 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=50.0, help="simulated provider latency")
     parser.add_argument("--database-url", default=None, help="default: a fresh SQLite file")
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--download-clients", type=int, default=1, help="concurrent results downloads")
     parser.add_argument(
         "--lock-waits",
         action="store_true",
@@ -66,12 +85,29 @@ def main() -> None:
         try:
             stack.start()
             workers = [p for p in stack.processes if p.name.startswith("worker")]
+            api = next(p for p in stack.processes if p.name == "api")
+            redis_url, database_url = stack.env["HEADRACE_REDIS_URL"], stack.env["HEADRACE_DATABASE_URL"]
+            postgres = database_url if args.database_url else None
             cpu_before = sum(cpu_seconds(p.pid) for p in workers)
+            redis_before = redis_counters(redis_url)
+            commits_before = postgres_commits(postgres) if postgres else 0
             body = workload(args.requests)
-            with httpx.Client(
-                base_url=stack.api_url, headers={"Authorization": f"Bearer {stack.api_key}"}, timeout=300
-            ) as http:
-                sampler = LockWaitSampler(stack.env["HEADRACE_DATABASE_URL"]) if args.lock_waits else None
+            pids = {p.name: p.pid for p in [*workers, api]}
+            with (
+                httpx.Client(
+                    base_url=stack.api_url, headers={"Authorization": f"Bearer {stack.api_key}"}, timeout=600
+                ) as http,
+                ResourceSampler(pids, postgres) as resources,
+            ):
+                sampler = LockWaitSampler(database_url) if args.lock_waits else None
+
+                def note_warm(view: dict[str, Any]) -> None:
+                    if (
+                        "warm" not in resources.marks
+                        and view["request_counts"]["completed"] >= args.requests / 10
+                    ):
+                        resources.mark("warm")
+
                 started = time.monotonic()
                 with sampler or contextlib.nullcontext():
                     response = http.post(
@@ -80,12 +116,14 @@ def main() -> None:
                     response.raise_for_status()
                     accepted_s = time.monotonic() - started
                     batch_id = response.json()["id"]
-                    view = wait_batch(http, batch_id, timeout_s=args.timeout, poll_s=0.1)
+                    view = wait_batch(http, batch_id, timeout_s=args.timeout, poll_s=0.1, on_view=note_warm)
                     wall_s = time.monotonic() - started
-                download_started = time.monotonic()
-                lines = sum(1 for _ in http.get(f"/v1/batches/{batch_id}/results").iter_lines())
-                download_s = time.monotonic() - download_started
-            cpu_s = sum(cpu_seconds(p.pid) for p in workers) - cpu_before
+                cpu_s = sum(cpu_seconds(p.pid) for p in workers) - cpu_before
+                redis_after = redis_counters(redis_url)
+                commits = postgres_commits(postgres) - commits_before if postgres else 0
+                resources.mark("ended")
+                download_s, lines = _download(http, batch_id, args.download_clients)
+                resources.mark("downloaded")
             calls = sum(httpx.get(f"{stack.simulator_url}/_sim/stats?records=0").json()["received"].values())
         finally:
             stack.stop()
@@ -103,6 +141,45 @@ def main() -> None:
     )
     if sampler is not None:
         print(sampler.summary())
+    per = max(done, 1)
+    commands, redis_cpu = redis_after[0] - redis_before[0], redis_after[1] - redis_before[1]
+    print(
+        f"Redis: {commands / per:.1f} commands and {redis_cpu / per * 1e6:.0f} us of CPU per request "
+        f"({commands / wall_s:,.0f} commands/s)"
+        + (
+            f"; PostgreSQL: {commits / per:.2f} commits per request, at most {max(resources.connections)} "
+            "connections"
+            if postgres
+            else ""
+        )
+    )
+    for worker in workers:
+        warm = resources.rss_of(worker.name, since="warm", until="ended")
+        if warm:
+            print(
+                f"{worker.name} RSS: {warm[0]:.0f} MB warm, {warm[-1]:.0f} MB at the end, "
+                f"at most {max(warm):.0f} MB"
+            )
+    before, during = resources.rss_of("api", until="ended"), resources.rss_of("api", since="ended")
+    print(
+        f"API RSS: {before[-1]:.0f} MB before the downloads, at most {max(during or before):.0f} MB while "
+        f"{args.download_clients} client(s) downloaded {lines:,} lines in {download_s:.1f} s"
+    )
+
+
+def _download(http: httpx.Client, batch_id: str, clients: int) -> tuple[float, int]:
+    """``clients`` downloads of the batch's results at once, streamed; the wall time and the lines
+    of one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(_: int) -> int:
+        with http.stream("GET", f"/v1/batches/{batch_id}/results") as response:
+            return sum(1 for _ in response.iter_lines())
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(clients) as pool:
+        counts = list(pool.map(one, range(clients)))
+    return time.monotonic() - started, counts[0]
 
 
 if __name__ == "__main__":

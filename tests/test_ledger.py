@@ -27,7 +27,7 @@ from db.tenants import create_api_key, tenant_for_key
 from db.types import utcnow
 from headrace.embedded import free_port
 from tests.infra.postgres import PostgresCluster
-from workers import ledger
+from workers import ledger, lost_calls
 from workers.housekeeping import running_leases
 from workers.providers.base import Usage
 
@@ -48,7 +48,7 @@ def _batch(db: Database, n: int = 2) -> tuple[str, list[str]]:
     return batch.id, ids
 
 
-CLAIM = ledger.Claim(estimate_lost=lambda *_: (100, Decimal("0.5")), max_deliveries=8)
+CLAIM = lost_calls.Claim(estimate_lost=lambda *_: (100, Decimal("0.5")), max_deliveries=8)
 
 
 def _start(
@@ -199,7 +199,7 @@ def test_a_run_declared_dead_records_its_call_but_changes_nothing_else(db: Datab
     ledger.end_run(db, rid, "L1", ledger.RequestEnd(RequestStatus.FAILED, error={"message": "x"}))
     assert ledger.defer_run(db, rid, "L1") is False
     assert ledger.hand_back(db, rid, "L1", clean=True) is False
-    assert ledger.requeue_orphan(db, rid, "L1", CLAIM) is False
+    assert lost_calls.requeue_orphan(db, rid, "L1", CLAIM) is False
     with db.session() as session:
         request = session.get(LlmRequest, rid)
         attempt = session.scalars(select(Attempt).where(Attempt.request_id == rid)).one()
@@ -227,8 +227,8 @@ def test_orphans_and_hand_backs_return_to_the_outbox(db: Database) -> None:
     _start(db, rid, "L1")
     _attempt(db, rid, "L1")
     assert running_leases(db) == {rid: "L1"}
-    assert ledger.requeue_orphan(db, rid, "L0", CLAIM) is False
-    assert ledger.requeue_orphan(db, rid, "L1", CLAIM) is True
+    assert lost_calls.requeue_orphan(db, rid, "L0", CLAIM) is False
+    assert lost_calls.requeue_orphan(db, rid, "L1", CLAIM) is True
     with db.session() as session:
         request = session.get(LlmRequest, rid)
         attempt = session.scalars(select(Attempt).where(Attempt.request_id == rid)).one()

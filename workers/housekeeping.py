@@ -44,7 +44,7 @@ from db.outbox import publish_pending, unpublished
 from db.retention import purge_expired
 from db.states import RequestStatus
 from db.types import utcnow
-from workers import ledger
+from workers import ledger, lost_calls
 from workers.leases import Leases
 
 log = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ class Suspects:
 class OrphanSweep:
     """Requeue RUNNING requests whose run's lease has expired (the run died)."""
 
-    def __init__(self, db: Database, leases: Leases, claim: ledger.Claim, confirm_s: float) -> None:
+    def __init__(self, db: Database, leases: Leases, claim: lost_calls.Claim, confirm_s: float) -> None:
         self.db, self.leases, self.claim = db, leases, claim
         self.suspects = Suspects(leases.redis, keys.suspects("orphans"), confirm_s)
 
@@ -200,7 +200,7 @@ class OrphanSweep:
             request_id, _, token = item.partition("|")
             # One request per transaction: a sweep holding several request rows could deadlock
             # with workers that lock one request and then its batch.
-            if ledger.requeue_orphan(self.db, request_id, token or None, self.claim):
+            if lost_calls.requeue_orphan(self.db, request_id, token or None, self.claim):
                 returned += 1
             self.suspects.cleared(item)
         if returned:

@@ -4,6 +4,9 @@ Every change of a running request is guarded by its lease token: a run that was 
 (its lease expired and another run took the request) can still record the calls it paid for, but
 it can no longer end, defer or hand back a request that is not its own.
 
+What a run that died left behind (its calls in flight, costed as lost) is settled in
+``workers.lost_calls``, by the run that takes the request over or by the orphan sweep.
+
 Lock order everywhere: request, then attempts, then batch (the batch row last and briefly: see
 ``db.batch_state``), so that workers, cancels and sweeps never deadlock on PostgreSQL.
 """
@@ -11,7 +14,6 @@ Lock order everywhere: request, then attempts, then batch (the batch row last an
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -22,17 +24,14 @@ from sqlalchemy.orm import Session
 
 from db.batch_state import BatchDelta, apply_delta, deployment_errors
 from db.engine import Database
-from db.models import Attempt, Batch, LlmRequest, Tenant
+from db.models import Batch, LlmRequest, Tenant
 from db.states import TERMINAL_REQUEST_STATUSES, AttemptOutcome, RequestStatus
 from db.types import utcnow
 from workers import ledger_statements as sql
+from workers.lost_calls import Claim, billed_attempts, lock_request, mark_lost_attempts
 from workers.providers.base import Usage
 
 log = logging.getLogger(__name__)
-
-# A call whose run died: (deployment name, estimated input tokens, request body) ->
-# (estimated output tokens, estimated cost in USD or None when no price is known).
-LostCallEstimator = Callable[[str, int, dict[str, Any]], tuple[int, Decimal | None]]
 
 
 @dataclass(frozen=True)
@@ -69,29 +68,8 @@ class RequestEnd:
     deployment: str | None = None
 
 
-@dataclass(frozen=True)
-class Claim:
-    """How to judge what an earlier, dead run of a request left behind."""
-
-    estimate_lost: LostCallEstimator
-    max_deliveries: int  # runs that never ended cleanly before the request is called poison
-
-
-def _lock_request(session: Session, request_id: str) -> LlmRequest | None:
-    return session.get(LlmRequest, request_id, with_for_update=True)
-
-
 def _owned(request: LlmRequest | None, lease: str) -> bool:
     return request is not None and request.status == RequestStatus.RUNNING and request.lease == lease
-
-
-def _billed_attempts(session: Session, request_id: str) -> int:
-    """Calls of the request the provider may have charged for: those the policy marked so when
-    they ended, and those lost with their run (nobody knows how far they got)."""
-    rows = session.execute(select(Attempt.outcome, Attempt.error).where(Attempt.request_id == request_id))
-    return sum(
-        1 for outcome, error in rows if outcome == AttemptOutcome.LOST or (error or {}).get("may_have_billed")
-    )
 
 
 def end_request(request: LlmRequest, delta: BatchDelta, end: RequestEnd, now: datetime) -> None:
@@ -105,47 +83,6 @@ def end_request(request: LlmRequest, delta: BatchDelta, end: RequestEnd, now: da
     request.ended_at = now
     request.lease = None
     delta.ended(end.status)
-
-
-def _mark_lost_attempts(
-    session: Session, request: LlmRequest, delta: BatchDelta, claim: Claim, now: datetime
-) -> None:
-    """Attempts left in flight by a run whose lease is gone get their cost row, marked estimated.
-    Called only once that run is known dead, so every in-flight attempt of the request is its."""
-    in_flight = session.scalars(
-        select(Attempt)
-        .where(Attempt.request_id == request.id, Attempt.outcome == AttemptOutcome.IN_FLIGHT)
-        .with_for_update()
-    ).all()
-    for attempt in in_flight:
-        output_tokens, cost = claim.estimate_lost(
-            attempt.deployment, attempt.estimated_input_tokens, request.body
-        )
-        attempt.outcome = AttemptOutcome.LOST
-        attempt.ended_at = now
-        attempt.cost_usd = cost
-        attempt.cost_estimated = True
-        attempt.input_tokens = attempt.estimated_input_tokens
-        attempt.output_tokens = output_tokens
-        attempt.error = {"kind": "lost", "message": "the run making this call stopped before it ended"}
-        _add_usage(request, delta, attempt.input_tokens, attempt.output_tokens, cost)
-        log.warning("request %s attempt %d lost with its run; cost estimated", request.id, attempt.attempt_no)
-
-
-def _add_usage(
-    request: LlmRequest,
-    delta: BatchDelta,
-    tokens_in: int,
-    tokens_out: int,
-    cost: Decimal | None,
-    sign: int = 1,
-) -> None:
-    """Count one call's tokens and cost on its request and batch (``sign=-1`` takes them back)."""
-    request.input_tokens += sign * tokens_in
-    request.output_tokens += sign * tokens_out
-    if cost is not None:
-        request.cost_usd += sign * cost
-    delta.usage(tokens_in, tokens_out, cost, sign)
 
 
 def begin_run(db: Database, request_id: str, lease: str, claim: Claim) -> RunStart | None:
@@ -182,12 +119,12 @@ def _claim_request(
     session: Session, request_id: str, lease: str, claim: Claim, now: datetime
 ) -> RunStart | None:
     """begin_run's general path: earlier attempts to cost or count, or a request to end now."""
-    request = _lock_request(session, request_id)
+    request = lock_request(session, request_id)
     assert request is not None
     batch = session.get(Batch, request.batch_id)
     assert batch is not None, f"request {request_id} of a missing batch"
     delta = BatchDelta()
-    _mark_lost_attempts(session, request, delta, claim, now)
+    mark_lost_attempts(session, request, delta, claim, now)
     stop: RequestEnd | None = None
     if request.deliveries >= claim.max_deliveries:
         message = f"its run died {request.deliveries} times: not trying again"
@@ -211,7 +148,7 @@ def _claim_request(
         return None
     tenant = session.get(Tenant, batch.tenant_id)
     name = tenant.name if tenant else batch.tenant_id
-    return _run_start(request, batch.expires_at, name, billed=_billed_attempts(session, request.id))
+    return _run_start(request, batch.expires_at, name, billed=billed_attempts(session, request.id))
 
 
 def _run_start(request: Any, expires_at: datetime, tenant: str, *, billed: int) -> RunStart:
@@ -255,7 +192,7 @@ def begin_attempt(
             return None
         attempt_no, batch_id = owned
         if session.scalar(sql.BATCH_CANCELLED_AT, {"batch_id": batch_id}) is not None:
-            request = _lock_request(session, request_id)
+            request = lock_request(session, request_id)
             assert request is not None
             request.attempt_count -= 1  # no call is made
             delta = BatchDelta()
@@ -369,7 +306,7 @@ def end_run(db: Database, request_id: str, lease: str, end: RequestEnd) -> None:
     """End a request without a call (no route, chain exhausted, deadline passed)."""
 
     def unit(session: Session) -> None:
-        request = _lock_request(session, request_id)
+        request = lock_request(session, request_id)
         if request is None or not _owned(request, lease):
             return
         delta = BatchDelta()
@@ -389,7 +326,7 @@ def defer_run(
     next wait will be longer)."""
 
     def unit(session: Session) -> bool:
-        request = _lock_request(session, request_id)
+        request = lock_request(session, request_id)
         if request is None or not _owned(request, lease):
             return False
         request.status = RequestStatus.QUEUED
@@ -410,7 +347,7 @@ def hand_back(db: Database, request_id: str, lease: str | None, *, clean: bool) 
     With ``lease`` None (no run began) only a QUEUED request is touched."""
 
     def unit(session: Session) -> bool:
-        request = _lock_request(session, request_id)
+        request = lock_request(session, request_id)
         if request is None:
             return False
         if lease is None and request.status != RequestStatus.QUEUED:
@@ -422,27 +359,6 @@ def hand_back(db: Database, request_id: str, lease: str | None, *, clean: bool) 
         request.status = RequestStatus.QUEUED
         request.lease = None
         request.published_at = None
-        return True
-
-    return db.transact(unit)
-
-
-def requeue_orphan(db: Database, request_id: str, dead_lease: str | None, claim: Claim) -> bool:
-    """The recovery sweep: a RUNNING request whose run's lease expired goes back to the outbox,
-    its in-flight calls costed as lost. Guarded by the dead run's token, so a sweep acting on a
-    stale reading never touches a run that has taken the request since."""
-
-    def unit(session: Session) -> bool:
-        request = _lock_request(session, request_id)
-        if request is None or request.status != RequestStatus.RUNNING or request.lease != dead_lease:
-            return False
-        now = utcnow()
-        delta = BatchDelta()
-        _mark_lost_attempts(session, request, delta, claim, now)
-        request.status = RequestStatus.QUEUED
-        request.lease = None
-        request.published_at = None
-        apply_delta(session, request.batch_id, delta, now)
         return True
 
     return db.transact(unit)

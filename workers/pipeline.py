@@ -25,7 +25,7 @@ from broker_config.deployments import DeploymentsConfig, Route
 from broker_config.settings import Settings
 from db.states import RequestStatus
 from db.types import utcnow
-from workers import ledger
+from workers import ledger, lost_calls
 from workers.admission import estimate_call, requested_max_tokens
 from workers.attempts import Deps, Walk, best_effort, end_without_call, try_deployment
 from workers.costing import call_cost_usd
@@ -90,8 +90,8 @@ def _hand_back(deps: Deps, request_id: str, token: str | None, *, clean: bool) -
         log.warning("request %s left for the sweeps: %s", request_id, type(exc).__name__)
 
 
-def recovery_claim(deps: Deps) -> ledger.Claim:
-    return ledger.Claim(
+def recovery_claim(deps: Deps) -> lost_calls.Claim:
+    return lost_calls.Claim(
         estimate_lost=partial(_estimate_lost_call, deps.config, deps.settings.default_max_tokens),
         max_deliveries=deps.settings.max_deliveries,
     )
