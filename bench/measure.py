@@ -153,8 +153,9 @@ class ResourceSampler:
         self._thread.join(10)
 
 
-def redis_counters(url: str) -> tuple[int, float]:
-    """Commands a Redis has run (INFO commandstats) and the CPU seconds it has used."""
+def redis_counters(url: str) -> tuple[dict[str, int], float]:
+    """Commands a Redis has run, by command (INFO commandstats; a script's own commands are counted
+    too), and the CPU seconds it has used."""
     import redis
 
     client = redis.Redis.from_url(url)
@@ -163,7 +164,7 @@ def redis_counters(url: str) -> tuple[int, float]:
         cpu = client.info("cpu")
     finally:
         client.close()
-    calls = sum(int(v["calls"]) for v in stats.values())
+    calls = {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
     return calls, float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"])
 
 

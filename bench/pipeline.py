@@ -41,6 +41,7 @@ from bench.measure import (
     redis_counters,
     wait_batch,
 )
+from headrace.embedded import start_redis
 from headrace.stack import EmbeddedStack
 
 
@@ -68,6 +69,12 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--download-clients", type=int, default=1, help="concurrent results downloads")
     parser.add_argument(
+        "--separate-state",
+        action="store_true",
+        help="buckets, breakers and leases on a second redis-server (HEADRACE_STATE_REDIS_URL): "
+        "each Redis's commands and CPU reported apart",
+    )
+    parser.add_argument(
         "--lock-waits",
         action="store_true",
         help="PostgreSQL only: sample how many sessions wait on a row lock while the batch runs",
@@ -75,21 +82,26 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="headrace-bench-") as home:
+        state_redis = start_redis(Path(home) / "state-redis") if args.separate_state else None
         stack = EmbeddedStack(
             Path(home),
             database_url=args.database_url,
             workers=args.workers,
             worker_concurrency=args.concurrency,
             simulator_args=("--latency-ms", str(args.latency_ms)),
+            extra_env={"HEADRACE_STATE_REDIS_URL": state_redis[1]} if state_redis else {},
         )
         try:
             stack.start()
             workers = [p for p in stack.processes if p.name.startswith("worker")]
             api = next(p for p in stack.processes if p.name == "api")
-            redis_url, database_url = stack.env["HEADRACE_REDIS_URL"], stack.env["HEADRACE_DATABASE_URL"]
+            redis_urls = {"broker": stack.env["HEADRACE_REDIS_URL"]}
+            if state_redis:
+                redis_urls["state"] = state_redis[1]
+            database_url = stack.env["HEADRACE_DATABASE_URL"]
             postgres = database_url if args.database_url else None
             cpu_before = sum(cpu_seconds(p.pid) for p in workers)
-            redis_before = redis_counters(redis_url)
+            redis_before = {name: redis_counters(url) for name, url in redis_urls.items()}
             commits_before = postgres_commits(postgres) if postgres else 0
             body = workload(args.requests)
             pids = {p.name: p.pid for p in [*workers, api]}
@@ -119,7 +131,7 @@ def main() -> None:
                     view = wait_batch(http, batch_id, timeout_s=args.timeout, poll_s=0.1, on_view=note_warm)
                     wall_s = time.monotonic() - started
                 cpu_s = sum(cpu_seconds(p.pid) for p in workers) - cpu_before
-                redis_after = redis_counters(redis_url)
+                redis_after = {name: redis_counters(url) for name, url in redis_urls.items()}
                 commits = postgres_commits(postgres) - commits_before if postgres else 0
                 resources.mark("ended")
                 download_s, lines = _download(http, batch_id, args.download_clients)
@@ -127,6 +139,8 @@ def main() -> None:
             calls = sum(httpx.get(f"{stack.simulator_url}/_sim/stats?records=0").json()["received"].values())
         finally:
             stack.stop()
+            if state_redis:
+                state_redis[0].stop()
     done = view["request_counts"]["completed"]
     ledger = "PostgreSQL" if args.database_url else "SQLite"
     print(
@@ -142,17 +156,20 @@ def main() -> None:
     if sampler is not None:
         print(sampler.summary())
     per = max(done, 1)
-    commands, redis_cpu = redis_after[0] - redis_before[0], redis_after[1] - redis_before[1]
-    print(
-        f"Redis: {commands / per:.1f} commands and {redis_cpu / per * 1e6:.0f} us of CPU per request "
-        f"({commands / wall_s:,.0f} commands/s)"
-        + (
-            f"; PostgreSQL: {commits / per:.2f} commits per request, at most {max(resources.connections)} "
-            "connections"
-            if postgres
-            else ""
+    for name in redis_urls:
+        (calls_before, cpu_before_s), (calls_after, cpu_after_s) = redis_before[name], redis_after[name]
+        by_command = {command: n - calls_before.get(command, 0) for command, n in calls_after.items()}
+        commands = sum(by_command.values())
+        top = sorted(by_command.items(), key=lambda item: -item[1])[:10]
+        cpu_us = (cpu_after_s - cpu_before_s) / per * 1e6
+        print(
+            f"Redis ({name}): {commands / per:.1f} commands and {cpu_us:.0f} us of CPU per request "
+            f"({commands / wall_s:,.0f} commands/s); per request: "
+            + ", ".join(f"{command} {n / per:.1f}" for command, n in top)
         )
-    )
+    if postgres:
+        most = max(resources.connections)
+        print(f"PostgreSQL: {commits / per:.2f} commits per request, at most {most} connections")
     for worker in workers:
         warm = resources.rss_of(worker.name, since="warm", until="ended")
         if warm:
