@@ -88,6 +88,20 @@ class LockWaitSampler:
         )
 
 
+def cpu_seconds_of(command: str) -> float:
+    """User + system CPU of every process whose name is ``command`` (e.g. all of PostgreSQL's
+    backends), those that have exited since not counted."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        if text[text.index("(") + 1 : text.rindex(")")] == command:
+            total += sum(int(f) for f in text.rsplit(")", 1)[1].split()[11:15]) / CLOCK_TICKS
+    return total
+
+
 def rss_mb(pid: int) -> float:
     """Resident set size of a process, from /proc."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -153,19 +167,21 @@ class ResourceSampler:
         self._thread.join(10)
 
 
-def redis_counters(url: str) -> tuple[dict[str, int], float]:
+def redis_counters(url: str) -> tuple[dict[str, int], float, int]:
     """Commands a Redis has run, by command (INFO commandstats; a script's own commands are counted
-    too), and the CPU seconds it has used."""
+    too), the CPU seconds it has used, and the bytes it has received and sent."""
     import redis
 
     client = redis.Redis.from_url(url)
     try:
         stats = client.info("commandstats")
         cpu = client.info("cpu")
+        net = client.info("stats")
     finally:
         client.close()
     calls = {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
-    return calls, float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"])
+    cpu_s = float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"])
+    return calls, cpu_s, int(net["total_net_input_bytes"]) + int(net["total_net_output_bytes"])
 
 
 def postgres_commits(database_url: str) -> int:

@@ -11,11 +11,13 @@ Then what each request cost the shared parts, and memory:
 - Redis commands and Redis CPU per request (INFO, everything the run did: publishing, Celery's
   receive and acknowledgement, buckets, leases), PostgreSQL commits per request and the most
   connections it had at once (with --database-url);
-- each worker's RSS once 10% of the batch is done (warm) and at its end, and the largest;
+- each worker's RSS once 10% of the batch is done (warm), at each quarter and at its end;
 - the API's RSS while --download-clients clients download the results at once.
 
-    python bench/pipeline.py --requests 100000 --workers 2 --concurrency 16 --download-clients 4
-    python bench/pipeline.py --requests 4000 --workers 16 --concurrency 8 --latency-ms 200 --database-url ...
+    python bench/pipeline.py --requests 100000 --workers 2 --concurrency 16 --limits-x 100 \
+        --download-clients 4
+    python bench/pipeline.py --requests 4000 --workers 16 --concurrency 8 --latency-ms 200 --limits-x 100 \
+        --database-url ...
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import sys
 import tempfile
 import time
@@ -37,12 +40,13 @@ from bench.measure import (
     LockWaitSampler,
     ResourceSampler,
     cpu_seconds,
+    cpu_seconds_of,
     postgres_commits,
     redis_counters,
     wait_batch,
 )
 from headrace.embedded import start_redis
-from headrace.stack import EmbeddedStack
+from headrace.stack import DEFAULT_CONFIG, EmbeddedStack
 
 
 def workload(n: int) -> bytes:
@@ -69,6 +73,12 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--download-clients", type=int, default=1, help="concurrent results downloads")
     parser.add_argument(
+        "--limits-x",
+        type=float,
+        default=1.0,
+        help="multiply the embedded deployments' rate limits (100: the pool's own speed, not the limits)",
+    )
+    parser.add_argument(
         "--separate-state",
         action="store_true",
         help="buckets, breakers and leases on a second redis-server (HEADRACE_STATE_REDIS_URL): "
@@ -89,6 +99,12 @@ def main() -> None:
             workers=args.workers,
             worker_concurrency=args.concurrency,
             simulator_args=("--latency-ms", str(args.latency_ms)),
+            config_template=re.sub(
+                r"^(rpm|tpm|itpm|otpm) = (\d+)$",
+                lambda m: f"{m[1]} = {int(int(m[2]) * args.limits_x)}",
+                DEFAULT_CONFIG,
+                flags=re.M,
+            ),
             extra_env={"HEADRACE_STATE_REDIS_URL": state_redis[1]} if state_redis else {},
         )
         try:
@@ -101,6 +117,8 @@ def main() -> None:
             database_url = stack.env["HEADRACE_DATABASE_URL"]
             postgres = database_url if args.database_url else None
             cpu_before = sum(cpu_seconds(p.pid) for p in workers)
+            api_cpu_before = cpu_seconds(api.pid)
+            postgres_cpu_before = cpu_seconds_of("postgres")
             redis_before = {name: redis_counters(url) for name, url in redis_urls.items()}
             commits_before = postgres_commits(postgres) if postgres else 0
             body = workload(args.requests)
@@ -113,12 +131,13 @@ def main() -> None:
             ):
                 sampler = LockWaitSampler(database_url) if args.lock_waits else None
 
-                def note_warm(view: dict[str, Any]) -> None:
-                    if (
-                        "warm" not in resources.marks
-                        and view["request_counts"]["completed"] >= args.requests / 10
-                    ):
-                        resources.mark("warm")
+                def note_progress(view: dict[str, Any]) -> None:
+                    # Marks at 10% done ("warm": start-up and first-use allocations behind), then
+                    # at each quarter, to tell a plateau from a climb.
+                    share = view["request_counts"]["completed"] / max(args.requests, 1)
+                    for mark, at in (("warm", 0.10), ("25%", 0.25), ("50%", 0.5), ("75%", 0.75)):
+                        if share >= at and mark not in resources.marks:
+                            resources.mark(mark)
 
                 started = time.monotonic()
                 with sampler or contextlib.nullcontext():
@@ -127,10 +146,15 @@ def main() -> None:
                     )
                     response.raise_for_status()
                     accepted_s = time.monotonic() - started
+                    api_accept_cpu_s = cpu_seconds(api.pid) - api_cpu_before
                     batch_id = response.json()["id"]
-                    view = wait_batch(http, batch_id, timeout_s=args.timeout, poll_s=0.1, on_view=note_warm)
+                    view = wait_batch(
+                        http, batch_id, timeout_s=args.timeout, poll_s=0.1, on_view=note_progress
+                    )
                     wall_s = time.monotonic() - started
                 cpu_s = sum(cpu_seconds(p.pid) for p in workers) - cpu_before
+                # PostgreSQL's backends come and go with the pools; exited ones are not counted.
+                postgres_cpu_s = cpu_seconds_of("postgres") - postgres_cpu_before
                 redis_after = {name: redis_counters(url) for name, url in redis_urls.items()}
                 commits = postgres_commits(postgres) - commits_before if postgres else 0
                 resources.mark("ended")
@@ -157,25 +181,38 @@ def main() -> None:
         print(sampler.summary())
     per = max(done, 1)
     for name in redis_urls:
-        (calls_before, cpu_before_s), (calls_after, cpu_after_s) = redis_before[name], redis_after[name]
+        (calls_before, cpu_before_s, bytes_before), (calls_after, cpu_after_s, bytes_after) = (
+            redis_before[name],
+            redis_after[name],
+        )
         by_command = {command: n - calls_before.get(command, 0) for command, n in calls_after.items()}
         commands = sum(by_command.values())
         top = sorted(by_command.items(), key=lambda item: -item[1])[:10]
         cpu_us = (cpu_after_s - cpu_before_s) / per * 1e6
         print(
-            f"Redis ({name}): {commands / per:.1f} commands and {cpu_us:.0f} us of CPU per request "
+            f"Redis ({name}): {commands / per:.1f} commands, {cpu_us:.0f} us of CPU and "
+            f"{(bytes_after - bytes_before) / per / 1024:.1f} KiB in and out per request "
             f"({commands / wall_s:,.0f} commands/s); per request: "
             + ", ".join(f"{command} {n / per:.1f}" for command, n in top)
         )
     if postgres:
         most = max(resources.connections)
-        print(f"PostgreSQL: {commits / per:.2f} commits per request, at most {most} connections")
+        print(
+            f"PostgreSQL: {commits / per:.2f} commits and {postgres_cpu_s / per * 1000:.2f} ms of CPU "
+            f"per request, at most {most} connections"
+        )
+    print(f"API: {api_accept_cpu_s / max(args.requests, 1) * 1e6:.0f} us of CPU per request accepted")
     for worker in workers:
         warm = resources.rss_of(worker.name, since="warm", until="ended")
         if warm:
+            quarters = ", ".join(
+                f"{resources.rss_of(worker.name, since=mark)[0]:.0f} at {mark}"
+                for mark in ("25%", "50%", "75%")
+                if mark in resources.marks
+            )
             print(
-                f"{worker.name} RSS: {warm[0]:.0f} MB warm, {warm[-1]:.0f} MB at the end, "
-                f"at most {max(warm):.0f} MB"
+                f"{worker.name} RSS (MB): {warm[0]:.0f} warm (10% done), {quarters}, {warm[-1]:.0f} at the "
+                f"end; at most {max(warm):.0f}"
             )
     before, during = resources.rss_of("api", until="ended"), resources.rss_of("api", since="ended")
     print(
