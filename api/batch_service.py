@@ -21,7 +21,7 @@ from db.batch_state import OPEN_BATCH_STATUSES, end_queued_requests, finish_if_d
 from db.engine import Database
 from db.ids import new_id
 from db.models import Batch, LlmRequest
-from db.outbox import publish_pending
+from db.outbox import publish_pending, publishing
 from db.states import BatchStatus, Priority, RequestStatus
 from db.types import format_usd, utcnow
 
@@ -121,15 +121,26 @@ def create_batch(db: Database, spec: BatchSpec, lines: Sequence[BatchLine], *, p
     return batch
 
 
-def _publish(db: Database, batch_id: str, requests: Sequence[tuple[str, str]]) -> None:
+def _publish(
+    db: Database,
+    batch_id: str,
+    requests: Sequence[tuple[str, str]],
+    on_chunk: Callable[[], None] | None = None,
+) -> None:
     try:
-        publish_pending(db, requests)
+        publish_pending(db, requests, on_chunk)
     except (BrokerError, redis.RedisError, OSError) as exc:
         log.warning("batch %s accepted but not yet published (%s); the sweep will publish it", batch_id, exc)
 
 
-def publish_batch(db: Database, batch_id: str) -> None:
-    """Publish the batch's requests that are not yet published (after ``publish=False``)."""
+def publish_batch(db: Database, batch_id: str, client: redis.Redis) -> None:
+    """Publish the batch's requests that are not yet published (after ``publish=False``), holding
+    the batch's publishing claim so that the publisher sweep does not publish them too."""
+    with publishing(client, batch_id) as refresh:
+        _publish_unpublished(db, batch_id, refresh)
+
+
+def _publish_unpublished(db: Database, batch_id: str, refresh: Callable[[], None]) -> None:
     after = ""
     while True:
         with db.session() as session:
@@ -146,7 +157,7 @@ def publish_batch(db: Database, batch_id: str) -> None:
             ).all()
         if not rows:
             return
-        _publish(db, batch_id, [(row.id, row.priority) for row in rows])
+        _publish(db, batch_id, [(row.id, row.priority) for row in rows], refresh)
         after = rows[-1].id
 
 

@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--database-url", default=None, help="default: a fresh SQLite file")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--download-clients", type=int, default=1, help="concurrent results downloads")
+    parser.add_argument("--keep", default=None, help="run the stack in this directory and keep it (logs)")
     parser.add_argument(
         "--limits-x",
         type=float,
@@ -91,7 +92,8 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="headrace-bench-") as home:
+    keep = contextlib.nullcontext(args.keep) if args.keep else None
+    with keep or tempfile.TemporaryDirectory(prefix="headrace-bench-") as home:
         state_redis = start_redis(Path(home) / "state-redis") if args.separate_state else None
         stack = EmbeddedStack(
             Path(home),

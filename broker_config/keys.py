@@ -14,6 +14,12 @@ def publisher_sweep_lock() -> str:
     return f"{PREFIX}:lock:publisher-sweep"
 
 
+def publishing(batch_id: str) -> str:
+    """String with a short TTL: held by the API process publishing a large batch after its answer,
+    refreshed chunk by chunk; the publisher sweep leaves that batch's requests alone while it lives."""
+    return f"{PREFIX}:publishing:{batch_id}"
+
+
 def delayed_requests() -> str:
     """Sorted set of requests waiting to be published again: member "priority|id", score ready-at ms."""
     return f"{PREFIX}:delayed"

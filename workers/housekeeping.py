@@ -40,7 +40,7 @@ from broker_config.settings import Settings
 from db.batch_state import OPEN_BATCH_STATUSES, end_queued_requests
 from db.engine import Database
 from db.models import Batch, LlmRequest
-from db.outbox import publish_pending, unpublished
+from db.outbox import being_published, publish_pending, unpublished, unpublished_batches
 from db.retention import purge_expired
 from db.states import RequestStatus
 from db.types import utcnow
@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 TICK_S = 0.25
 LOCK_MIN_S = 10.0
 SWEEP_BATCH = 5000
+SWEEP_BATCHES = 100  # batches looked at per round
 # The lost-message sweep reads the broker's lists to prove a message is missing; past this many
 # waiting messages it waits for the backlog to shrink rather than read them all.
 BROKER_SCAN_LIMIT = 20_000
@@ -110,20 +111,27 @@ class Housekeeper(threading.Thread):
         self.stopping.set()
 
 
-def sweep_unpublished(db: Database, settings: Settings) -> int:
-    """Publish every request committed more than the grace ago and still unpublished."""
+def sweep_unpublished(db: Database, settings: Settings, client: redis.Redis) -> int:
+    """Publish every request committed more than the grace ago and still unpublished, except
+    those of a batch its publisher is still publishing (``db.outbox.publishing``)."""
+    created_before = utcnow() - timedelta(seconds=settings.publish_grace_s)
+    with db.session() as session:
+        batches = unpublished_batches(session, created_before=created_before, limit=SWEEP_BATCHES)
+    held = being_published(client, batches) if batches else set()
     total = 0
-    while True:
-        with db.session() as session:
-            pending = unpublished(
-                session,
-                created_before=utcnow() - timedelta(seconds=settings.publish_grace_s),
-                limit=SWEEP_BATCH,
-            )
-        if not pending:
-            return total
-        total += publish_pending(db, pending)
-        log.info("publisher sweep: published %d request(s) that had not been", len(pending))
+    for batch_id in (b for b in batches if b not in held):
+        after = ""
+        while True:
+            with db.session() as session:
+                pending = unpublished(
+                    session, created_before=created_before, limit=SWEEP_BATCH, batch_id=batch_id, after=after
+                )
+            if not pending:
+                break
+            total += publish_pending(db, pending)
+            after = pending[-1][0]
+            log.info("publisher sweep: published %d request(s) that had not been", len(pending))
+    return total
 
 
 def running_leases(db: Database, limit: int = 5000) -> dict[str, str | None]:

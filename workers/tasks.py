@@ -106,6 +106,7 @@ def default_deps() -> Deps:
     """Built once per worker process: one engine, one SDK client per endpoint, shared by threads.
     The lease keeper starts here, before the first task can take a lease."""
     settings = get_settings()
+    config = load_config(settings.config)
     client = state_redis(settings)
     leases = Leases(client, settings.lease_ttl_s)
     LeaseKeeper(leases, lease_redis(settings)).start()
@@ -117,9 +118,9 @@ def default_deps() -> Deps:
             hold_s=settings.ledger_hold_s,
             pool_size=settings.worker_concurrency + LEDGER_HOUSEKEEPERS,
         ),
-        config=load_config(settings.config),
+        config=config,
         settings=settings,
-        adapters=default_adapters(),
+        adapters=default_adapters(d.provider for d in config.deployments),
         bucket=Bucket(client, bucket_policy(settings), breaker=breaker_policy(settings)),
         delays=DelayQueue(broker_redis(settings)),
         leases=leases,
@@ -145,7 +146,10 @@ def housekeepers(deps: Deps) -> list[Housekeeper]:
     interval = settings.sweep_interval_s
     sweeps = [
         Job(
-            "publisher sweep", interval, lambda: sweep_unpublished(db, settings), keys.publisher_sweep_lock()
+            "publisher sweep",
+            interval,
+            lambda: sweep_unpublished(db, settings, client),
+            keys.publisher_sweep_lock(),
         ),
         Job(
             "orphan sweep",

@@ -214,7 +214,7 @@ async def accept_batch(
         if not publish_now:
             await run_in_threadpool(release, lines)
     if not publish_now:
-        background.add_task(batch_service.publish_batch, context.db, batch.id)
+        background.add_task(batch_service.publish_batch, context.db, batch.id, context.redis)
     return batch
 
 
