@@ -155,6 +155,7 @@ def main() -> None:
                     )
                     wall_s = time.monotonic() - started
                 cpu_s = sum(cpu_seconds(p.pid) for p in workers) - cpu_before
+                api_cpu_s = cpu_seconds(api.pid) - api_cpu_before
                 # PostgreSQL's backends come and go with the pools; exited ones are not counted.
                 postgres_cpu_s = cpu_seconds_of("postgres") - postgres_cpu_before
                 redis_after = {name: redis_counters(url) for name, url in redis_urls.items()}
@@ -203,7 +204,11 @@ def main() -> None:
             f"PostgreSQL: {commits / per:.2f} commits and {postgres_cpu_s / per * 1000:.2f} ms of CPU "
             f"per request, at most {most} connections"
         )
-    print(f"API: {api_accept_cpu_s / max(args.requests, 1) * 1e6:.0f} us of CPU per request accepted")
+    print(
+        f"API: {api_accept_cpu_s / max(args.requests, 1) * 1e6:.0f} us of CPU per request to accept, "
+        f"{api_cpu_s / max(args.requests, 1) * 1e6:.0f} us until the batch ended (publishing after the "
+        "answer and the polls included)"
+    )
     for worker in workers:
         warm = resources.rss_of(worker.name, since="warm", until="ended")
         if warm:
