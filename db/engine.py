@@ -88,6 +88,7 @@ class Database:
         pool_size: int = DEFAULT_POOL_SIZE,
         hold_s: float = DEFAULT_HOLD_S,
         prepared_statements: bool = True,
+        pre_ping: bool = True,
     ) -> None:
         self.url = url
         self.hold_s = hold_s
@@ -101,7 +102,7 @@ class Database:
                 connect_args["prepare_threshold"] = None  # psycopg 3: never prepare on the server
             self.engine = create_engine(
                 url,
-                pool_pre_ping=True,
+                pool_pre_ping=pre_ping,
                 pool_size=pool_size,
                 max_overflow=POOL_OVERFLOW,
                 pool_recycle=1800,
@@ -182,15 +183,22 @@ def is_transient(exc: Exception) -> bool:
 
 
 def settings_database(
-    settings: Settings, *, hold_s: float = DEFAULT_HOLD_S, pool_size: int | None = None
+    settings: Settings,
+    *,
+    hold_s: float = DEFAULT_HOLD_S,
+    pool_size: int | None = None,
+    pre_ping: bool = True,
 ) -> Database:
     """The ledger the settings name, with their pool budget and prepared-statement choice
-    (``pool_size``: this process's own default when the settings give none)."""
+    (``pool_size``: this process's own default when the settings give none). ``pre_ping``: test
+    each pooled PostgreSQL connection with a round trip before lending it (off where every write
+    goes through ``transact``, which starts again on a connection found dead)."""
     return get_database(
         settings.database_url,
         hold_s,
         pool_size=settings.database_pool_size or pool_size or DEFAULT_POOL_SIZE,
         prepared_statements=settings.database_prepared_statements,
+        pre_ping=pre_ping,
     )
 
 
@@ -201,6 +209,9 @@ def get_database(
     *,
     pool_size: int = DEFAULT_POOL_SIZE,
     prepared_statements: bool = True,
+    pre_ping: bool = True,
 ) -> Database:
     """One Database per URL and options per process (engines are thread-safe; sessions are not)."""
-    return Database(url, hold_s=hold_s, pool_size=pool_size, prepared_statements=prepared_statements)
+    return Database(
+        url, hold_s=hold_s, pool_size=pool_size, prepared_statements=prepared_statements, pre_ping=pre_ping
+    )

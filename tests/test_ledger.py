@@ -396,3 +396,21 @@ def test_a_write_is_held_through_a_postgresql_outage(
     with db.session() as session:
         assert session.scalars(select(Tenant.name).where(Tenant.id == "t_held")).all() == ["held"]
     db.dispose()
+
+
+def test_a_worker_pool_without_pre_ping_writes_through_a_postgresql_restart(
+    make_database_url: Callable[[str], str], postgres_cluster: PostgresCluster | None
+) -> None:
+    """Workers lend pooled connections without a pre-ping (it was a round trip before each of a
+    request's three transactions): after PostgreSQL restarts, every pooled connection is dead, and
+    a write meets one; ``transact`` starts again on a fresh one and lands once."""
+    if postgres_cluster is None or not postgres_cluster.restartable:
+        pytest.skip("needs a PostgreSQL cluster the tests can stop and start")
+    db = Database(make_database_url("postgresql"), pre_ping=False)
+    create_api_key(db, "before")  # a pooled connection, soon dead
+    postgres_cluster.stop()
+    postgres_cluster.start()
+    db.transact(lambda s: s.add(Tenant(id="t_restart", name="restart", created_at=utcnow())), hold_s=30)
+    with db.session() as session:
+        assert session.scalars(select(Tenant.name).where(Tenant.id == "t_restart")).all() == ["restart"]
+    db.dispose()

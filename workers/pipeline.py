@@ -20,6 +20,7 @@ from typing import Any
 
 import redis
 from kombu.exceptions import KombuError as BrokerError
+from sqlalchemy.exc import SQLAlchemyError
 
 from broker_config.deployments import DeploymentsConfig, Route
 from broker_config.settings import Settings
@@ -71,7 +72,15 @@ def _duplicate(deps: Deps, request_id: str) -> None:
     (the run decides its fate) or once it has ended; but a request its run has just handed back
     to the queue (the lease not yet released) may need this very message, so it comes back a
     moment later instead: a dropped duplicate can never strand its request."""
-    queued = ledger.queued_priority(deps.db, request_id)
+    try:
+        queued = ledger.queued_priority(deps.db, request_id)
+    except SQLAlchemyError as exc:
+        # A ledger outage, or a pooled connection found dead (workers lend them without a
+        # pre-ping): this may be the only message of a request handed back, so it goes back to the
+        # outbox (a write, held through the outage) rather than away.
+        log.warning("request %s: duplicate delivery not checked (%s); left to the outbox", request_id, exc)
+        _hand_back(deps, request_id, None, clean=True)
+        return
     if queued is None:
         log.info("request %s is running elsewhere; this delivery is a duplicate", request_id)
         return
