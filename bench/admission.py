@@ -113,13 +113,7 @@ def _worker(url: str, deployments: int, threads: int, seconds: float, out: multi
         while time.monotonic() < stop_at:
             started = time.perf_counter()
             ticket = _take(bucket, deployment, estimate)
-            settle(
-                bucket,
-                ticket,
-                settlement(deployment, estimate, REPLY),
-                call_id=ticket.reservation_id,
-                failed=False,
-            )
+            _settle(bucket, ticket, estimate)
             mine.append(time.perf_counter() - started)
         with lock:
             latencies.extend(mine)
@@ -190,14 +184,7 @@ def _per_script(client: redis.Redis, n: int = 2000) -> dict[str, float]:
         tickets.append(_take(bucket, deployment, estimate))
 
     def settle_one() -> None:
-        ticket = tickets.pop()
-        settle(
-            bucket,
-            ticket,
-            settlement(deployment, estimate, REPLY),
-            call_id=ticket.reservation_id,
-            failed=False,
-        )
+        _settle(bucket, tickets.pop(), estimate)
 
     def ping() -> None:
         client.ping()

