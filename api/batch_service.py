@@ -21,7 +21,7 @@ from db.batch_state import OPEN_BATCH_STATUSES, end_queued_requests, finish_if_d
 from db.engine import Database
 from db.ids import new_id
 from db.models import Batch, LlmRequest
-from db.outbox import publish_pending, publishing
+from db.outbox import publish_pending, publishing, unpublished
 from db.states import BatchStatus, Priority, RequestStatus
 from db.types import format_usd, utcnow
 
@@ -144,21 +144,13 @@ def _publish_unpublished(db: Database, batch_id: str, refresh: Callable[[], None
     after = ""
     while True:
         with db.session() as session:
-            rows = session.execute(
-                select(LlmRequest.id, LlmRequest.priority)
-                .where(
-                    LlmRequest.batch_id == batch_id,
-                    LlmRequest.status == RequestStatus.QUEUED,
-                    LlmRequest.published_at.is_(None),
-                    LlmRequest.id > after,
-                )
-                .order_by(LlmRequest.id)
-                .limit(INSERT_CHUNK * 5)
-            ).all()
+            rows = unpublished(
+                session, created_before=None, limit=INSERT_CHUNK * 5, batch_id=batch_id, after=after
+            )
         if not rows:
             return
-        _publish(db, batch_id, [(row.id, row.priority) for row in rows], refresh)
-        after = rows[-1].id
+        _publish(db, batch_id, rows, refresh)
+        after = rows[-1][0]
 
 
 def record_failed_batch(db: Database, spec: BatchSpec, errors: list[dict[str, Any]]) -> Batch:

@@ -32,12 +32,10 @@ PUBLISH_CHUNK = 1000
 PUBLISHING_TTL_S = 30  # a publisher that stops refreshing its claim this long is gone
 
 
-def _pending(created_before: datetime) -> tuple[Any, ...]:
-    return (
-        LlmRequest.status == RequestStatus.QUEUED,
-        LlmRequest.published_at.is_(None),
-        LlmRequest.created_at < created_before,
-    )
+def _pending(created_before: datetime | None) -> tuple[Any, ...]:
+    """Queued and never published (and committed before ``created_before``, when given)."""
+    grace = () if created_before is None else (LlmRequest.created_at < created_before,)
+    return (LlmRequest.status == RequestStatus.QUEUED, LlmRequest.published_at.is_(None), *grace)
 
 
 def unpublished_batches(session: Session, *, created_before: datetime, limit: int) -> list[str]:
@@ -47,10 +45,10 @@ def unpublished_batches(session: Session, *, created_before: datetime, limit: in
 
 
 def unpublished(
-    session: Session, *, created_before: datetime, limit: int, batch_id: str, after: str = ""
+    session: Session, *, created_before: datetime | None, limit: int, batch_id: str, after: str = ""
 ) -> list[tuple[str, str]]:
-    """Up to ``limit`` of the batch's queued, never-published requests older than the publish
-    grace, in id order after ``after``."""
+    """Up to ``limit`` of the batch's queued, never-published requests (committed before
+    ``created_before``, the publish grace, when given), in id order after ``after``."""
     rows = session.execute(
         select(LlmRequest.id, LlmRequest.priority)
         .where(*_pending(created_before), LlmRequest.batch_id == batch_id, LlmRequest.id > after)
