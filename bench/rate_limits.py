@@ -161,7 +161,8 @@ class Outage(threading.Thread):
 def write_timeline(
     out: Path, rules: Rules, faults: bool, stats: dict[str, Any], logs: Path, outage: Outage | None
 ) -> None:
-    """Per second from the first call: calls by outcome, and admitted tokens; the stack's logs beside."""
+    """Per second from the first call: calls by outcome, and admitted tokens; the simulator's call
+    records (records.json) and the stack's logs beside."""
     name = f"{rules.shape}-{rules.sub_window_s or ''}{'-faults' if faults else ''}".replace(".0", "")
     target = out / name
     target.mkdir(parents=True, exist_ok=True)
@@ -179,6 +180,7 @@ def write_timeline(
         if outage is not None and outage.window:
             lines.insert(0, f"outage {outage.window[0] - t0:.1f} .. {outage.window[1] - t0:.1f} s")
         (target / "timeline.txt").write_text("\n".join(lines) + "\n")
+        (target / "records.json").write_text(json.dumps(records))
     for log in logs.glob("*.log"):
         (target / log.name).write_bytes(log.read_bytes())
 

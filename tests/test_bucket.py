@@ -43,12 +43,15 @@ LEARNED_MS = 600_000  # a learned shape (and limit) holds for 10 minutes
 SLACK_MS = 2500  # a forecast further than this (+5%) from a token bucket's is stepped
 SAME_MOMENT_MS = 3000  # answers settled this much apart may tell one moment
 MIN_DRAIN_MS = 1000  # a drain shorter than this tells no pace
+PACED_LAG_MS = 250  # room that comes back at a pace does so from this long after its moment
 FIRST_CALL_MS = BucketPolicy().first_call_s * 1000  # a new bucket's refill starts this late
 IDLE_MS = BucketPolicy().floor_idle_s * 1000  # a continuous limit's floor is lent after this
 
 
 def back(x: float, gain: float, pace: float, rate: float) -> float:
     """What a limit has got back x ms after a stepped forecast's moment (prelude.lua)."""
+    if pace > 0:
+        x -= PACED_LAG_MS
     if x < 0:
         return 0.0
     if pace <= 0:
@@ -123,7 +126,7 @@ class Model:
         if name not in self.forecast:
             return False
         ret, gain, pace = self.forecast[name]
-        return ret - LIFT_MS <= now < (ret + gain / pace if pace > 0 else ret)
+        return ret - LIFT_MS <= now < (ret + PACED_LAG_MS + gain / pace if pace > 0 else ret)
 
     def wait(self, name: str, now: float, lvl: float, cost: float, need: float) -> float:
         cap = self.limits[name]
@@ -139,6 +142,8 @@ class Model:
             x = y / pace if pace > 0 else 0.0
         else:
             x = (gain / pace if pace > 0 else 0.0) + (y - gain) / (cap / 60000)
+        if pace > 0:
+            x += PACED_LAG_MS
         return max(ret + x - now, 0.0)
 
     def in_flight(self, name: str, clock: float) -> float:

@@ -121,16 +121,18 @@ def test_a_windows_forecast_holds_the_level_and_resumes_the_pool_at_its_moment(
 ) -> None:
     """Remaining 1000 with the room back in 30 s is no token bucket (it would be back in 50 s):
     nothing refills until then; from then the room comes back as fast as this busy period took
-    it (5000 within its first second: 5 a millisecond), and a call that does not fit is told
-    exactly when it will."""
+    it (5000 within its first second: 5 a millisecond) from PACED_LAG_MS (250) after it, and a
+    call that does not fit is told exactly when it will."""
     assert take(bucket, "a", 5000).status == "granted"
     answer(bucket, "a", 5000, 1000, 30.0)
     assert tokens_state(redis, clock)[:3] == (pytest.approx(1000), "steps", pytest.approx(30.0))
     waiting = take(bucket, "b", 2000)
-    assert waiting.status == "wait" and waiting.wait_s == pytest.approx(30.2)
+    assert waiting.status == "wait" and waiting.wait_s == pytest.approx(30.45)
     clock[0] += 29_999
     assert tokens_state(redis, clock)[0] == pytest.approx(1000)  # no refill while held
-    clock[0] += 1 + 100
+    clock[0] += 1 + 250
+    assert tokens_state(redis, clock)[0] == pytest.approx(1000)  # nor in the lag after the moment
+    clock[0] += 100
     assert tokens_state(redis, clock)[0] == pytest.approx(1500)
     assert take(bucket, "b", 2000).status == "wait"
     clock[0] += 100
@@ -146,7 +148,7 @@ def test_a_window_that_returns_everything_at_once_is_followed_up_by_its_next_ans
     answer after the moment says so, and the level rises to it."""
     assert take(bucket, "a", 5000).status == "granted"
     answer(bucket, "a", 5000, 1000, 30.0)
-    clock[0] += 30_200
+    clock[0] += 30_450
     assert take(bucket, "b", 2000).status == "granted"
     answer(bucket, "b", 2000, 4000, 60.0)  # a new window: all of it back, less b
     assert tokens_state(redis, clock)[:3] == (pytest.approx(4000), "steps", pytest.approx(60.0))
@@ -318,10 +320,11 @@ def test_a_429_with_a_long_retry_after_teaches_the_shape(
     assert (shape, level, back_s) == ("steps", pytest.approx(100), pytest.approx(57.0))
     assert factor == pytest.approx(0.7)
     clock[0] += 57_000
-    # Back as fast as it was taken (5900 within the first second): 200 more within 34 ms.
+    # Back as fast as it was taken (5900 within the first second) from 250 ms after the moment
+    # (PACED_LAG_MS): 200 more within 284 ms.
     resuming = take(bucket, "c", 300)
-    assert resuming.status == "wait" and resuming.wait_s == pytest.approx(0.034)
-    clock[0] += 34
+    assert resuming.status == "wait" and resuming.wait_s == pytest.approx(0.284)
+    clock[0] += 284
     assert take(bucket, "c", 300).status == "granted"
 
 
