@@ -43,15 +43,14 @@ LEARNED_MS = 600_000  # a learned shape (and limit) holds for 10 minutes
 SLACK_MS = 2500  # a forecast further than this (+5%) from a token bucket's is stepped
 SAME_MOMENT_MS = 3000  # answers settled this much apart may tell one moment
 MIN_DRAIN_MS = 1000  # a drain shorter than this tells no pace
-PACED_LAG_MS = 250  # room that comes back at a pace does so from this long after its moment
+PACED_LAG_MS = 250  # room that comes back at a pace does so from this long after its moment...
 FIRST_CALL_MS = BucketPolicy().first_call_s * 1000  # a new bucket's refill starts this late
 IDLE_MS = BucketPolicy().floor_idle_s * 1000  # a continuous limit's floor is lent after this
 
 
-def back(x: float, gain: float, pace: float, rate: float) -> float:
+def back(x: float, gain: float, pace: float, rate: float, lag: float) -> float:
     """What a limit has got back x ms after a stepped forecast's moment (prelude.lua)."""
-    if pace > 0:
-        x -= PACED_LAG_MS
+    x -= lag
     if x < 0:
         return 0.0
     if pace <= 0:
@@ -96,6 +95,7 @@ class Model:
     step_seen: dict[str, float] = field(default_factory=dict)
     drain: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # since, total then, pace
     peak: dict[str, float] = field(default_factory=dict)  # the most room an answer showed (a window's)
+    whole: set[str] = field(default_factory=set)  # ...unless it has shown that it comes back at once
     asked: dict[float, float] = field(default_factory=dict)  # floor -> when a priority with it last asked
 
     def now(self, clock: float) -> float:
@@ -109,10 +109,17 @@ class Model:
         refilled = self.stored[name] + (now - since) * rate
         if name in self.forecast and now > since:
             ret, gain, pace = self.forecast[name]
+            lag = self.lag(name)
             refilled = (
-                self.stored[name] + back(now - ret, gain, pace, rate) - back(since - ret, gain, pace, rate)
+                self.stored[name]
+                + back(now - ret, gain, pace, rate, lag)
+                - back(since - ret, gain, pace, rate, lag)
             )
         return min(cap, refilled)
+
+    def lag(self, name: str) -> float:
+        pace = self.forecast[name][2]
+        return PACED_LAG_MS if pace > 0 and name not in self.whole else 0.0
 
     def stepped(self, name: str, now: float) -> bool:
         return now - self.step_seen.get(name, -LEARNED_MS) < LEARNED_MS
@@ -126,7 +133,7 @@ class Model:
         if name not in self.forecast:
             return False
         ret, gain, pace = self.forecast[name]
-        return ret - LIFT_MS <= now < (ret + PACED_LAG_MS + gain / pace if pace > 0 else ret)
+        return ret - LIFT_MS <= now < (ret + self.lag(name) + gain / pace if pace > 0 else ret)
 
     def wait(self, name: str, now: float, lvl: float, cost: float, need: float) -> float:
         cap = self.limits[name]
@@ -137,14 +144,12 @@ class Model:
             if self.held:  # calls in flight may show the room was there: look again soon
                 return min(ret - LIFT_MS - now, FLOOR_RECHECK_MS)
             return ret - LIFT_MS - now
-        y = need - lvl + back(now - ret, gain, pace, cap / 60000)
+        y = need - lvl + back(now - ret, gain, pace, cap / 60000, self.lag(name))
         if y <= gain:
             x = y / pace if pace > 0 else 0.0
         else:
             x = (gain / pace if pace > 0 else 0.0) + (y - gain) / (cap / 60000)
-        if pace > 0:
-            x += PACED_LAG_MS
-        return max(ret + x - now, 0.0)
+        return max(ret + self.lag(name) + x - now, 0.0)
 
     def in_flight(self, name: str, clock: float) -> float:
         return sum(c[name] for _, expiry, c, *_ in self.held.values() if expiry > self.now(clock))
@@ -229,8 +234,15 @@ class Model:
                 levels[name] = min(levels[name], remaining - least)
                 if levels[name] < remaining - most:
                     levels[name] = min(cap, remaining - most)
+                pending, pending_gain, _ = self.forecast.get(name, (0.0, 0.0, 0.0))
+                room = self.window(name, now)
+                just_after = held is not None and 0 < pending <= held[0] < pending + 4 * PACED_LAG_MS
+                if held is not None and just_after and pending_gain >= 0.5 * room:
+                    if remaining + held[2][name] >= 0.5 * room:
+                        self.whole.add(name)
+                    else:
+                        self.whole.discard(name)
                 moment = now + reset_ms
-                pending = self.forecast.get(name, (0.0, 0.0, 0.0))[0]
                 if now < pending < moment <= pending + SAME_MOMENT_MS:
                     moment = pending  # the same moment, told by an answer settled later
                 new_moment = abs(moment - pending) > SAME_MOMENT_MS
@@ -250,6 +262,7 @@ class Model:
                         self.told[name] = now
             else:
                 self.forecast.pop(name, None)
+                self.whole.discard(name)
                 levels[name] = min(levels[name], remaining)  # answered now: its refill since is 0
                 if levels[name] > remaining + 0.02 * cap:
                     levels[name] = remaining

@@ -154,6 +154,28 @@ def test_a_window_that_returns_everything_at_once_is_followed_up_by_its_next_ans
     assert tokens_state(redis, clock)[:3] == (pytest.approx(4000), "steps", pytest.approx(60.0))
 
 
+@pytest.mark.parametrize(("shown", "lag_s"), [(4000, 0.0), (500, 0.25)])
+def test_a_window_that_came_back_at_once_is_counted_back_from_its_next_moment_itself(
+    bucket: Bucket, redis: redis_lib.Redis, clock: list[float], shown: int, lag_s: float
+) -> None:
+    """Room that comes back at a pace is counted back from PACED_LAG_MS (250 ms) after its moment:
+    the call that told the moment may have reached the provider before the rest of its burst. A
+    call taken just after the moment whose answer shows most of the window back (a fixed window:
+    4000 of 6000, less itself) teaches that it comes back at once: the next moment's room is
+    counted back from the moment itself. An answer showing only a little back (a rolling window:
+    500) keeps the lag."""
+    assert take(bucket, "a", 5000).status == "granted"  # 5000 in its first second: 5 a millisecond
+    answer(bucket, "a", 5000, 1000, 30.0)
+    clock[0] += 30_450
+    assert take(bucket, "b", 2000).status == "granted"
+    answer(bucket, "b", 2000, shown, 60.0)
+    assert take(bucket, "c", shown).status == "granted"
+    answer(bucket, "c", shown, 0, 59.9)  # the window spent again; its room back at 90.35 s
+    clock[0] += 59_900 + 100
+    back = 5 * max(0.0, 100 - lag_s * 1000)
+    assert tokens_state(redis, clock)[0] == pytest.approx(back)
+
+
 def test_the_level_keeps_within_the_providers_room_less_what_it_may_not_have_counted(
     bucket: Bucket, redis: redis_lib.Redis, clock: list[float]
 ) -> None:

@@ -131,6 +131,20 @@ for k = 1, n do
       if lvl > said_remaining - least then lvl = said_remaining - least end
       if lvl < said_remaining - most then lvl = math.min(cap, said_remaining - most) end
       if said_reset >= 0 then
+        -- How the room comes back at a moment: an answer to a call taken just after the pending
+        -- moment of a mostly spent window shows at least half of the window's room back on a
+        -- fixed window (all of it came back at once), less on a rolling one (only what has
+        -- expired since). The former needs no lag (prelude: PACED_LAG_MS).
+        local pending_at, pending_gain = forecast(bucket, name)
+        local room_then = math.min(window_room(bucket, name, now) or per_minute, per_minute)
+        if not limited and record and pending_at > 0 and taken_at >= pending_at
+            and taken_at < pending_at + 4 * PACED_LAG_MS and pending_gain >= 0.5 * room_then then
+          if said_remaining + (taken[name] or 0) >= 0.5 * room_then then
+            redis.call('HSET', bucket, 'whole:' .. name, '1')
+          else
+            redis.call('HDEL', bucket, 'whole:' .. name)
+          end
+        end
         -- An answer settled later than another tells the same moment later by its delay: while
         -- one is pending, a moment up to SAME_MOMENT_MS after it is that one.
         local moment, pending = math.max(now, answered + said_reset), forecast(bucket, name)
@@ -167,10 +181,10 @@ for k = 1, n do
           if new_moment then redis.call('HSET', bucket, 'told:' .. name, num(now)) end
         end
       else
-        redis.call('HDEL', bucket, 'ret:' .. name, 'gain:' .. name, 'pace:' .. name)
+        redis.call('HDEL', bucket, 'ret:' .. name, 'gain:' .. name, 'pace:' .. name, 'whole:' .. name)
       end
     else
-      redis.call('HDEL', bucket, 'ret:' .. name, 'gain:' .. name, 'pace:' .. name)
+      redis.call('HDEL', bucket, 'ret:' .. name, 'gain:' .. name, 'pace:' .. name, 'whole:' .. name)
       -- The provider's room now is at most what it said when it answered plus its refill since:
       -- a level above that is ahead of the provider (its bucket began refilling later than ours,
       -- when the first call reached it).

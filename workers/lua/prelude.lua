@@ -67,25 +67,28 @@ local function capacity(bucket, name, configured, now, factor)
   return cap * factor, cap
 end
 
--- A stepped forecast of one limit: its moment (0: none), what comes back then, and how fast
--- (per ms; 0: all at once).
-local function forecast(bucket, name)
-  local f = redis.call('HMGET', bucket, 'ret:' .. name, 'gain:' .. name, 'pace:' .. name)
-  return tonumber(f[1]) or 0, tonumber(f[2]) or 0, tonumber(f[3]) or 0
-end
-
 -- Our calls reach the provider a little after we take their room, and not all equally late: the
 -- first call of a burst, which tells a rolling window's moment (its oldest admission's expiry),
 -- may arrive well before the rest (seen: alone, 80-250 ms ahead of the other 31 of a burst taken
 -- at once, on new connections). Room that comes back at a pace (as it was taken) is therefore
--- counted back from this long after the moment; room that comes back all at once is not (the
--- moment told is the provider's own, and our next call reaches it after it anyway).
+-- counted back from this long after the moment, until the limit has shown that its room comes
+-- back all at once ('whole:<limit>', bucket_settle.lua: a fixed window, whose moment is the
+-- provider's own, and which our next call reaches after it anyway).
 local PACED_LAG_MS = 250
 
+-- A stepped forecast of one limit: its moment (0: none), what comes back then, how fast (per
+-- ms; 0: all at once), and from how long after the moment.
+local function forecast(bucket, name)
+  local f = redis.call('HMGET', bucket, 'ret:' .. name, 'gain:' .. name, 'pace:' .. name, 'whole:' .. name)
+  local pace, lag = tonumber(f[3]) or 0, 0
+  if pace > 0 and not f[4] then lag = PACED_LAG_MS end
+  return tonumber(f[1]) or 0, tonumber(f[2]) or 0, pace, lag
+end
+
 -- What a limit has got back `x` ms after its forecast's moment (nothing before it): the gain at
--- the pace (from PACED_LAG_MS on) or at once, then continuous refill at `rate`.
-local function back(x, gain, pace, rate)
-  if pace > 0 then x = x - PACED_LAG_MS end
+-- the pace from `lag` on (or at once), then continuous refill at `rate`.
+local function back(x, gain, pace, rate, lag)
+  x = x - lag
   if x < 0 then return 0 end
   if pace <= 0 then return gain + x * rate end
   if x * pace <= gain then return x * pace end
@@ -97,10 +100,10 @@ end
 local function level(bucket, name, cap, since, now)
   local stored = tonumber(redis.call('HGET', bucket, 'lvl:' .. name))
   if stored == nil then return cap end
-  local rate, ret, gain, pace = cap / 60000, forecast(bucket, name)
+  local rate, ret, gain, pace, lag = cap / 60000, forecast(bucket, name)
   local refilled = stored + elapsed(now, since) * rate
   if ret > 0 and now > since then
-    refilled = stored + back(now - ret, gain, pace, rate) - back(since - ret, gain, pace, rate)
+    refilled = stored + back(now - ret, gain, pace, rate, lag) - back(since - ret, gain, pace, rate, lag)
   end
   if refilled > cap then return cap end
   return refilled
@@ -125,9 +128,9 @@ end
 -- Whether the floors are lent out: from `lift` ms before a forecast's moment until what it
 -- said comes back is back (the room comes back anyway).
 local function floor_lifted(bucket, name, now, lift)
-  local ret, gain, pace = forecast(bucket, name)
+  local ret, gain, pace, lag = forecast(bucket, name)
   local until_ms = ret
-  if pace > 0 then until_ms = ret + PACED_LAG_MS + gain / pace end
+  if pace > 0 then until_ms = ret + lag + gain / pace end
   return ret > 0 and now >= ret - lift and now < until_ms
 end
 
@@ -138,22 +141,21 @@ end
 -- window then 81% used); else until what comes back (as `back` says) makes up the difference.
 local FLOOR_RECHECK_MS = 500
 local function wait_ms(bucket, name, cap, since, now, lvl, cost, need, lift, busy)
-  local rate, ret, gain, pace = cap / 60000, forecast(bucket, name)
+  local rate, ret, gain, pace, lag = cap / 60000, forecast(bucket, name)
   if ret <= 0 then return (need - lvl) * 60000 / cap end
   if now < ret - lift and lvl >= cost then
     if busy then return math.min(ret - lift - now, FLOOR_RECHECK_MS) end
     return ret - lift - now
   end
   -- The amount `back` must reach, counted from the forecast's moment; then its inverse.
-  local y = need - lvl + back(now - ret, gain, pace, rate)
+  local y = need - lvl + back(now - ret, gain, pace, rate, lag)
   local x
   if y <= gain then
     x = pace > 0 and y / pace or 0
   else
     x = (pace > 0 and gain / pace or 0) + (y - gain) / rate
   end
-  if pace > 0 then x = x + PACED_LAG_MS end
-  return math.max(ret + x - now, 0)
+  return math.max(ret + lag + x - now, 0)
 end
 
 -- A forecast is stepped when its reset differs from a token bucket's time to full by more than
