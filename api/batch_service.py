@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from api.batch_input import BatchLine
 from api.errors import ApiError, not_found
-from db.batch_state import OPEN_BATCH_STATUSES, end_queued_requests, finish_if_done
+from db.batch_state import OPEN_BATCH_STATUSES, counted, end_queued_requests, finish_if_done
 from db.engine import Database
 from db.ids import new_id
 from db.models import Batch, LlmRequest
@@ -183,6 +183,7 @@ def cancel_batch(db: Database, tenant_id: str, batch_id: str) -> Batch:
         }
         end_queued_requests(session, batch_id, RequestStatus.CANCELLED, now, CANCELLED, also=mark)
         session.refresh(batch)
+        counted(session, [batch])
         return batch
 
     return db.transact(unit)
@@ -193,6 +194,7 @@ def get_batch(session: Session, tenant_id: str, batch_id: str) -> Batch:
     batch = session.get(Batch, batch_id)
     if batch is None or batch.tenant_id != tenant_id:
         raise not_found("batch", batch_id)
+    counted(session, [batch])
     return batch
 
 
@@ -217,10 +219,13 @@ def list_batches(
         query = query.where(Batch.deleted_at.is_(None))
     if before:
         newer = list(session.scalars(query.where(Batch.id > before).order_by(Batch.id).limit(limit + 1)))
-        return list(reversed(newer[:limit])), len(newer) > limit
+        page = list(reversed(newer[:limit]))
+        counted(session, page)
+        return page, len(newer) > limit
     if after:
         query = query.where(Batch.id < after)
     found = list(session.scalars(query.order_by(Batch.id.desc()).limit(limit + 1)))
+    counted(session, found[:limit])
     return found[:limit], len(found) > limit
 
 

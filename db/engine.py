@@ -133,9 +133,29 @@ class Database:
         the ledger can make it count (a managed PostgreSQL failover takes 30 to 120 s).
         """
         hold_s = self.hold_s if hold_s is None else hold_s
+        checks: list[Callable[[Database], object]] = []
+
+        def run(session: Session) -> T:
+            checks.clear()  # a unit that is run again registers its checks again
+            result = unit(session)
+            checks.extend(session.info.pop("after_commit", ()))
+            return result
+
         if hold_s <= 0:
             with self.write() as session:
-                return unit(session)
+                result = run(session)
+        else:
+            result = self._retried(run, hold_s)
+        for check in checks:
+            # Asked for by the unit (e.g. db.batch_state: has the batch ended?); what it would have
+            # done, a sweep does later, so its failure is only logged.
+            try:
+                check(self)
+            except Exception:
+                log.warning("a check after a commit failed; a sweep will do it", exc_info=True)
+        return result
+
+    def _retried(self, run: Callable[[Session], T], hold_s: float) -> T:
         for attempt in stamina.retry_context(
             on=is_transient,
             attempts=None,
@@ -145,7 +165,7 @@ class Database:
             wait_jitter=0.25,
         ):
             with attempt, self.write() as session:
-                return unit(session)
+                return run(session)
         raise AssertionError("unreachable: stamina re-raises the last failure")
 
     def with_hold(self, hold_s: float) -> Database:

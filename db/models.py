@@ -14,6 +14,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
+    SmallInteger,
     String,
     Text,
     UniqueConstraint,
@@ -95,6 +96,26 @@ class Batch(Base):
     webhook_url: Mapped[str | None] = mapped_column(Text)
     # Deleted through the Anthropic API: gone from that API, kept in the ledger with its costs.
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class BatchCounter(Base):
+    """A share of a batch's counters (db/batch_state.py). Every request's end adds to one of a
+    batch's COUNTER_SHARDS rows, chosen by the request: updates of one row go one at a time, each
+    waiting for the previous commit, so one row per batch capped a batch at ~2,200 ends a second
+    (docs/scale.md). A batch's counters are its own row's plus the sum of these."""
+
+    __tablename__ = "batch_counters"
+
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id"), primary_key=True)
+    shard: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    succeeded_count: Mapped[int] = mapped_column(Integer, default=0)
+    failed_count: Mapped[int] = mapped_column(Integer, default=0)
+    cancelled_count: Mapped[int] = mapped_column(Integer, default=0)
+    expired_count: Mapped[int] = mapped_column(Integer, default=0)
+    input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cost_usd: Mapped[Decimal] = mapped_column(Money, default=Decimal(0))
+    unpriced_attempts: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class LlmRequest(Base):

@@ -19,6 +19,7 @@ from api.batch_input import BatchLine
 from api.batch_service import BatchSpec, cancel_batch, create_batch
 from broker_config.celery_app import configure
 from broker_config.settings import Settings
+from db.batch_state import load_counted
 from db.engine import Database, is_transient
 from db.migrate import alembic_config
 from db.models import ApiKey, Attempt, Batch, LlmRequest, Tenant
@@ -117,7 +118,7 @@ def test_success_is_recorded_once_with_exact_cost(db: Database) -> None:
     ledger.finish_attempt(db, rid, "L1", 1, result, end)
     assert _start(db, rid) is None  # a redelivery of ended work does nothing
     with db.session() as session:
-        batch = session.get(Batch, batch_id)
+        batch = load_counted(session, batch_id)
         request = session.get(LlmRequest, rid)
         attempt = session.scalars(select(Attempt).where(Attempt.request_id == rid)).one()
     assert (batch.succeeded_count, batch.input_tokens, batch.output_tokens) == (1, 100, 20)
@@ -142,7 +143,7 @@ def test_batch_completes_when_its_last_request_ends(db: Database) -> None:
             ledger.RequestEnd(RequestStatus.FAILED, error={"message": "bad"}),
         )
     with db.session() as session:
-        batch = session.get(Batch, batch_id)
+        batch = load_counted(session, batch_id)
     assert batch.status == BatchStatus.COMPLETED and batch.failed_count == 2 and batch.ended_at is not None
     assert batch.cost_usd == 0
 
@@ -180,7 +181,7 @@ def test_unknown_price_is_recorded_as_unknown_not_zero(db: Database) -> None:
     )
     with db.session() as session:
         attempt = session.scalars(select(Attempt).where(Attempt.request_id == rid)).one()
-        batch = session.get(Batch, batch_id)
+        batch = load_counted(session, batch_id)
     assert attempt.cost_usd is None and batch.unpriced_attempts == 1 and batch.cost_usd == 0
 
 
@@ -203,7 +204,7 @@ def test_a_run_declared_dead_records_its_call_but_changes_nothing_else(db: Datab
     with db.session() as session:
         request = session.get(LlmRequest, rid)
         attempt = session.scalars(select(Attempt).where(Attempt.request_id == rid)).one()
-        batch = session.get(Batch, batch_id)
+        batch = load_counted(session, batch_id)
     assert (request.status, request.lease, request.published_at is not None) == ("running", "L2", False)
     assert (attempt.outcome, attempt.cost_usd, attempt.cost_estimated) == ("success", Decimal("0.25"), False)
     assert request.cost_usd == batch.cost_usd == Decimal("0.25") and batch.input_tokens == 40
@@ -257,7 +258,7 @@ def test_an_attempt_is_written_only_by_its_owner_and_never_in_a_cancelled_batch(
     with db.session() as session:
         request = session.get(LlmRequest, rid)
         attempts = session.scalars(select(Attempt.attempt_no).where(Attempt.request_id == rid)).all()
-        batch = session.get(Batch, batch_id)
+        batch = load_counted(session, batch_id)
     assert request is not None and batch is not None
     assert (request.status, request.attempt_count, request.lease) == (RequestStatus.CANCELLED, 2, None)
     assert sorted(attempts) == [1, 2] and batch.cancelled_count == batch.total_count
@@ -311,7 +312,7 @@ def test_cancel_and_workers_share_one_lock_order(db: Database, round_no: int) ->
     no_retry.dispose()
     assert not errors, errors[:3]
     with db.session() as session:
-        batch = session.get(Batch, batch_id)
+        batch = load_counted(session, batch_id)
     assert batch.status == BatchStatus.CANCELLED
     assert batch.succeeded_count + batch.cancelled_count == 60 and batch.cost_usd == batch.succeeded_count
 

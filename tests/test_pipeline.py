@@ -23,6 +23,7 @@ from api.batch_service import BatchSpec, create_batch
 from broker_config.celery_app import configure
 from broker_config.deployments import parse_config
 from broker_config.settings import Settings
+from db.batch_state import load_counted
 from db.engine import Database
 from db.models import Attempt, Batch, LlmRequest
 from db.states import Priority
@@ -152,7 +153,7 @@ def _state(deps: Deps, request_id: str) -> tuple[LlmRequest, list[Attempt], Batc
                 select(Attempt).where(Attempt.request_id == request_id).order_by(Attempt.attempt_no)
             )
         )
-        batch = session.get(Batch, request.batch_id)  # type: ignore[union-attr]
+        batch = load_counted(session, request.batch_id)  # type: ignore[union-attr]
     return request, attempts, batch  # type: ignore[return-value]
 
 
@@ -195,7 +196,7 @@ def test_trouble_everywhere_waits_while_the_window_is_open_then_expires_with_eac
     assert [d["deployment"] for d in request.error["deployments"]] == ["oa", "an"]  # type: ignore[index]
     assert redis.zscore("headrace:delayed", f"default|{rid}") is not None
     with deps.db.write() as session:
-        window = session.get(Batch, batch.id)
+        window = load_counted(session, batch.id)
         window.expires_at = window.created_at  # type: ignore[union-attr]
     run_request(rid, deps)
     request, attempts, batch = _state(deps, rid)
@@ -266,7 +267,7 @@ def test_a_redelivered_finished_request_makes_no_call(deps: Deps, sim: SimContro
 def test_a_request_past_its_batch_window_expires_without_a_call(deps: Deps, sim: SimControl) -> None:
     (rid,) = _submit(deps, "single")
     with deps.db.write() as session:
-        batch = session.get(Batch, session.get(LlmRequest, rid).batch_id)  # type: ignore[union-attr]
+        batch = load_counted(session, session.get(LlmRequest, rid).batch_id)  # type: ignore[union-attr]
         batch.expires_at = batch.created_at - timedelta(seconds=1)  # type: ignore[union-attr]
     run_request(rid, deps)
     request, attempts, batch = _state(deps, rid)

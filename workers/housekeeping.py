@@ -37,7 +37,7 @@ from broker_config import keys
 from broker_config.queues import broker_lists, broker_unacked_index_key, broker_unacked_key
 from broker_config.scripts import lua_source
 from broker_config.settings import Settings
-from db.batch_state import OPEN_BATCH_STATUSES, end_queued_requests
+from db.batch_state import OPEN_BATCH_STATUSES, end_counted_batches, end_queued_requests
 from db.engine import Database
 from db.models import Batch, LlmRequest
 from db.outbox import being_published, publish_pending, unpublished, unpublished_batches
@@ -280,8 +280,9 @@ class LostMessageSweep:
 
 
 def expire_batches(db: Database, limit: int = 100) -> int:
-    """End the queued requests of every open batch past its window; returns how many batches.
-    Requests already running stop before their next call."""
+    """End the queued requests of every open batch past its window, and every open batch whose
+    requests have all ended; returns how many batches. Requests already running stop before
+    their next call."""
     with db.session() as session:
         due = list(
             session.scalars(
@@ -296,7 +297,8 @@ def expire_batches(db: Database, limit: int = 100) -> int:
             end_queued_requests(session, batch_id, RequestStatus.EXPIRED, utcnow(), EXPIRED)
 
         db.transact(unit)
-    return len(due)
+    # Batches whose last ends committed side by side, each unseen by the other (db.batch_state).
+    return len(due) + db.transact(end_counted_batches)
 
 
 class RetentionSweep:

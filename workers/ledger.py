@@ -143,7 +143,7 @@ def _claim_request(
         request.lease = lease
         # Counts runs that have not ended cleanly; a deferral or a clean hand-back takes it back.
         request.deliveries += 1
-    apply_delta(session, batch.id, delta, now)
+    apply_delta(session, batch.id, delta, now, shard_key=request.id)
     if stop is not None:
         return None
     tenant = session.get(Tenant, batch.tenant_id)
@@ -203,7 +203,7 @@ def begin_attempt(
                 RequestEnd(RequestStatus.CANCELLED, error={"kind": "cancelled", "message": message}),
                 utcnow(),
             )
-            apply_delta(session, batch_id, delta, utcnow())
+            apply_delta(session, batch_id, delta, utcnow(), shard_key=request_id)
             return None
         session.execute(
             sql.NEW_ATTEMPT,
@@ -296,7 +296,7 @@ def finish_attempt(
             delta.ended(end.status)
         elif added.changes():
             session.execute(sql.ADD_USAGE, usage_params)
-        apply_delta(session, request.batch_id, delta, now)
+        apply_delta(session, request.batch_id, delta, now, shard_key=request_id)
         return owned
 
     return db.transact(unit)
@@ -312,7 +312,7 @@ def end_run(db: Database, request_id: str, lease: str, end: RequestEnd) -> None:
         delta = BatchDelta()
         now = utcnow()
         end_request(request, delta, end, now)
-        apply_delta(session, request.batch_id, delta, now)
+        apply_delta(session, request.batch_id, delta, now, shard_key=request_id)
 
     db.transact(unit)
 

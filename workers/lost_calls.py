@@ -104,7 +104,7 @@ def requeue_orphan(db: Database, request_id: str, dead_lease: str | None, claim:
         request.status = RequestStatus.QUEUED
         request.lease = None
         request.published_at = None
-        apply_delta(session, request.batch_id, delta, now)
+        apply_delta(session, request.batch_id, delta, now, shard_key=request.id)
         return True
 
     return db.transact(unit)
