@@ -190,8 +190,8 @@ def begin_attempt(
         owned = session.execute(sql.COUNT_ATTEMPT, {"request_id": request_id, "b_lease": lease}).one_or_none()
         if owned is None:
             return None
-        attempt_no, batch_id = owned
-        if session.scalar(sql.BATCH_CANCELLED_AT, {"batch_id": batch_id}) is not None:
+        attempt_no, batch_id, cancelled_at = owned
+        if cancelled_at is not None:
             request = lock_request(session, request_id)
             assert request is not None
             request.attempt_count -= 1  # no call is made

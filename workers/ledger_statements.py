@@ -51,9 +51,13 @@ COUNT_ATTEMPT = (
         _requests.c.lease == bindparam("b_lease"),
     )
     .values(attempt_count=_requests.c.attempt_count + 1)
-    .returning(_requests.c.attempt_count, _requests.c.batch_id)
+    .returning(
+        _requests.c.attempt_count,
+        _requests.c.batch_id,
+        # Whether the batch was cancelled meanwhile, in the same round trip.
+        select(_batches.c.cancelled_at).where(_batches.c.id == _requests.c.batch_id).scalar_subquery(),
+    )
 )
-BATCH_CANCELLED_AT = select(_batches.c.cancelled_at).where(_batches.c.id == bindparam("batch_id"))
 NEW_ATTEMPT = insert(_attempts)
 
 
