@@ -187,7 +187,8 @@ def counted(session: Session, batches: Iterable[Batch]) -> None:
     for row in rows:
         for name in _COUNTERS:
             value = getattr(row, name)
-            set_committed_value(by_id[row.id], name, Decimal(value) if name == "cost_usd" else value)
+            # PostgreSQL sums integers as numeric: psycopg hands back Decimals for every column.
+            set_committed_value(by_id[row.id], name, Decimal(value) if name == "cost_usd" else int(value))
 
 
 def load_counted(session: Session, batch_id: str) -> Batch | None:
