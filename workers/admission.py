@@ -15,7 +15,10 @@ take and told how the call went in the settlement, in the same atomic step and r
 deployment it keeps shut takes no room, and a half-open probe's place is taken only with room.
 
 One bucket per deployment (and per tenant ceiling) in Redis, shared by every worker on every
-host. The algorithm, its units and its clock are in ``lua/prelude.lua``. What people see
+host. The algorithm, its units and its clock are in ``lua/prelude.lua``; what a take and a
+settlement send to the scripts and what they answer, in ``workers/bucket.py``. The threads of one
+process waiting for room on the same deployment take turns to ask it (``workers/waiting_line.py``):
+only the head of the line asks, the others wait without Redis or CPU. What people see
 (``GET /v1/deployments``) is read by ``lua/bucket_read.lua`` with that same prelude
 (``broker_config/bucket_state.py``). How each provider counts (which tokens count against which
 limit, the offline prompt estimate, what a call that ended counted) is ``workers/metering.py``,
@@ -27,18 +30,17 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
 
 import redis
 
-from broker_config import keys
 from broker_config.deployments import Deployment, TenantLimits
-from broker_config.scripts import BREAKER, lua_source
-from db.states import Priority
-from workers.breaker import BreakerCall, BreakerPolicy, count_keys, log_transition
+from workers.breaker import BreakerCall
+from workers.bucket import Admission, Bucket, BucketPolicy, Charge, Settled
 from workers.forecast import Forecast
 from workers.metering import (
     DEFAULT_PAUSE_S,
@@ -49,6 +51,7 @@ from workers.metering import (
     settlement_of,
 )
 from workers.providers.base import CallFailed, ProviderReply, requested_max_tokens
+from workers.waiting_line import Place, WaitingLine
 
 __all__ = [
     "DEFAULT_PAUSE_S",
@@ -96,15 +99,6 @@ def estimate_call(deployment: Deployment, body: Mapping[str, Any], default_max_t
     return Estimate(estimate_prompt_tokens(body), max_tokens * completions)
 
 
-@dataclass(frozen=True)
-class Charge:
-    """One limit a call counts against: its per-minute size and what this call takes from it."""
-
-    name: str
-    limit: int
-    cost: float
-
-
 def admission_charges(deployment: Deployment, estimate: Estimate) -> list[Charge]:
     """What the call takes from each of the deployment's limits, before it is made."""
     costs = by_limit(1, estimate.prompt_tokens, estimate.output_tokens)
@@ -119,189 +113,7 @@ def tenant_charges(tenant: TenantLimits | None, estimate: Estimate) -> list[Char
     return [Charge(name, limit, costs[name] or 0.0) for name, limit in tenant.limits().items()]
 
 
-# --- 2. The shared bucket ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BucketPolicy:
-    # Share of each limit a priority must leave unused, so that a waiting bulk request never
-    # stands between an interactive one and the tokens it needs.
-    floors: Mapping[str, float] = field(
-        default_factory=lambda: {Priority.INTERACTIVE: 0.0, Priority.DEFAULT: 0.05, Priority.BULK: 0.10}
-    )
-    # Timeouts of deployments that set none (settings.call_timeout_s, connect_timeout_s).
-    call_timeout_s: float = 60.0
-    connect_timeout_s: float = 5.0
-    # Time around the call that its reservation must also outlive: the attempt's ledger rows,
-    # the settlement's round trip, a slow Redis.
-    reservation_margin_s: float = 60.0
-    factor_drop: float = 0.7  # on a 429 the rate is multiplied by this...
-    factor_min: float = 0.2
-    factor_recovery_per_s: float = 0.01  # ...and recovers by this much per second
-    follow_tolerance: float = 0.02  # follow the provider down when it is lower by more than this
-    # On a limiter whose room comes back at a moment (a window), the floors are lent out this
-    # long before it: a request above waits at most this long, and the window's room is used.
-    floor_lift_s: float = 2.0
-    # On a continuous limit a floor is lent out while no priority above it has asked for this
-    # long: a bulk batch alone gets the whole limit, and the first interactive request after it
-    # waits only for the refill of its own cost (the floor is back as soon as it asks).
-    floor_idle_s: float = 30.0
-    # A new bucket starts its refill this much after its first take: the provider's starts when
-    # that call reaches it (client set-up, connection), and ours must not run ahead of it.
-    first_call_s: float = 0.25
-
-    def reservation_ttl_s(self, deployment: Deployment) -> float:
-        """How long a reservation on ``deployment`` lives unsettled. It must outlive the call: an
-        expired one is settled as nothing (no refund, and an under-estimate is never charged)."""
-        read_s = deployment.timeout_s or self.call_timeout_s
-        connect_s = deployment.connect_timeout_s or self.connect_timeout_s
-        return read_s + connect_s + self.reservation_margin_s
-
-
-@dataclass(frozen=True)
-class Admission:
-    """The bucket's answer to one take."""
-
-    status: Literal["granted", "wait", "never", "open"]  # open: the breaker keeps it shut
-    wait_s: float = 0.0
-    reason: str = ""  # which limit made it wait, or is too small
-    limit: int = 0  # for "never": the limit the cost exceeds
-    probe: bool = False  # granted as the half-open breaker's probe
-
-
-@dataclass(frozen=True)
-class Settled:
-    """The bucket's answer to one settlement."""
-
-    found: bool  # the reservation was still there to settle
-    transition: str = ""  # what the call did to the breaker: "opened", "closed" or ""
-
-
-class Bucket:
-    """Takes and settles reservations; ``clock_ms`` exists only for the property tests. With a
-    ``breaker`` policy every take first asks the deployment's breaker, and a settlement given the
-    call's ``BreakerCall`` counts it there (the worker's way); without one the breaker is left out."""
-
-    def __init__(
-        self,
-        client: redis.Redis,
-        policy: BucketPolicy | None = None,
-        clock_ms: Callable[[], float] | None = None,
-        *,
-        breaker: BreakerPolicy | None = None,
-    ) -> None:
-        self.redis = client
-        self.policy = policy or BucketPolicy()
-        self.breaker = breaker
-        self._clock_ms = clock_ms
-        self._take = client.register_script(lua_source("bucket_take.lua", BREAKER))
-        self._settle = client.register_script(lua_source("bucket_settle.lua", BREAKER))
-
-    def _keys(self, deployment: str, tenant: str | None) -> list[str]:
-        return [
-            keys.bucket(deployment),
-            keys.reservations(deployment),
-            keys.reservation_expiry(deployment),
-            keys.tenant_bucket(deployment, tenant or "-"),
-        ]
-
-    def _clock(self) -> str:
-        return "" if self._clock_ms is None else repr(self._clock_ms())
-
-    def take(
-        self,
-        deployment: str,
-        reservation_id: str,
-        charges: Sequence[Charge],
-        *,
-        priority: str,
-        ttl_s: float,
-        tenant: str | None = None,
-        tenant_charges: Sequence[Charge] = (),
-    ) -> Admission:
-        """Take every charge at once, or nothing. One round trip."""
-        policy = self.policy
-        floor = policy.floors.get(priority, 0.0)
-        args: list[str | float | int] = [
-            self._clock(),
-            reservation_id,
-            repr(floor),
-            int(ttl_s * 1000),
-            policy.factor_recovery_per_s / 1000,
-            int(policy.floor_lift_s * 1000),
-            int(policy.first_call_s * 1000),
-            int(policy.floor_idle_s * 1000),
-            ",".join(repr(other) for other in sorted(set(policy.floors.values())) if other < floor),
-            len(charges),
-        ]
-        for charge in charges:
-            args += [charge.name, charge.limit, charge.cost]
-        args.append(len(tenant_charges))
-        for charge in tenant_charges:
-            args += [charge.name, charge.limit, charge.cost]
-        script_keys = self._keys(deployment, tenant)
-        if self.breaker is not None:
-            script_keys.append(keys.breaker(deployment))
-            args += [int(self.breaker.open_s * 1000), self.breaker.probes]
-        status, amount, reason = self._take(keys=script_keys, args=args)
-        reason = reason.decode() if isinstance(reason, bytes) else str(reason)
-        if status == 1:
-            return Admission("granted", probe=reason == "probe")
-        if status == 0:
-            return Admission("wait", wait_s=int(amount) / 1000, reason=reason)
-        if status == 2:
-            return Admission("open", wait_s=int(amount) / 1000, reason="circuit_open")
-        return Admission("never", reason=reason, limit=int(amount))
-
-    def settle(
-        self,
-        deployment: str,
-        reservation_id: str,
-        charges: Sequence[Charge],
-        settlement: Settlement,
-        *,
-        tenant: str | None = None,
-        tenant_charges: Sequence[Charge] = (),
-        call: BreakerCall | None = None,
-    ) -> Settled:
-        """Give back (or take) the difference between reserved and used; learn from headers; with
-        a breaker policy and the ``call``, count it in the deployment's breaker."""
-        policy = self.policy
-        args: list[str | float | int] = [
-            self._clock(),
-            reservation_id,
-            policy.factor_recovery_per_s / 1000,
-            int(settlement.pause_s * 1000),
-            1 if settlement.rate_limited else 0,
-            policy.factor_drop,
-            policy.factor_min,
-            policy.follow_tolerance,
-            max(0, round(settlement.age_s * 1000)),
-            len(charges),
-        ]
-        for charge in charges:
-            used = settlement.used.get(charge.name)
-            seen = settlement.observed.get(charge.name, Forecast())
-            reset_ms = None if seen.reset_s is None else round(seen.reset_s * 1000)
-            said = (seen.limit, seen.remaining, reset_ms)
-            args += [charge.name, charge.limit, -1 if used is None else used]
-            args += [-1 if value is None else value for value in said]
-        args.append(len(tenant_charges))
-        for charge in tenant_charges:
-            used = settlement.tenant_used.get(charge.name)
-            args += [charge.name, charge.limit, -1 if used is None else used]
-        script_keys = self._keys(deployment, tenant)
-        if self.breaker is not None and call is not None:
-            script_keys += count_keys(deployment)
-            args += self.breaker.count_args(call)
-        found, transition = self._settle(keys=script_keys, args=args)
-        transition = transition.decode() if isinstance(transition, bytes) else str(transition)
-        if transition and call is not None:
-            log_transition(deployment, transition, self.breaker or BreakerPolicy(), probe=call.probe)
-        return Settled(bool(found), transition)
-
-
-# --- 3. Before the call: admit -------------------------------------------------------------------
+# --- 2. Before the call: admit (the shared bucket itself: workers/bucket.py) ---------------------
 
 
 @dataclass(frozen=True)
@@ -318,8 +130,11 @@ class Ticket:
 
 @dataclass(frozen=True)
 class Wait:
-    seconds: float
+    seconds: float  # the soonest the deployment may have room for it
     reason: str
+    # About when its turn comes, behind those waiting before it in this process's line: what the
+    # request parks for, so that it does not come back to find the same line.
+    expected_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -337,48 +152,80 @@ def admit(
     tenant: TenantLimits | None,
     max_inline_wait_s: float,
     sleep: Callable[[float], None],
+    line: WaitingLine | None = None,
 ) -> Ticket | Wait | TooLarge:
     """Reserve room for one call. Short waits are spent in place (the slot stays busy for at most
-    ``2 x max_inline_wait_s``); a longer one is handed back, and the pipeline tries the next
-    deployment of the chain or parks the request in the delay queue."""
+    ``2 x max_inline_wait_s``), in this process's ``line`` for the deployment (only its head asks
+    the bucket); a longer one is handed back, and the pipeline tries the next deployment of the
+    chain or parks the request in the delay queue for about as long as its turn would take."""
     charges = admission_charges(deployment, estimate)
     ceiling = tenant_charges(tenant, estimate)
     tenant_name = tenant.name if tenant else None
     ttl_s = bucket.policy.reservation_ttl_s(deployment)
-    waited = 0.0
-    while True:
-        reservation_id = f"{request_id}:{uuid.uuid4().hex[:10]}"
-        admission = bucket.take(
-            deployment.name,
-            reservation_id,
-            charges,
-            priority=priority,
-            ttl_s=ttl_s,
-            tenant=tenant_name,
-            tenant_charges=ceiling,
-        )
-        if admission.status == "granted":
-            return Ticket(deployment, reservation_id, charges, tenant_name, ceiling, probe=admission.probe)
-        if admission.status == "open":  # not worth waiting for in place: the chain goes on
-            return Wait(admission.wait_s, admission.reason)
-        if admission.status == "never":
-            on_tenant = admission.reason.startswith("tenant:")
-            limit_name = admission.reason.removeprefix("tenant:")
-            cost = next(c.cost for c in (ceiling if on_tenant else charges) if c.name == limit_name)
-            whose = "tenant ceiling" if on_tenant else "limit"
-            return TooLarge(
-                f"the request needs {cost:.0f} {limit_name} but the {whose} of deployment "
-                f"{deployment.name!r} is {admission.limit} per minute: it can never fit there"
+    budget_s = 2 * max_inline_wait_s
+    waited_s = 0.0
+    place: Place | None = None
+    last = Admission("wait")  # the bucket's latest answer to a take that must wait
+    try:
+        while True:
+            if place is not None and line is not None and not line.is_head(place):
+                turn_started = time.monotonic()
+                headed = line.wait_turn(place, budget_s - waited_s)
+                waited_s += time.monotonic() - turn_started
+                if not headed:
+                    return Wait(last.wait_s, last.reason, line.expected_wait_s(place, last.wait_s))
+            reservation_id = f"{request_id}:{uuid.uuid4().hex[:10]}"
+            admission = bucket.take(
+                deployment.name,
+                reservation_id,
+                charges,
+                priority=priority,
+                ttl_s=ttl_s,
+                tenant=tenant_name,
+                tenant_charges=ceiling,
             )
-        if admission.wait_s > max_inline_wait_s or waited + admission.wait_s > 2 * max_inline_wait_s:
-            return Wait(admission.wait_s, admission.reason)
-        # Jitter, so that workers woken for the same refill do not all ask at the same instant.
-        pause = admission.wait_s * random.uniform(1.0, 1.25)
-        sleep(pause)
-        waited += pause
+            if admission.status == "granted":
+                if line is not None:
+                    line.granted(deployment.name, place)
+                    place = None
+                probe = admission.probe
+                return Ticket(deployment, reservation_id, charges, tenant_name, ceiling, probe=probe)
+            if admission.status == "open":  # not worth waiting for in place: the chain goes on
+                return Wait(admission.wait_s, admission.reason)
+            if admission.status == "never":
+                return too_large(deployment, admission, charges, ceiling)
+            last = admission
+            if admission.wait_s > max_inline_wait_s or waited_s + admission.wait_s > budget_s:
+                expected = None if line is None or place is None else line.expected_wait_s(place, last.wait_s)
+                return Wait(admission.wait_s, admission.reason, expected)
+            if line is not None and place is None:
+                place = line.join(deployment.name, priority)
+                if not line.is_head(place):
+                    continue  # the head asks for the line
+            # Jitter, so that the heads of several processes woken for the same refill do not
+            # all ask at the same instant.
+            pause = admission.wait_s * random.uniform(1.0, 1.25)
+            sleep(pause)
+            waited_s += pause
+    finally:
+        if place is not None and line is not None:
+            line.leave(place)
 
 
-# --- 4. After the call: settle -------------------------------------------------------------------
+def too_large(
+    deployment: Deployment, admission: Admission, charges: list[Charge], ceiling: list[Charge]
+) -> TooLarge:
+    on_tenant = admission.reason.startswith("tenant:")
+    limit_name = admission.reason.removeprefix("tenant:")
+    cost = next(c.cost for c in (ceiling if on_tenant else charges) if c.name == limit_name)
+    whose = "tenant ceiling" if on_tenant else "limit"
+    return TooLarge(
+        f"the request needs {cost:.0f} {limit_name} but the {whose} of deployment "
+        f"{deployment.name!r} is {admission.limit} per minute: it can never fit there"
+    )
+
+
+# --- 3. After the call: settle -------------------------------------------------------------------
 
 
 def settlement(

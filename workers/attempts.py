@@ -41,6 +41,7 @@ from workers.delays import DelayQueue
 from workers.leases import Lease, Leases
 from workers.policy import FAIL, FALL_BACK, RETRY, Decision, backoff_s, decide, may_have_billed, passes
 from workers.providers.base import CallFailed, ProviderAdapter, ProviderCall, ProviderReply
+from workers.waiting_line import WaitingLine
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ class Deps:
     fallbacks: FallbackCounter
     worker: str  # this process's name on the attempts it makes
     sleep: Callable[[float], None] = field(default=time.sleep)
+    # This process's threads waiting for room on a deployment take turns to ask its bucket.
+    line: WaitingLine = field(default_factory=WaitingLine)
 
 
 @dataclass
@@ -72,6 +75,7 @@ class Walk:
     over: bool = False  # the request ended, or this run no longer owns it: stop here
     failures: list[dict[str, Any]] = field(default_factory=list)  # this run's, in order
     soonest_room_s: float | None = None  # the shortest wait a busy deployment asked for
+    expected_room_s: float | None = None  # the shortest a busy deployment's line expects
     attempts: int = 0  # the request's attempts so far, all runs included
     billed: int = 0  # calls the provider may have charged for, all runs included
 
@@ -82,6 +86,9 @@ class Walk:
         """A deployment cannot take the request for ``wait``; noted as its last error when named."""
         if self.soonest_room_s is None or wait.seconds < self.soonest_room_s:
             self.soonest_room_s = wait.seconds
+        expected = max(wait.seconds, wait.expected_s or 0.0)
+        if self.expected_room_s is None or expected < self.expected_room_s:
+            self.expected_room_s = expected
         if deployment is not None:
             message = f"{wait.reason.replace('_', ' ')}: room again in {wait.seconds:.1f}s"
             self.failures.append(
@@ -201,6 +208,7 @@ def _reserve(walk: Walk, deployment: Deployment, estimate: Estimate, deps: Deps)
         tenant=deps.config.tenant_limits(walk.run.tenant),
         max_inline_wait_s=deps.settings.bucket_max_inline_wait_s,
         sleep=deps.sleep,
+        line=deps.line,
     )
     if isinstance(ticket, Wait):
         walk.busy(ticket, deployment.name)

@@ -161,6 +161,10 @@ def _wait(deps: Deps, walk: Walk, errors: list[dict[str, Any]]) -> None:
             {"kind": "expired", "message": message, "deployments": errors},
         )
         return
+    if not trouble and walk.expected_room_s:
+        # It parks until about when its turn in the line comes, but comes back before its deadline.
+        left_s = (walk.deadline - utcnow()).total_seconds()
+        delay_s = max(delay_s, min(walk.expected_room_s, 0.9 * left_s))
     reason = "provider trouble" if trouble else "no room"
     waiting = {"kind": "waiting", "message": f"waiting {delay_s:.1f}s ({reason})", "deployments": errors}
     if ledger.defer_run(deps.db, run.request_id, walk.lease.token, waiting=waiting, trouble=trouble):

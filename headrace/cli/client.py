@@ -6,21 +6,24 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import httpx
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from broker_config.settings import get_settings
-from headrace.cli.progress import follow_batches
+
+# httpx and rich are imported where used: every ``headrace`` command imports this module.
+if TYPE_CHECKING:
+    import httpx
+    from rich.table import Table
 
 ApiUrl = Annotated[str | None, typer.Option(help="API base URL [HEADRACE_API_URL].")]
 ApiKey = Annotated[str | None, typer.Option(help="API key [HEADRACE_API_KEY].")]
 
 
 def _client(api_url: str | None, api_key: str | None) -> httpx.Client:
+    import httpx
+
     settings = get_settings()
     key = api_key or settings.api_key
     if not key:
@@ -85,6 +88,8 @@ def submit(
         )
         typer.echo(batch["id"])
         if wait:
+            from headrace.cli.progress import follow_batches
+
             final = follow_batches(lambda i: _check(http.get(f"/v1/batches/{i}")), [batch["id"]])[batch["id"]]
             counts = final["request_counts"]
             typer.echo(
@@ -115,10 +120,14 @@ def status(
     if as_json:
         typer.echo(json.dumps(state, indent=2))
         return
+    from rich.console import Console
+
     Console().print(deployments_table(state))
 
 
 def deployments_table(state: dict[str, Any]) -> Table:
+    from rich.table import Table
+
     table = Table(
         title=f"Deployments ({state['delayed_requests']} request(s) waiting for room)", title_justify="left"
     )

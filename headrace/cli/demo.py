@@ -9,18 +9,18 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import httpx
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from db.engine import get_database
-from db.reports import UsageRow, by_deployment, by_route
-from headrace.cli.progress import follow_batches
-from headrace.embedded import StartupError
-from headrace.stack import EmbeddedStack
+# Imported where used: every ``headrace`` command imports this module, and the stack, the ledger
+# and rich would cost each of them (``keys create``, ``migrate``, ``worker``) most of a second.
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+    from db.reports import UsageRow
+    from headrace.stack import EmbeddedStack
 
 TOPICS = [
     "the water wheel",
@@ -66,6 +66,8 @@ def _ms(value: float | None) -> str:
 
 
 def _usage_table(title: str, rows: list[UsageRow], first: str, done: str) -> Table:
+    from rich.table import Table
+
     table = Table(title=title, title_justify="left")
     for name in (first, done, "failed", "p50", "p95", "tok in", "tok out", "cost USD"):
         table.add_column(name, justify="left" if name == first else "right", no_wrap=True)
@@ -97,6 +99,11 @@ def demo(
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 300.0,
 ) -> None:
     """Run Redis, the provider simulator, the API and a worker here, and push a demo batch through."""
+    from rich.console import Console
+
+    from headrace.embedded import StartupError
+    from headrace.stack import EmbeddedStack
+
     console = Console()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -132,6 +139,12 @@ def demo(
 
 
 def _run_demo(stack: EmbeddedStack, count: int, timeout_s: float, console: Console) -> int:
+    import httpx
+
+    from db.engine import get_database
+    from db.reports import by_deployment, by_route
+    from headrace.cli.progress import follow_batches
+
     interactive = count * 2 // 5
     plan = [("fast", "interactive", interactive, 1), ("smart", "bulk", count - interactive, 2)]
     headers = {"Authorization": f"Bearer {stack.api_key}"}
