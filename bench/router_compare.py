@@ -52,172 +52,35 @@ CPU per --timeline-s (10 s) beside the calls the provider admitted and refused i
 from __future__ import annotations
 
 import argparse
-import contextlib
-import itertools
 import json
 import os
-import random
-import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.measure import cpu_seconds, redis_counters, wait_batch
-from bench.rate_limits import CONFIG, VOCABULARY, sim_args
-from headrace.embedded import ManagedProcess, headrace_command, start_redis
-from headrace.simulator.buckets import Rules
+from bench.rate_limits import CONFIG, sim_args
+from bench.router_common import (
+    MAX_TOKENS,
+    UNLIMITED,
+    CpuTimeline,
+    Job,
+    Result,
+    ideal_of,
+    provider_counts,
+    reaped_cpu,
+    workload,
+)
+from bench.router_litellm import litellm_python, run_litellm
+from headrace.embedded import ManagedProcess, headrace_command
 from headrace.simulator.config import SimConfig
-from headrace.simulator.ideal import ideal_span
-from headrace.simulator.server import running_simulator
-from headrace.simulator.tokens import count_prompt_tokens
 from headrace.stack import EmbeddedStack
-
-LITELLM_VERSION = "1.110.2"
-LITELLM_VENV = Path.home() / ".cache" / "headrace-bench" / "litellm-venv"
-DRIVER = Path(__file__).resolve().parent / "litellm_driver.py"
-UNLIMITED = 1_000_000_000  # a deployment's rpm / tpm far above anything a run reaches
-MAX_TOKENS = 256
-
-
-@dataclass
-class Job:
-    name: str
-    lines: list[dict[str, Any]]
-    sim: SimConfig
-    rpm: int
-    tpm: int
-
-
-@dataclass
-class Result:
-    side: str
-    job: str
-    requests: int
-    wall_s: float = 0.0  # from the first process started to the last one stopped
-    job_s: float = 0.0
-    ok: int = 0
-    calls: int = 0
-    refused: int = 0  # 429s the provider answered
-    startup: dict[str, float] = field(default_factory=dict)  # per process: CPU when its side was ready
-    in_job: dict[str, float] = field(default_factory=dict)  # per process: CPU from ready to the job's end
-    total: dict[str, float] = field(default_factory=dict)  # per process: CPU from start to exit
-    client_cpu_s: float = 0.0
-    note: str = ""
-    # Per --timeline-s of the job: the side's CPU, and the provider's admitted and refused calls.
-    timeline: list[tuple[float, int, int]] = field(default_factory=list)
-
-    @property
-    def cpu_total(self) -> float:
-        return sum(self.total.values())
-
-    @property
-    def cpu_job(self) -> float:
-        return sum(self.in_job.values())
-
-
-def workload(n: int, seed: int) -> list[dict[str, Any]]:
-    rng = random.Random(seed)
-    lines = []
-    for i in range(n):
-        text = " ".join(rng.choices(VOCABULARY, k=rng.randint(20, 620)))
-        body = {"model": "bench", "messages": [{"role": "user", "content": text}], "max_tokens": MAX_TOKENS}
-        lines.append({"custom_id": f"r{i}", "body": body})
-    return lines
-
-
-def ideal_of(job: Job) -> float:
-    costs = [
-        {"requests": 1, "tokens": count_prompt_tokens(line["body"]["messages"]) + MAX_TOKENS}
-        for line in job.lines
-    ]
-    return ideal_span(costs, {"requests": job.rpm, "tokens": job.tpm}, Rules(job.sim.limiter, 60.0, None))
-
-
-def children_cpu() -> float:
-    """User + system CPU of every child this process has reaped so far (and of what they reaped)."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def reaped_cpu(stop: Callable[[], object]) -> float:
-    """The CPU of the one child that ``stop`` stops and reaps: its whole life, teardown included."""
-    before = children_cpu()
-    stop()
-    return children_cpu() - before
-
-
-def provider_counts(url: str) -> tuple[int, int, list[dict[str, Any]]]:
-    """The provider's calls, its 429s, and its call records."""
-    stats = httpx.get(f"{url}/_sim/stats", params={"records": 20_000}, timeout=60).json()
-    received = stats["received"].get("openai", 0)
-    return received, stats["answered"].get("openai", {}).get("429", 0), stats["records"]
-
-
-class CpuTimeline(threading.Thread):
-    """Samples the summed CPU of some processes every second while the job runs."""
-
-    def __init__(self, pids: list[int]) -> None:
-        super().__init__(daemon=True)
-        self.pids = pids
-        self.samples: list[tuple[float, float]] = []  # (epoch s, CPU-s)
-        self._finished = threading.Event()
-
-    def read(self) -> float:
-        total = 0.0
-        for pid in self.pids:
-            with contextlib.suppress(OSError):
-                total += cpu_seconds(pid)
-        return total
-
-    def run(self) -> None:
-        while True:
-            self.samples.append((time.time(), self.read()))
-            if self._finished.wait(1.0):
-                self.samples.append((time.time(), self.read()))
-                return
-
-    def __enter__(self) -> CpuTimeline:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._finished.set()
-        self.join(10)
-
-    def per_step(self, step_s: float, records: list[dict[str, Any]]) -> list[tuple[float, int, int]]:
-        """Per ``step_s`` from the first sample: CPU-s used, calls admitted, calls refused (429)."""
-        if len(self.samples) < 2:
-            return []
-        t0, end = self.samples[0][0], self.samples[-1][0]
-        steps = []
-        start = t0
-        while start < end - 1e-6:
-            stop = min(start + step_s, end)
-            cpu = self._at(stop) - self._at(start)
-            inside = [r for r in records if start <= r["t"] < stop]
-            steps.append((cpu, sum(r["admitted"] for r in inside), sum(r["status"] == 429 for r in inside)))
-            start = stop
-        return steps
-
-    def _at(self, t: float) -> float:
-        """CPU-s at ``t``, linear between the samples around it."""
-        for (t1, c1), (t2, c2) in itertools.pairwise(self.samples):
-            if t1 <= t <= t2:
-                return c1 + (c2 - c1) * ((t - t1) / (t2 - t1) if t2 > t1 else 0.0)
-        return self.samples[-1][1]
-
 
 # --------------------------------------------------------------------------------------- Headrace
 
@@ -310,140 +173,6 @@ def run_headrace(job: Job, workers: int, threads: int, poll_s: float, step_s: fl
 
 def _name(process: ManagedProcess) -> str:
     return "redis-server" if process.name.startswith("redis-") else process.name
-
-
-# ---------------------------------------------------------------------------------------- LiteLLM
-
-
-def litellm_python(given: str | None) -> str:
-    """The interpreter that runs the driver: --litellm-python, else the cached venv (made once)."""
-    if given:
-        return given
-    python = LITELLM_VENV / "bin" / "python"
-    if not python.exists():
-        LITELLM_VENV.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "venv", str(LITELLM_VENV)], check=True)
-    installed = subprocess.run(
-        [str(python), "-c", "import importlib.metadata as m; print(m.version('litellm'))"],
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    if installed != LITELLM_VERSION:
-        print(f"installing litellm=={LITELLM_VERSION} into {LITELLM_VENV}", file=sys.stderr, flush=True)
-        subprocess.run(
-            [str(python), "-m", "pip", "install", "-q", f"litellm=={LITELLM_VERSION}", "redis"], check=True
-        )
-    return str(python)
-
-
-@contextmanager
-def drivers(argvs: list[list[str]], logs: Path) -> Iterator[list[subprocess.Popen[str]]]:
-    procs: list[subprocess.Popen[str]] = []
-    try:
-        for i, argv in enumerate(argvs):
-            with (logs / f"litellm-{i + 1}.log").open("w") as log:
-                procs.append(
-                    subprocess.Popen(
-                        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True
-                    )
-                )
-        yield procs
-    finally:
-        for proc in procs:
-            if proc.returncode is None and proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-
-
-def read_message(proc: subprocess.Popen[str], key: str) -> dict[str, Any]:
-    assert proc.stdout is not None
-    for raw in proc.stdout:
-        if raw.startswith("{"):
-            message: dict[str, Any] = json.loads(raw)
-            if message.get(key):
-                return message
-    raise RuntimeError(f"litellm driver {proc.pid} exited with {proc.wait()} before saying {key!r}")
-
-
-def run_litellm(
-    job: Job,
-    processes: int,
-    concurrency: int,
-    python: str,
-    num_retries: int,
-    step_s: float,
-    phase: int | None = None,
-) -> Result:
-    """``phase``: start the job at this second of the UTC minute (the strategy counts usage per UTC
-    minute); the wait for it, every process ready and idle, is left out of the wall time."""
-    processes = min(processes, len(job.lines))
-    name = job.name if phase is None else f"{job.name}, go at :{phase:02d}"
-    result = Result(f"LiteLLM Router, {processes} process(es) x {concurrency}", name, len(job.lines))
-    waited = 0.0
-    with tempfile.TemporaryDirectory(prefix="litellm-compare-") as home:
-        requests = Path(home) / "requests.jsonl"
-        requests.write_text("".join(json.dumps(line) + "\n" for line in job.lines))
-        started = time.monotonic()
-        with running_simulator(job.sim) as sim_url:
-            redis_proc, redis_url = start_redis(Path(home) / "redis")
-            try:
-                port = redis_url.rsplit(":", 1)[1].split("/")[0]
-                argvs = [
-                    [
-                        *(python, str(DRIVER), "--requests", str(requests), "--index", str(i)),
-                        *("--count", str(processes), "--api-base", f"{sim_url}/v1", "--redis-port", port),
-                        *("--rpm", str(job.rpm), "--tpm", str(job.tpm), "--concurrency", str(concurrency)),
-                        *("--num-retries", str(num_retries)),
-                    ]
-                    for i in range(processes)
-                ]
-                with drivers(argvs, Path(home)) as procs:
-                    ready = [read_message(proc, "ready") for proc in procs]
-                    result.note = f"LiteLLM {ready[0]['version']}"
-                    names = [f"litellm-{i + 1}" for i in range(processes)]
-                    result.startup = {
-                        name: cpu_seconds(proc.pid) for name, proc in zip(names, procs, strict=True)
-                    }
-                    if phase is not None:
-                        now = datetime.now(UTC)
-                        waited = (phase - now.second - now.microsecond / 1e6) % 60
-                        time.sleep(waited)
-                    result.startup["redis-server"] = cpu_seconds(redis_proc.pid)
-                    job_started = time.monotonic()
-                    second = datetime.now(UTC).second
-                    with CpuTimeline([*(p.pid for p in procs), redis_proc.pid]) as timeline:
-                        for proc in procs:
-                            assert proc.stdin is not None
-                            proc.stdin.write("go\n")
-                            proc.stdin.close()
-                        done = []
-                        for name, proc in zip(names, procs, strict=True):
-                            done.append(read_message(proc, "done"))
-                            result.in_job[name] = done[-1]["job_cpu_s"]
-                        result.job_s = time.monotonic() - job_started
-                    result.in_job["redis-server"] = (
-                        cpu_seconds(redis_proc.pid) - result.startup["redis-server"]
-                    )
-                    for name, proc in zip(names, procs, strict=True):
-                        assert proc.stdout is not None
-                        proc.stdout.close()
-                        _, status, usage = os.wait4(proc.pid, 0)
-                        proc.returncode = os.waitstatus_to_exitcode(status)
-                        result.total[name] = usage.ru_utime + usage.ru_stime
-                result.ok = sum(d["ok"] for d in done)
-                errors: dict[str, int] = {}
-                for d in done:
-                    for kind, n in d["errors"].items():
-                        errors[kind] = errors.get(kind, 0) + n
-                result.note += f", job started at second {second} of the UTC minute"
-                if errors:
-                    result.note += f", lost: {errors}"
-                result.calls, result.refused, records = provider_counts(sim_url)
-                result.timeline = timeline.per_step(step_s, records)
-            finally:
-                result.total["redis-server"] = reaped_cpu(redis_proc.stop)
-            result.wall_s = time.monotonic() - started - waited
-    return result
 
 
 # ---------------------------------------------------------------------------------------- report

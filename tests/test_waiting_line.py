@@ -42,14 +42,14 @@ def test_a_place_expects_the_spacing_of_the_grants_this_process_has_seen() -> No
     now = [100.0]
     line = WaitingLine(clock=lambda: now[0])
     places = [line.join("d", "default") for _ in range(4)]
-    # No grant seen yet: each place ahead counts as the head's own wait.
-    assert line.expected_wait_s(places[3], 0.5) == 0.5 + 3 * 0.5
+    # No grant seen yet: nothing known of the line's pace, only the head's own wait.
+    assert line.expected_wait_s(places[3], 0.5) == 0.5
     for place in places[:2]:
         now[0] += 0.2
         line.granted("d", place)
     # One interval seen (0.2 s); the first grant had nothing before it.
     assert line.expected_wait_s(places[3], 0.1) == pytest.approx(0.1 + 1 * 0.2)
-    now[0] += 60.0  # a pause in the traffic is not the line's spacing
+    now[0] += 30.0  # a pause in the traffic (a window's next moment) is not the line's spacing
     line.granted("d", places[2])
     assert line.expected_wait_s(places[3], 0.1) == pytest.approx(0.1)
 

@@ -30,8 +30,9 @@ from db.states import Priority
 RANK: dict[str, int] = {Priority.INTERACTIVE: 0, Priority.DEFAULT: 1, Priority.BULK: 2}
 # Weight of the newest interval between grants in the spacing (an exponential mean).
 SPACING_WEIGHT = 0.2
-# An interval longer than this is a pause in the traffic, not the spacing of a line.
-SPACING_MAX_S = 10.0
+# An interval longer than this is a pause in the traffic (a window's room spent, waiting for its
+# next moment), not the spacing of a line.
+SPACING_MAX_S = 2.0
 
 
 @dataclass(order=True, frozen=True)
@@ -103,13 +104,15 @@ class WaitingLine:
             self._remove(self._line(place), place)
 
     def expected_wait_s(self, place: Place, head_wait_s: float) -> float:
-        """How long until ``place`` is granted: the head's own wait, then the spacing (none seen
-        yet: the head's wait) for every place that was ahead of it when it joined and has not been
-        granted room since. Those that left to wait elsewhere count: they come back first."""
+        """How long until ``place`` is granted: the head's own wait, then the spacing for every
+        place that was ahead of it when it joined and has not been granted room since (those that
+        left to wait elsewhere count: they come back first). No spacing seen, no more than the
+        head's wait: a window's room comes back all at once, and whoever waits for its moment must
+        be there when it comes."""
         with self._changed:
             line = self._line(place)
             ahead = max(0, place.ahead - (line.grants - place.grants_before))
-            step = line.spacing_s if line.spacing_s is not None else head_wait_s
+            step = line.spacing_s or 0.0
         return head_wait_s + ahead * step
 
     def _line(self, place: Place) -> _Line:
