@@ -64,7 +64,22 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
-class Batch(Base):
+class EndCounts:
+    """What a batch's ended requests add up to, kept in the same transaction as each request's end
+    so that reading a batch of 50,000 lines never scans its requests: on the batch's own row (cancel
+    and expiry) and on each of its counter shares (``BatchCounter``)."""
+
+    succeeded_count: Mapped[int] = mapped_column(Integer, default=0)
+    failed_count: Mapped[int] = mapped_column(Integer, default=0)
+    cancelled_count: Mapped[int] = mapped_column(Integer, default=0)
+    expired_count: Mapped[int] = mapped_column(Integer, default=0)
+    input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cost_usd: Mapped[Decimal] = mapped_column(Money, default=Decimal(0))
+    unpriced_attempts: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Batch(EndCounts, Base):
     __tablename__ = "batches"
     __table_args__ = (Index("ix_batches_tenant_id_id", "tenant_id", "id"),)
 
@@ -77,17 +92,7 @@ class Batch(Base):
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     cancelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    # Counters kept in the same transaction as each request's end, so reading a batch of
-    # 50,000 lines never scans its requests.
-    total_count: Mapped[int] = mapped_column(Integer)
-    succeeded_count: Mapped[int] = mapped_column(Integer, default=0)
-    failed_count: Mapped[int] = mapped_column(Integer, default=0)
-    cancelled_count: Mapped[int] = mapped_column(Integer, default=0)
-    expired_count: Mapped[int] = mapped_column(Integer, default=0)
-    input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
-    output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
-    cost_usd: Mapped[Decimal] = mapped_column(Money, default=Decimal(0))
-    unpriced_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    total_count: Mapped[int] = mapped_column(Integer)  # its other counters: EndCounts
     # Which front door created it (native, openai, anthropic), and what that API needs to echo.
     api: Mapped[str] = mapped_column(String(16), default="native", server_default="native")
     endpoint: Mapped[str | None] = mapped_column(String(64))
@@ -98,7 +103,7 @@ class Batch(Base):
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
-class BatchCounter(Base):
+class BatchCounter(EndCounts, Base):
     """A share of a batch's counters (db/batch_state.py). Every request's end adds to one of a
     batch's COUNTER_SHARDS rows, chosen by the request: updates of one row go one at a time, each
     waiting for the previous commit, so one row per batch capped a batch at ~2,200 ends a second
@@ -108,14 +113,6 @@ class BatchCounter(Base):
 
     batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id"), primary_key=True)
     shard: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
-    succeeded_count: Mapped[int] = mapped_column(Integer, default=0)
-    failed_count: Mapped[int] = mapped_column(Integer, default=0)
-    cancelled_count: Mapped[int] = mapped_column(Integer, default=0)
-    expired_count: Mapped[int] = mapped_column(Integer, default=0)
-    input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
-    output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
-    cost_usd: Mapped[Decimal] = mapped_column(Money, default=Decimal(0))
-    unpriced_attempts: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class LlmRequest(Base):

@@ -1,7 +1,8 @@
 """The periodic jobs of every worker process, and the threads that run them.
 
 Jobs (each safe to run twice; those that must not run on every worker at once take a Redis lock):
-- publish delayed requests when their wait is over (``DelayQueue.publish_due``);
+- (delayed requests are published when their wait is over by ``workers.delays.DelayPublisher``,
+  a thread that sleeps until the next one is due);
 - the publisher sweep: requests committed but never published (a crash, Redis down) are sent;
 - the orphan sweep: a RUNNING request whose run's lease is gone goes back to the outbox;
 - the lost-message sweep: a QUEUED request whose message is nowhere (not in the broker's lists, not

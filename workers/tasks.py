@@ -25,7 +25,7 @@ from db.retention import SUGGESTED_INTERVAL_S
 from db.states import Priority
 from workers.admission import Bucket, BucketPolicy
 from workers.breaker import BreakerPolicy, FallbackCounter
-from workers.delays import DelayQueue
+from workers.delays import DelayPublisher, DelayQueue
 from workers.housekeeping import (
     Housekeeper,
     Job,
@@ -138,10 +138,10 @@ def run_request_task(request_id: str) -> None:
     run_request(request_id, default_deps())
 
 
-_housekeepers: list[Housekeeper] = []
+_housekeepers: list[Housekeeper | DelayPublisher] = []
 
 
-def housekeepers(deps: Deps) -> list[Housekeeper]:
+def housekeepers(deps: Deps) -> list[Housekeeper | DelayPublisher]:
     """The worker's periodic jobs, in three groups that never wait on each other."""
     # Locks, the delay queue and the broker's lists live on the broker's Redis; leases on the state's.
     settings, client = deps.settings, deps.delays.redis
@@ -171,9 +171,7 @@ def housekeepers(deps: Deps) -> list[Housekeeper]:
         Job("retention", SUGGESTED_INTERVAL_S, RetentionSweep(db, settings), keys.retention_lock()),
     ]
     return [
-        Housekeeper(
-            "delays", client, [Job("delayed", 0.25, lambda: deps.delays.publish_due(publish_requests))]
-        ),
+        DelayPublisher(deps.delays, publish_requests),
         Housekeeper("sweeps", client, sweeps),
         Housekeeper(
             "webhooks",
