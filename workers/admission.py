@@ -162,13 +162,14 @@ def admit(
     ceiling = tenant_charges(tenant, estimate)
     tenant_name = tenant.name if tenant else None
     ttl_s = bucket.policy.reservation_ttl_s(deployment)
+    line = line if line is not None else WaitingLine()  # alone in a line of its own: always the head
     budget_s = 2 * max_inline_wait_s
     waited_s = 0.0
     place: Place | None = None
     last = Admission("wait")  # the bucket's latest answer to a take that must wait
     try:
         while True:
-            if place is not None and line is not None and not line.is_head(place):
+            if place is not None and not line.is_head(place):
                 turn_started = time.monotonic()
                 headed = line.wait_turn(place, budget_s - waited_s)
                 waited_s += time.monotonic() - turn_started
@@ -185,9 +186,8 @@ def admit(
                 tenant_charges=ceiling,
             )
             if admission.status == "granted":
-                if line is not None:
-                    line.granted(deployment.name, place)
-                    place = None
+                line.granted(deployment.name, place)
+                place = None
                 probe = admission.probe
                 return Ticket(deployment, reservation_id, charges, tenant_name, ceiling, probe=probe)
             if admission.status == "open":  # not worth waiting for in place: the chain goes on
@@ -196,9 +196,9 @@ def admit(
                 return too_large(deployment, admission, charges, ceiling)
             last = admission
             if admission.wait_s > max_inline_wait_s or waited_s + admission.wait_s > budget_s:
-                expected = None if line is None or place is None else line.expected_wait_s(place, last.wait_s)
+                expected = None if place is None else line.expected_wait_s(place, last.wait_s)
                 return Wait(admission.wait_s, admission.reason, expected)
-            if line is not None and place is None:
+            if place is None:
                 place = line.join(deployment.name, priority)
                 if not line.is_head(place):
                     continue  # the head asks for the line
@@ -208,7 +208,7 @@ def admit(
             sleep(pause)
             waited_s += pause
     finally:
-        if place is not None and line is not None:
+        if place is not None:
             line.leave(place)
 
 
