@@ -12,6 +12,7 @@ import redis as redis_lib
 
 from broker_config.deployments import Deployment
 from workers.admission import Bucket, BucketPolicy, Estimate, Ticket, Wait, admit
+from workers.policy import busy_park_s
 from workers.waiting_line import WaitingLine
 
 
@@ -145,3 +146,14 @@ def test_a_thread_whose_turn_is_too_far_away_parks_for_about_as_long_as_its_plac
     # The last in line had at least 8 places ahead of it when its time was up.
     assert waits[-1] >= 0.1 + 7 * 0.08, waits
     assert waits[0] < waits[-1] / 2, waits
+
+
+def test_a_request_parks_for_its_places_wait_but_never_past_its_deadline() -> None:
+    # No line (or nothing expected): the bucket's own soonest.
+    assert busy_park_s(0.2, None, 3600.0) == 0.2
+    # A place far down the line: it parks about until its turn.
+    assert busy_park_s(0.2, 12.0, 3600.0) == 12.0
+    # Its deadline is nearer than its turn: back before it, for a last try.
+    assert busy_park_s(0.2, 12.0, 10.0) == pytest.approx(9.0)
+    # Never sooner than a deployment may have room.
+    assert busy_park_s(5.0, 12.0, 4.0) == 5.0

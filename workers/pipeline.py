@@ -31,7 +31,7 @@ from workers.admission import estimate_call, requested_max_tokens
 from workers.attempts import Deps, Walk, best_effort, end_without_call, try_deployment
 from workers.costing import call_cost_usd
 from workers.leases import Lease
-from workers.policy import park_s
+from workers.policy import busy_park_s, park_s
 from workers.providers.base import Usage
 
 __all__ = ["Deps", "longest_call_s", "longest_run_s", "recovery_claim", "run_request"]
@@ -161,10 +161,8 @@ def _wait(deps: Deps, walk: Walk, errors: list[dict[str, Any]]) -> None:
             {"kind": "expired", "message": message, "deployments": errors},
         )
         return
-    if not trouble and walk.expected_room_s:
-        # It parks until about when its turn in the line comes, but comes back before its deadline.
-        left_s = (walk.deadline - utcnow()).total_seconds()
-        delay_s = max(delay_s, min(walk.expected_room_s, 0.9 * left_s))
+    if not trouble:
+        delay_s = busy_park_s(delay_s, walk.expected_room_s, (walk.deadline - utcnow()).total_seconds())
     reason = "provider trouble" if trouble else "no room"
     waiting = {"kind": "waiting", "message": f"waiting {delay_s:.1f}s ({reason})", "deployments": errors}
     if ledger.defer_run(deps.db, run.request_id, walk.lease.token, waiting=waiting, trouble=trouble):

@@ -108,3 +108,13 @@ def park_s(rounds: int, *, base_s: float, max_s: float) -> float:
     """How long a request that met only passing trouble waits before its chain runs again, after
     ``rounds`` earlier such waits: exponential with full jitter, at least ``base_s``."""
     return max(base_s, random.uniform(0, min(max_s, base_s * 2**rounds)))
+
+
+def busy_park_s(soonest_s: float, expected_s: float | None, left_s: float) -> float:
+    """How long a request every deployment was busy for waits in the delay queue: about until its
+    turn in its deployment's line comes (``expected_s``, see ``workers.waiting_line``), so that it
+    does not come back to find the same line; never less than the soonest a deployment may have
+    room (``soonest_s``), and back before its deadline (``left_s`` away) for a last try."""
+    if not expected_s:
+        return soonest_s
+    return max(soonest_s, min(expected_s, 0.9 * left_s))
