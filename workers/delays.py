@@ -34,6 +34,7 @@ class DelayQueue:
         self.redis = client
         self._claim = client.register_script(lua_source("delayed_claim.lua"))
         self._release = client.register_script(lua_source("delayed_release.lua"))
+        self._wait_on = client.register_script(lua_source("delayed_wait_on.lua"))
         # Set whenever this process parks or wakes a request: its publisher looks again at once.
         self.parked = threading.Event()
 
@@ -46,11 +47,8 @@ class DelayQueue:
         pipe = self.redis.pipeline(transaction=False)  # one round trip
         pipe.zadd(keys.delayed_requests(), {member: ready_ms})
         for deployment in wake_on:
-            waiters, ttl_ms = keys.breaker_waiters(deployment), int(delay_s * 1000) + 60_000
-            pipe.zadd(waiters, {member: ready_ms})
-            # Kept as long as its longest wait: a waiter due anyway needs no waking.
-            pipe.pexpire(waiters, ttl_ms, gt=True)
-            pipe.pexpire(waiters, ttl_ms, nx=True)
+            args: list[str | float] = [member, ready_ms, int(delay_s * 1000) + 60_000]
+            self._wait_on(keys=[keys.breaker_waiters(deployment)], args=args, client=pipe)
         pipe.execute()
         self.parked.set()
 
