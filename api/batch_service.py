@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import json
-import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
+import structlog
 from kombu.exceptions import KombuError as BrokerError
 from sqlalchemy import case, func, insert, select
 from sqlalchemy.orm import Session
 
 from api.batch_input import BatchLine
 from api.errors import ApiError, not_found
+from broker_config import metrics, tracing
 from db.batch_state import OPEN_BATCH_STATUSES, counted, end_queued_requests, finish_if_done
 from db.engine import Database
 from db.ids import new_id
@@ -25,7 +28,10 @@ from db.outbox import publish_pending, publishing, unpublished
 from db.states import BatchStatus, Priority, RequestStatus
 from db.types import format_usd, utcnow
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
+log = structlog.get_logger(__name__)
 INSERT_CHUNK = 2000
 RESULTS_CHUNK = 1000
 CANCELLED = {"kind": "cancelled", "message": "the batch was cancelled before this request ran"}
@@ -80,6 +86,8 @@ def create_batch(db: Database, spec: BatchSpec, lines: Sequence[BatchLine], *, p
     now = utcnow()
     failed = sum(1 for line in lines if line.error is not None)
     batch = _new_batch(spec, now, BatchStatus.IN_PROGRESS, total=len(lines), failed=failed)
+    # This runs in a worker thread with a copy of the request's context: bound for this request only.
+    structlog.contextvars.bind_contextvars(batch_id=batch.id, tenant=spec.tenant_id)
     ids = [new_id("req") for _ in lines]
     rows = [
         {
@@ -111,6 +119,11 @@ def create_batch(db: Database, spec: BatchSpec, lines: Sequence[BatchLine], *, p
         finish_if_done(session, batch, now)  # every line was refused already
 
     db.transact(unit)
+    metrics.batches_accepted.labels(spec.api).inc()
+    metrics.requests_accepted.labels(spec.priority.value).inc(len(lines))
+    for line in lines:
+        if line.error is not None:  # refused at the door: ended before it was queued
+            metrics.requests_ended.labels(line.model, spec.priority.value, RequestStatus.FAILED.value).inc()
     if publish:
         runnable = [
             (request_id, spec.priority.value)
@@ -130,14 +143,29 @@ def _publish(
     try:
         publish_pending(db, requests, on_chunk)
     except (BrokerError, redis.RedisError, OSError) as exc:
-        log.warning("batch %s accepted but not yet published (%s); the sweep will publish it", batch_id, exc)
+        log.warning("batch accepted, not yet published: the sweep will", batch_id=batch_id, error=str(exc))
 
 
-def publish_batch(db: Database, batch_id: str, client: redis.Redis) -> None:
+def publish_batch(
+    db: Database, batch_id: str, client: redis.Redis, trace: Mapping[str, Any] | None = None
+) -> None:
     """Publish the batch's requests that are not yet published (after ``publish=False``), holding
-    the batch's publishing claim so that the publisher sweep does not publish them too."""
-    with publishing(client, batch_id) as refresh:
+    the batch's publishing claim so that the publisher sweep does not publish them too. ``trace``:
+    the accepting span's context (``tracing.inject``), which the messages carry on."""
+    with publishing(client, batch_id) as refresh, tracing.attached(trace):
         _publish_unpublished(db, batch_id, refresh)
+
+
+def accept_span(spec: BatchSpec, requests: int) -> AbstractContextManager[Span | None]:
+    """The span of a batch's accept, when traces are on (broker_config/tracing.py); the messages
+    published inside it carry its context to the workers."""
+    attributes = {
+        "headrace.batch.request_count": requests,
+        "headrace.priority": spec.priority.value,
+        "headrace.tenant": spec.tenant_id,
+        "headrace.api": spec.api,
+    }
+    return tracing.span("headrace.batch.accept", kind="producer", attributes=attributes)
 
 
 def _publish_unpublished(db: Database, batch_id: str, refresh: Callable[[], None]) -> None:
@@ -166,7 +194,7 @@ def cancel_batch(db: Database, tenant_id: str, batch_id: str) -> Batch:
     """Stop what has not started: queued requests end ``cancelled`` now; running ones finish.
     Cancelling an ended batch is refused; cancelling twice is harmless."""
 
-    def unit(session: Session) -> Batch:
+    def unit(session: Session) -> tuple[Batch, Counter[tuple[str, str]]]:
         # Read, not locked: the batch row is locked last, by the statement that counts the
         # cancelled requests and marks it (requests before batch, as every writer does).
         batch = session.get(Batch, batch_id)
@@ -181,12 +209,15 @@ def cancel_batch(db: Database, tenant_id: str, batch_id: str) -> Batch:
                 (Batch.status == BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING), else_=Batch.status
             ),
         }
-        end_queued_requests(session, batch_id, RequestStatus.CANCELLED, now, CANCELLED, also=mark)
+        ended = end_queued_requests(session, batch_id, RequestStatus.CANCELLED, now, CANCELLED, also=mark)
         session.refresh(batch)
         counted(session, [batch])
-        return batch
+        return batch, ended
 
-    return db.transact(unit)
+    batch, ended = db.transact(unit)
+    for (route, priority), count in ended.items():
+        metrics.requests_ended.labels(route, priority, RequestStatus.CANCELLED.value).inc(count)
+    return batch
 
 
 def get_batch(session: Session, tenant_id: str, batch_id: str) -> Batch:

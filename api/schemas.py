@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from db.models import Batch
+from db.reports import percentile
 from db.states import Priority
 from db.types import format_usd
 
@@ -30,9 +31,34 @@ class RequestCounts(BaseModel):
     in_progress: int
 
 
+class Percentiles(BaseModel):
+    p50: float
+    p95: float
+    calls: int = Field(description="Successful calls measured.")
+
+    @classmethod
+    def of(cls, values: list[int]) -> Percentiles | None:
+        p50, p95 = percentile(values, 50), percentile(values, 95)
+        if p50 is None or p95 is None:
+            return None
+        return cls(p50=p50, p95=p95, calls=len(values))
+
+
 class TokenUsage(BaseModel):
     input_tokens: int
     output_tokens: int
+    # Filled in by GET /v1/batches/{id} only (null in lists, on create and on cancel).
+    latency_ms: Percentiles | None = Field(
+        default=None, description="Provider call time of the batch's successful calls, ms."
+    )
+    first_chunk_ms: Percentiles | None = Field(
+        default=None,
+        description="Time to first chunk of its successful streamed calls (deployments with "
+        "stream = true), ms.",
+    )
+    generation_ms: Percentiles | None = Field(
+        default=None, description="Call time after the first chunk, of its successful streamed calls, ms."
+    )
 
 
 class BatchOut(BaseModel):
@@ -52,7 +78,8 @@ class BatchOut(BaseModel):
     unpriced_attempts: int = Field(description="Calls whose price is unknown (not in cost_usd).")
 
     @classmethod
-    def of(cls, batch: Batch) -> BatchOut:
+    def of(cls, batch: Batch, timings: dict[str, list[int]] | None = None) -> BatchOut:
+        """The view of ``batch``; with ``timings`` (``db.reports.call_timings``), their percentiles."""
         ended = batch.succeeded_count + batch.failed_count + batch.cancelled_count + batch.expired_count
         return cls(
             id=batch.id,
@@ -72,7 +99,11 @@ class BatchOut(BaseModel):
                 expired=batch.expired_count,
                 in_progress=batch.total_count - ended,
             ),
-            usage=TokenUsage(input_tokens=batch.input_tokens, output_tokens=batch.output_tokens),
+            usage=TokenUsage(
+                input_tokens=batch.input_tokens,
+                output_tokens=batch.output_tokens,
+                **{name: Percentiles.of(values) for name, values in (timings or {}).items()},
+            ),
             cost_usd=format_usd(batch.cost_usd),
             unpriced_attempts=batch.unpriced_attempts,
         )

@@ -3,6 +3,8 @@
     python bench/pipeline.py --requests 2000 --workers 1 --concurrency 32 --latency-ms 50
     python bench/pipeline.py --database-url postgresql+psycopg://user@host/db   # production ledger
     python bench/pipeline.py --workers 8 --concurrency 4 --database-url ... --lock-waits   # hot rows
+    python bench/pipeline.py --requests 400 --stream   # every deployment stream = true: its CPU cost
+    python bench/pipeline.py --observability off      # metrics, logs, traces: all | default | off
 
 Prints a Markdown table row: acceptance time, wall time to the batch's end, requests/s,
 provider calls, worker CPU seconds (user+system, all worker processes) and CPU ms per request.
@@ -28,7 +30,10 @@ import json
 import re
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +52,39 @@ from bench.measure import (
 )
 from headrace.embedded import start_redis
 from headrace.stack import DEFAULT_CONFIG, EmbeddedStack
+
+
+def observability_env(mode: str, sink_url: str) -> dict[str, str]:
+    if mode == "off":
+        return {"HEADRACE_METRICS_ENABLED": "false", "HEADRACE_LOG_LEVEL": "WARNING"}
+    if mode == "all":
+        return {"OTEL_EXPORTER_OTLP_ENDPOINT": sink_url}
+    return {}
+
+
+@contextlib.contextmanager
+def otlp_sink() -> Iterator[str]:
+    """An OTLP/HTTP receiver on loopback that accepts every export and keeps nothing: what a
+    collector costs the workers is the export, not what the collector does with it."""
+
+    class Sink(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            self.send_response(200)
+            self.send_header("content-type", "application/x-protobuf")
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
 
 
 def workload(n: int) -> bytes:
@@ -90,24 +128,41 @@ def main() -> None:
         action="store_true",
         help="PostgreSQL only: sample how many sessions wait on a row lock while the batch runs",
     )
+    parser.add_argument(
+        "--stream",
+        action="store_true",
+        help="every deployment streams (stream = true): run with and without to compare CPU per request",
+    )
+    parser.add_argument(
+        "--observability",
+        choices=("all", "default", "off"),
+        default="default",
+        help="all: metrics, INFO logs and traces (to a local OTLP sink); default: metrics and INFO logs, "
+        "as shipped; off: none of them (metrics disabled, WARNING logs): their cost is the difference",
+    )
     args = parser.parse_args()
+    config_template = re.sub(
+        r"^(rpm|tpm|itpm|otpm) = (\d+)$",
+        lambda m: f"{m[1]} = {int(int(m[2]) * args.limits_x)}",
+        DEFAULT_CONFIG,
+        flags=re.M,
+    )
+    if args.stream:
+        config_template = re.sub(r"^(provider = .*)$", r"\1\nstream = true", config_template, flags=re.M)
 
     keep = contextlib.nullcontext(args.keep) if args.keep else None
-    with keep or tempfile.TemporaryDirectory(prefix="headrace-bench-") as home:
+    with keep or tempfile.TemporaryDirectory(prefix="headrace-bench-") as home, otlp_sink() as sink_url:
         state_redis = start_redis(Path(home) / "state-redis") if args.separate_state else None
+        extra_env = {"HEADRACE_STATE_REDIS_URL": state_redis[1]} if state_redis else {}
+        extra_env.update(observability_env(args.observability, sink_url))
         stack = EmbeddedStack(
             Path(home),
             database_url=args.database_url,
             workers=args.workers,
             worker_concurrency=args.concurrency,
             simulator_args=("--latency-ms", str(args.latency_ms)),
-            config_template=re.sub(
-                r"^(rpm|tpm|itpm|otpm) = (\d+)$",
-                lambda m: f"{m[1]} = {int(int(m[2]) * args.limits_x)}",
-                DEFAULT_CONFIG,
-                flags=re.M,
-            ),
-            extra_env={"HEADRACE_STATE_REDIS_URL": state_redis[1]} if state_redis else {},
+            config_template=config_template,
+            extra_env=extra_env,
         )
         try:
             stack.start()
@@ -170,6 +225,9 @@ def main() -> None:
                 state_redis[0].stop()
     done = view["request_counts"]["completed"]
     ledger = "PostgreSQL" if args.database_url else "SQLite"
+    if args.stream:
+        ledger += ", streamed"
+    ledger += f", observability {args.observability}"
     print(
         "| ledger | requests | workers x threads | provider latency | accept | wall | req/s | calls "
         "| worker CPU | CPU/request | results download |"
@@ -179,6 +237,11 @@ def main() -> None:
         f"| {ledger} | {done}/{args.requests} ({lines} lines) | {args.workers} x {args.concurrency} "
         f"| {args.latency_ms:.0f} ms | {accepted_s:.2f} s | {wall_s:.1f} s | {done / wall_s:.0f} | {calls} "
         f"| {cpu_s:.1f} s | {cpu_s / max(done, 1) * 1000:.1f} ms | {download_s:.2f} s |"
+    )
+    timings = [(name, view["usage"].get(name)) for name in ("latency_ms", "first_chunk_ms", "generation_ms")]
+    print(
+        "Provider calls (p50/p95): "
+        + ", ".join(f"{name} {t['p50']:.0f}/{t['p95']:.0f}" for name, t in timings if t)
     )
     if sampler is not None:
         print(sampler.summary())

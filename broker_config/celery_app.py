@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 from kombu.entity import Queue
 
+from broker_config.logs import configure_logging
 from broker_config.queues import ALL_QUEUES, PRIORITY_STEPS
 from broker_config.redis_clients import celery_transport_options
 from broker_config.settings import Settings, get_settings
@@ -87,3 +88,10 @@ def configure(settings: Settings) -> None:
 @app.on_configure.connect
 def _configure(sender: Celery, **_: Any) -> None:
     sender.conf.update(celery_config(_explicit[0] if _explicit else get_settings()))
+
+
+@signals.setup_logging.connect
+def _setup_logging(loglevel: int | str | None = None, **_: Any) -> None:
+    """Our logging instead of Celery's (which would replace the root logger's handlers and
+    redirect stdout): one format for celery's records and ours (broker_config/logs.py)."""
+    configure_logging(_explicit[0] if _explicit else get_settings(), level=loglevel or None)

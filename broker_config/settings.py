@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_HOME = Path(".headrace")
+# Labels of the token and cost counters that an attribution tag may not shadow.
+RESERVED_LABELS = frozenset({"tenant", "route", "deployment", "token_type", "le", "instance", "job"})
+_NOT_LABEL = re.compile(r"[^a-zA-Z0-9_]")
+
+
+def tag_label(key: str) -> str:
+    """The Prometheus label an attribution key becomes: ``team-name`` -> ``team_name``."""
+    label = _NOT_LABEL.sub("_", key.strip())
+    return f"_{label}" if label[:1].isdigit() else label
 
 
 class Settings(BaseSettings):
@@ -150,7 +161,19 @@ class Settings(BaseSettings):
     sweep_interval_s: float = Field(default=5.0, gt=0)
     publish_grace_s: float = Field(default=30.0, ge=0)
     default_max_tokens: int = Field(default=1024, ge=1)
-    log_prompts: bool = False
+
+    # Logs (broker_config.logs)
+    log_format: Literal["auto", "json", "console"] = Field(
+        default="auto", description="auto: JSON lines, or the console renderer when stderr is a terminal."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        default="INFO", description="The root logger's level (a worker's --loglevel overrides it)."
+    )
+    log_content: bool = Field(
+        default=False,
+        description="Prompt and completion text (and provider error bodies, which may echo them) may "
+        "be logged; keys never are.",
+    )
 
     # Webhooks
     webhook_allow_hosts: str | None = Field(
@@ -162,12 +185,44 @@ class Settings(BaseSettings):
     )
     webhook_timeout_s: float = Field(default=10.0, gt=0)
 
+    # Metrics (broker_config.metrics): each worker process serves its own /metrics.
+    metrics_enabled: bool = Field(default=True, description="Record and serve worker metrics.")
+    worker_metrics_port: int = Field(
+        default=9464, ge=0, le=65535, description="Port of a worker's /metrics (0: not served)."
+    )
+    worker_metrics_host: str = Field(default="127.0.0.1", description="Interface a worker's /metrics binds.")
+    metric_tag_keys: str = Field(
+        default="feature",
+        description="Batch metadata keys that label the token and cost counters (comma-separated).",
+    )
+    metric_label_values: int = Field(
+        default=50, ge=1, description="Distinct values a tenant or tag label keeps per process; then 'other'."
+    )
+
     # Flower: "user:password[,user2:password2]"; without it Flower's API answers only on loopback.
     flower_basic_auth: str | None = None
 
     # The CLI as a client of a running API (submit, status, results)
     api_url: str = "http://127.0.0.1:8000"
     api_key: str | None = None
+
+    @field_validator("metric_tag_keys")
+    @classmethod
+    def _tag_keys_are_labels(cls, value: str) -> str:
+        for key in (k.strip() for k in value.split(",") if k.strip()):
+            if tag_label(key) in RESERVED_LABELS:
+                raise ValueError(f"metric tag key {key!r} would shadow the label {tag_label(key)!r}")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_in_capitals(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @property
+    def metric_tags(self) -> tuple[str, ...]:
+        """The attribution keys that are labels of the token and cost counters."""
+        return tuple(k.strip() for k in self.metric_tag_keys.split(",") if k.strip())
 
 
 @lru_cache

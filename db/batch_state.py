@@ -18,6 +18,7 @@ Lock order everywhere: request rows, then attempt rows, then counters, then the 
 from __future__ import annotations
 
 import zlib
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from datetime import datetime
@@ -242,12 +243,13 @@ def end_queued_requests(
     now: datetime,
     error: dict[str, Any],
     also: Mapping[str, Any] | None = None,
-) -> int:
+) -> Counter[tuple[str, str]]:
     """End every request of the batch still waiting its turn (cancel, expiry); running ones finish
     by themselves. Locks the queued request rows first (in id order, as every transaction that
-    takes several does), then counts them on the batch. Returns how many were ended."""
+    takes several does), then counts them on the batch. Returns how many were ended, by (route
+    asked for, priority), for the metrics once the transaction commits."""
     queued = session.execute(
-        select(LlmRequest.id, LlmRequest.error)
+        select(LlmRequest.id, LlmRequest.error, LlmRequest.model, LlmRequest.priority)
         .where(LlmRequest.batch_id == batch_id, LlmRequest.status == RequestStatus.QUEUED)
         .order_by(LlmRequest.id)
         .with_for_update()
@@ -277,7 +279,7 @@ def end_queued_requests(
     delta = BatchDelta()
     delta.ended(status, len(queued))
     apply_delta(session, batch_id, delta, now, also)
-    return len(queued)
+    return Counter((row.model, row.priority) for row in queued)
 
 
 def deployment_errors(error: dict[str, Any] | None) -> list[Any]:

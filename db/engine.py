@@ -57,7 +57,9 @@ def _sqlite_engine(url: str, *, immediate: bool) -> Engine:
     if database and database != ":memory:":
         Path(database).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(
-        url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False}
+        url,
+        connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
+        hide_parameters=True,  # see the PostgreSQL engine's
     )
 
     @event.listens_for(engine, "connect")
@@ -107,6 +109,9 @@ class Database:
                 max_overflow=POOL_OVERFLOW,
                 pool_recycle=1800,
                 connect_args=connect_args,
+                # An error's text would quote the statement's values (request bodies: prompts), and
+                # errors are logged.
+                hide_parameters=True,
             )
             self.write_engine = self.engine
         self._reads = sessionmaker(self.engine, expire_on_commit=False)

@@ -173,6 +173,9 @@ class Attempt(Base):
     outcome: Mapped[str] = mapped_column(String(20))
     error: Mapped[dict[str, Any] | None] = mapped_column(JsonDoc)
     latency_ms: Mapped[int | None] = mapped_column(Integer)
+    # Streamed calls only: time to the first chunk of output, and the rest of latency_ms after it.
+    first_chunk_ms: Mapped[int | None] = mapped_column(Integer)
+    generation_ms: Mapped[int | None] = mapped_column(Integer)
     input_tokens: Mapped[int] = mapped_column(Integer, default=0)
     output_tokens: Mapped[int] = mapped_column(Integer, default=0)
     # NULL when no price is known for the model (recorded with a warning, never a crash).

@@ -94,6 +94,8 @@ class EmbeddedStack:
     flower_url: str = ""
     api_key: str = ""
     redis_port: int = 0
+    # Each worker's /metrics, by worker name (each on its own free port).
+    worker_metrics_urls: dict[str, str] = field(default_factory=dict)
     # An outside Redis (e.g. a Sentinel group's sentinel:// URL) instead of one of our own.
     redis_url: str | None = None
 
@@ -147,12 +149,11 @@ class EmbeddedStack:
         wait: bool = True,
         env: dict[str, str] | None = None,
     ) -> ManagedProcess:
-        proc = self._spawn(
-            name,
-            ["worker", "--concurrency", str(concurrency or self.worker_concurrency), "--name", f"{name}@%h"],
-            self.home / "logs",
-            env,
-        )
+        metrics_port = free_port()
+        self.worker_metrics_urls[name] = f"http://127.0.0.1:{metrics_port}/metrics"
+        threads = str(concurrency or self.worker_concurrency)
+        args = ["worker", "--concurrency", threads, "--name", f"{name}@%h"]
+        proc = self._spawn(name, [*args, "--metrics-port", str(metrics_port)], self.home / "logs", env)
         if wait:
             proc.wait_until(lambda: " ready." in proc.log_tail(200), timeout_s=60, what="ready")
         return proc

@@ -12,6 +12,7 @@ import psycopg
 import pytest
 import redis as redis_lib
 
+from broker_config.logs import configure_structlog
 from db.engine import Database
 from db.migrate import upgrade
 from headrace.embedded import start_redis
@@ -22,6 +23,9 @@ pytest_plugins = [
     "tests.simulator_fixture",  # the session's simulator: `sim`, `sim_url`
     "tests.infra.xdist_schedule",  # slow modules first; tests marked `exclusive` run alone
 ]
+
+# As in every Headrace process, structlog hands our events to the standard library (caplog sees them).
+configure_structlog()
 
 PROVIDER_ENV = (
     "OPENAI_API_KEY",
@@ -41,6 +45,8 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
     for name in list(os.environ):
         if name.startswith("HEADRACE_") and name != "HEADRACE_TEST_POSTGRES_URL":
+            monkeypatch.delenv(name, raising=False)
+        if name.startswith("OTEL_"):  # no stack a test starts exports traces unless it asks to
             monkeypatch.delenv(name, raising=False)
 
 

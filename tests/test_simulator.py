@@ -392,7 +392,7 @@ def test_anthropic_accepts_x_api_key_and_requires_a_version_header(sim: SimContr
         b'{"model": "gpt-4o-mini"}',
         b'{"model": "gpt-4o-mini", "messages": []}',
         b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "n": 2}',
-        b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "stream": true}',
+        b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}',
         b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}',
         b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "stop": 5}',
         b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "[[sim:nonsense]]"}]}',

@@ -7,7 +7,6 @@ here, below ``workers.pipeline``, which walks the chain.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -15,13 +14,14 @@ from datetime import datetime
 from typing import Any
 
 import redis
+import structlog
 
 from broker_config.deployments import Deployment, DeploymentsConfig, Route
 from broker_config.settings import Settings
 from db.engine import Database
 from db.states import AttemptOutcome, RequestStatus
 from db.types import utcnow
-from workers import ledger
+from workers import ledger, observe, spans
 from workers.admission import (
     DEFAULT_PAUSE_S,
     MAX_PAUSE_S,
@@ -43,7 +43,7 @@ from workers.policy import FAIL, FALL_BACK, RETRY, Decision, backoff_s, decide, 
 from workers.providers.base import CallFailed, ProviderAdapter, ProviderCall, ProviderReply
 from workers.waiting_line import WaitingLine
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,7 @@ def end_without_call(
 ) -> None:
     end = ledger.RequestEnd(status, error=error, deployment=deployment)
     ledger.end_run(deps.db, run.request_id, lease.token, end)
+    observe.request_ended(run.model, run.priority, status.value)
 
 
 def try_deployment(walk: Walk, deployment: Deployment, deps: Deps) -> None:
@@ -127,6 +128,7 @@ def try_deployment(walk: Walk, deployment: Deployment, deps: Deps) -> None:
     estimate = estimate_call(deployment, walk.run.body, settings.default_max_tokens)
     for retry_no in range(max_attempts):
         failed = _attempt(walk, call, estimate, deps)
+        structlog.contextvars.unbind_contextvars("deployment", "attempt")
         if failed is None:
             return
         failure, decision = failed
@@ -178,6 +180,7 @@ def _attempt(
         walk.over = True
         return None
     walk.attempts = attempt_no
+    structlog.contextvars.bind_contextvars(deployment=deployment.name, attempt=attempt_no)
     started = time.monotonic()
     # A call never outlives the request's deadline.
     timed = replace(
@@ -185,8 +188,15 @@ def _attempt(
         timeout_s=max(0.1, min(call.timeout_s, left_s)),
         attempt_id=f"{walk.run.request_id}:{attempt_no}",
     )
-    outcome = call_provider(deps.adapters[deployment.provider], timed)
+    span = spans.call_started(deployment, attempt_no)  # None unless traces are on
+    observe.call_started(deployment.name)
+    try:
+        outcome = call_provider(deps.adapters[deployment.provider], timed)
+    finally:
+        observe.call_ended(deployment.name)
     answered = time.monotonic()
+    spans.call_ended(span, outcome)
+    observe.call(deployment, outcome, answered - started)
     latency_ms = round((answered - started) * 1000)
     decision = _record(walk, deployment, attempt_no, outcome, latency_ms, deps)  # first, and held
     _after_call(deps, ticket, estimate, outcome, f"{walk.run.request_id}:{attempt_no}", answered)
@@ -199,6 +209,7 @@ def _attempt(
 def _reserve(walk: Walk, deployment: Deployment, estimate: Estimate, deps: Deps) -> Ticket | None:
     """Room in the deployment's bucket, or None (the chain goes on: it is busy, its breaker is
     open, or it is too small)."""
+    asked = time.monotonic()
     ticket = admit(
         deps.bucket,
         deployment,
@@ -210,6 +221,7 @@ def _reserve(walk: Walk, deployment: Deployment, estimate: Estimate, deps: Deps)
         sleep=deps.sleep,
         line=deps.line,
     )
+    observe.waited_for_room(deployment.name, time.monotonic() - asked)
     if isinstance(ticket, Wait):
         walk.busy(ticket, deployment.name)
         return None
@@ -282,6 +294,9 @@ def _record(
     """Write the attempt (and, when it decides the request, its end). The policy's decision for a
     failed call; None for an answer. Sets ``walk.over`` when the request ended or is not ours."""
     if isinstance(outcome, ProviderReply):
+        # Streamed calls: time to first chunk, and generation = the rest of the latency.
+        first_s = outcome.first_chunk_s
+        first_ms = None if first_s is None else min(round(first_s * 1000), latency_ms)
         result = ledger.AttemptResult(
             AttemptOutcome.SUCCESS,
             latency_ms,
@@ -289,9 +304,12 @@ def _record(
             usage=outcome.usage,
             cost_usd=call_cost_usd(deployment, outcome.usage),
             provider_request_id=outcome.provider_request_id,
+            first_chunk_ms=first_ms,
+            generation_ms=None if first_ms is None else latency_ms - first_ms,
         )
         end = ledger.RequestEnd(RequestStatus.SUCCEEDED, response=outcome.body, deployment=deployment.name)
-        ledger.finish_attempt(deps.db, walk.run.request_id, walk.lease.token, attempt_no, result, end)
+        owned = ledger.finish_attempt(deps.db, walk.run.request_id, walk.lease.token, attempt_no, result, end)
+        _observe_attempt(walk, deployment, result, ended=RequestStatus.SUCCEEDED if owned else None)
         walk.over = True
         return None
     decision = decide(outcome)
@@ -305,21 +323,39 @@ def _record(
         error=error,
         provider_request_id=outcome.provider_request_id,
     )
+    # The facts of the failure, not the provider's text: an error body may echo the prompt or the key.
     log.info(
-        "request %s attempt %d on %s: %s -> %s",
-        walk.run.request_id,
-        attempt_no,
-        deployment.name,
-        outcome.message[:200],
-        decision,
+        "call failed",
+        kind=outcome.kind,
+        status=outcome.status,
+        error_type=outcome.error_type,
+        error_code=outcome.error_code,
+        decision=decision.value,
+        **({"message": outcome.message} if deps.settings.log_content else {}),  # cut once scrubbed
     )
     ends = ledger.RequestEnd(RequestStatus.FAILED, error=error, deployment=deployment.name)
     fails = decision is FAIL
     owned = ledger.finish_attempt(
         deps.db, walk.run.request_id, walk.lease.token, attempt_no, result, ends if fails else None
     )
+    _observe_attempt(walk, deployment, result, ended=RequestStatus.FAILED if fails and owned else None)
     walk.over = fails or not owned
     return decision
+
+
+def _observe_attempt(
+    walk: Walk, deployment: Deployment, result: ledger.AttemptResult, ended: RequestStatus | None
+) -> None:
+    """The attempt the ledger has just recorded (and the request's end, when it ended it)."""
+    run = walk.run
+    observe.attempt(deployment.name, result.outcome.value)
+    if result.usage is not None:
+        spent = observe.Spent(
+            run.tenant, walk.route.name, deployment.name, run.tags, result.usage, result.cost_usd
+        )
+        observe.spent([spent])
+    if ended is not None:
+        observe.request_ended(walk.route.name, run.priority, ended.value)
 
 
 def _after_call(
@@ -334,6 +370,8 @@ def _after_call(
     ledger has the call (``answered``: the monotonic time the provider's answer came, which its
     durations count from)."""
     deployment = ticket.deployment
+    if isinstance(outcome, ProviderReply):
+        observe.reservation(deployment.name, estimate.prompt_tokens + estimate.output_tokens, outcome.usage)
     age_s = time.monotonic() - answered
     settled = settle(
         deps.bucket,
@@ -348,14 +386,14 @@ def _after_call(
 
 def _wake(deps: Deps, deployment: str) -> None:
     woken = deps.delays.wake(deployment)
-    log.info("%d request(s) parked for deployment %s released: its breaker closed", woken, deployment)
+    log.info("parked requests released: the breaker closed", released=woken, deployment=deployment)
 
 
 def best_effort(what: str, fn: Callable[..., object], *args: Any, **kwargs: Any) -> None:
     try:
         fn(*args, **kwargs)
     except redis.RedisError as exc:
-        log.warning("%s not updated: Redis unreachable (%s)", what, exc)
+        log.warning("not updated: Redis unreachable", what=what, error=str(exc))
 
 
 def call_provider(adapter: ProviderAdapter, call: ProviderCall) -> ProviderReply | CallFailed:
@@ -365,5 +403,5 @@ def call_provider(adapter: ProviderAdapter, call: ProviderCall) -> ProviderReply
     except CallFailed as failure:
         return failure
     except Exception as exc:  # an adapter bug must not lose the request or its attempt row
-        log.exception("adapter %s raised %s", adapter.name, type(exc).__name__)
+        log.exception("adapter raised", adapter=adapter.name, error=type(exc).__name__)
         return CallFailed(f"{type(exc).__name__}: {exc}", kind="invalid_reply")

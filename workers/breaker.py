@@ -20,6 +20,7 @@ import redis
 
 from broker_config import keys
 from broker_config.scripts import BREAKER, lua_source
+from workers import observe
 from workers.providers.base import CallFailed, ProviderReply
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,9 @@ def count_keys(deployment: str) -> list[str]:
 
 
 def log_transition(deployment: str, transition: str, policy: BreakerPolicy, *, probe: bool) -> None:
+    """Tell the log and the metrics of a change the breaker's script made (one process sees each)."""
+    if transition:
+        observe.breaker_changed(deployment, transition)
     if transition == "opened":
         why = (
             "a probe" if probe else f"{policy.consecutive_failures} in a row or >= {policy.failure_ratio:.0%}"

@@ -23,6 +23,7 @@ import logging
 import secrets
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -45,7 +46,7 @@ from db.outbox import being_published, publish_pending, unpublished, unpublished
 from db.retention import purge_expired
 from db.states import RequestStatus
 from db.types import utcnow
-from workers import ledger, lost_calls
+from workers import ledger, lost_calls, observe
 from workers.leases import Leases
 
 log = logging.getLogger(__name__)
@@ -294,10 +295,10 @@ def expire_batches(db: Database, limit: int = 100) -> int:
         )
     for batch_id in due:
 
-        def unit(session: Session, batch_id: str = batch_id) -> None:
-            end_queued_requests(session, batch_id, RequestStatus.EXPIRED, utcnow(), EXPIRED)
+        def unit(session: Session, batch_id: str = batch_id) -> Counter[tuple[str, str]]:
+            return end_queued_requests(session, batch_id, RequestStatus.EXPIRED, utcnow(), EXPIRED)
 
-        db.transact(unit)
+        observe.requests_ended(db.transact(unit), RequestStatus.EXPIRED.value)
     # Batches whose last ends committed side by side, each unseen by the other (db.batch_state).
     return len(due) + db.transact(end_counted_batches)
 

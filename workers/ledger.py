@@ -14,7 +14,7 @@ Lock order everywhere: request, then attempts, then batch (the batch row last an
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -28,6 +28,7 @@ from db.models import Batch, LlmRequest, Tenant
 from db.states import TERMINAL_REQUEST_STATUSES, AttemptOutcome, RequestStatus
 from db.types import utcnow
 from workers import ledger_statements as sql
+from workers import observe
 from workers.lost_calls import Claim, billed_attempts, lock_request, mark_lost_attempts
 from workers.providers.base import Usage
 
@@ -47,6 +48,7 @@ class RunStart:
     billed_attempts: int = 0  # earlier calls of this request the provider may have charged for
     park_rounds: int = 0  # times it already waited for provider trouble to pass
     last_errors: tuple[dict[str, Any], ...] = ()  # each deployment's last error, from earlier runs
+    tags: dict[str, Any] = field(default_factory=dict)  # the batch's metadata: what it is attributed to
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,8 @@ class AttemptResult:
     cost_usd: Decimal | None = None
     error: dict[str, Any] | None = None
     provider_request_id: str | None = None
+    first_chunk_ms: int | None = None  # streamed calls: time to the first chunk of output
+    generation_ms: int | None = None  # streamed calls: latency_ms - first_chunk_ms
 
 
 @dataclass(frozen=True)
@@ -90,7 +94,7 @@ def begin_run(db: Database, request_id: str, lease: str, claim: Claim) -> RunSta
     Redis, so a run that owned the request before is dead: its in-flight calls are costed as lost.
     None when there is nothing to do (already ended, cancelled, expired, or poison)."""
 
-    def unit(session: Session) -> RunStart | None:
+    def unit(session: Session) -> RunStart | _Claimed | None:
         # One statement reads the request (locked), its batch and its tenant; the usual run (a
         # first delivery of a live request) is one more statement. Anything else takes the
         # general path below.
@@ -110,21 +114,36 @@ def begin_run(db: Database, request_id: str, lease: str, claim: Claim) -> RunSta
         if unusual:
             return _claim_request(session, request_id, lease, claim, now)
         session.execute(sql.START_RUN, {"b_request_id": request_id, "v_lease": lease, "now": now})
-        return _run_start(row, row.expires_at, row.tenant_name or row.tenant_id, billed=0)
+        tenant = row.tenant_name or row.tenant_id
+        return _run_start(row, row.expires_at, tenant, billed=0, tags=row.batch_metadata)
 
-    return db.transact(unit)
+    started = db.transact(unit)
+    if not isinstance(started, _Claimed):
+        return started
+    observe.lost_calls(started.lost)
+    if started.stopped is not None:
+        observe.request_ended(*started.stopped)
+    return started.run
 
 
-def _claim_request(
-    session: Session, request_id: str, lease: str, claim: Claim, now: datetime
-) -> RunStart | None:
+@dataclass(frozen=True)
+class _Claimed:
+    """What begin_run's general path did: the run, if any; the calls of a dead run it costed as
+    lost; and (route, priority, status) of a request it ended instead."""
+
+    run: RunStart | None
+    lost: list[observe.Spent]
+    stopped: tuple[str, str, str] | None = None
+
+
+def _claim_request(session: Session, request_id: str, lease: str, claim: Claim, now: datetime) -> _Claimed:
     """begin_run's general path: earlier attempts to cost or count, or a request to end now."""
     request = lock_request(session, request_id)
     assert request is not None
     batch = session.get(Batch, request.batch_id)
     assert batch is not None, f"request {request_id} of a missing batch"
     delta = BatchDelta()
-    mark_lost_attempts(session, request, delta, claim, now)
+    lost = mark_lost_attempts(session, request, delta, claim, now)
     stop: RequestEnd | None = None
     if request.deliveries >= claim.max_deliveries:
         message = f"its run died {request.deliveries} times: not trying again"
@@ -145,13 +164,16 @@ def _claim_request(
         request.deliveries += 1
     apply_delta(session, batch.id, delta, now, shard_key=request.id)
     if stop is not None:
-        return None
+        return _Claimed(None, lost, (request.model, request.priority, stop.status.value))
     tenant = session.get(Tenant, batch.tenant_id)
     name = tenant.name if tenant else batch.tenant_id
-    return _run_start(request, batch.expires_at, name, billed=billed_attempts(session, request.id))
+    billed = billed_attempts(session, request.id)
+    return _Claimed(_run_start(request, batch.expires_at, name, billed=billed, tags=batch.metadata_), lost)
 
 
-def _run_start(request: Any, expires_at: datetime, tenant: str, *, billed: int) -> RunStart:
+def _run_start(
+    request: Any, expires_at: datetime, tenant: str, *, billed: int, tags: dict[str, Any] | None
+) -> RunStart:
     """A run's start from the request's columns (an ORM object or a row: the same names)."""
     return RunStart(
         request_id=request.id,
@@ -165,6 +187,7 @@ def _run_start(request: Any, expires_at: datetime, tenant: str, *, billed: int) 
         billed_attempts=billed,
         park_rounds=request.park_rounds,
         last_errors=tuple(deployment_errors(request.error)),
+        tags=tags or {},
     )
 
 
@@ -267,6 +290,8 @@ def finish_attempt(
                     "ended_at": now,
                     "http_status": result.http_status,
                     "latency_ms": result.latency_ms,
+                    "first_chunk_ms": result.first_chunk_ms,
+                    "generation_ms": result.generation_ms,
                     "input_tokens": usage.input_tokens,
                     "output_tokens": usage.output_tokens,
                     "error": result.error,

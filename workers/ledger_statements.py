@@ -25,6 +25,7 @@ RUN_START = (
         _batches.c.cancelled_at,
         _batches.c.expires_at,
         _batches.c.tenant_id,
+        _batches.c.metadata.label("batch_metadata"),
         _tenants.c.name.label("tenant_name"),
     )
     .join_from(_requests, _batches, _batches.c.id == _requests.c.batch_id)

@@ -16,9 +16,12 @@ from sqlalchemy.orm import Session
 
 from db.batch_state import BatchDelta, apply_delta
 from db.engine import Database
-from db.models import Attempt, LlmRequest
+from db.models import Attempt, Batch, LlmRequest, Tenant
 from db.states import AttemptOutcome, RequestStatus
 from db.types import utcnow
+from workers import observe
+from workers.observe import Spent
+from workers.providers.base import Usage
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +53,10 @@ def billed_attempts(session: Session, request_id: str) -> int:
 
 def mark_lost_attempts(
     session: Session, request: LlmRequest, delta: BatchDelta, claim: Claim, now: datetime
-) -> None:
+) -> list[Spent]:
     """Attempts left in flight by a run whose lease is gone get their cost row, marked estimated.
-    Called only once that run is known dead, so every in-flight attempt of the request is its."""
+    Called only once that run is known dead, so every in-flight attempt of the request is its.
+    Returns what they cost, for the metrics once the transaction has committed."""
     in_flight = session.scalars(
         select(Attempt)
         .where(Attempt.request_id == request.id, Attempt.outcome == AttemptOutcome.IN_FLIGHT)
@@ -71,6 +75,21 @@ def mark_lost_attempts(
         attempt.error = {"kind": "lost", "message": "the run making this call stopped before it ended"}
         _add_usage(request, delta, attempt.input_tokens, attempt.output_tokens, cost)
         log.warning("request %s attempt %d lost with its run; cost estimated", request.id, attempt.attempt_no)
+    if not in_flight:
+        return []
+    batch = session.get(Batch, request.batch_id)
+    tenant = session.get(Tenant, batch.tenant_id) if batch else None
+    return [
+        Spent(
+            tenant=tenant.name if tenant else "",
+            route=request.model,
+            deployment=a.deployment,
+            tags=(batch.metadata_ if batch else None) or {},
+            usage=Usage(a.input_tokens, a.output_tokens),
+            cost_usd=a.cost_usd,
+        )
+        for a in in_flight
+    ]
 
 
 def _add_usage(
@@ -94,17 +113,21 @@ def requeue_orphan(db: Database, request_id: str, dead_lease: str | None, claim:
     its in-flight calls costed as lost. Guarded by the dead run's token, so a sweep acting on a
     stale reading never touches a run that has taken the request since."""
 
-    def unit(session: Session) -> bool:
+    def unit(session: Session) -> list[Spent] | None:
         request = lock_request(session, request_id)
         if request is None or request.status != RequestStatus.RUNNING or request.lease != dead_lease:
-            return False
+            return None
         now = utcnow()
         delta = BatchDelta()
-        mark_lost_attempts(session, request, delta, claim, now)
+        lost = mark_lost_attempts(session, request, delta, claim, now)
         request.status = RequestStatus.QUEUED
         request.lease = None
         request.published_at = None
         apply_delta(session, request.batch_id, delta, now, shard_key=request.id)
-        return True
+        return lost
 
-    return db.transact(unit)
+    lost = db.transact(unit)
+    if lost is None:
+        return False
+    observe.lease_recovered(lost)
+    return True

@@ -12,13 +12,13 @@ recovery sweep requeues a running request whose lease is gone).
 
 from __future__ import annotations
 
-import logging
 from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import partial
 from typing import Any
 
 import redis
+import structlog
 from kombu.exceptions import KombuError as BrokerError
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -26,7 +26,7 @@ from broker_config.deployments import DeploymentsConfig, Route
 from broker_config.settings import Settings
 from db.states import RequestStatus
 from db.types import utcnow
-from workers import ledger, lost_calls
+from workers import ledger, lost_calls, observe, spans
 from workers.admission import estimate_call, requested_max_tokens
 from workers.attempts import Deps, Walk, best_effort, end_without_call, try_deployment
 from workers.costing import call_cost_usd
@@ -36,17 +36,19 @@ from workers.providers.base import Usage
 
 __all__ = ["Deps", "longest_call_s", "longest_run_s", "recovery_claim", "run_request"]
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger(__name__)
 DUPLICATE_RETRY_S = 1.0
 
 
 def run_request(request_id: str, deps: Deps) -> None:
     """Run one request to its end, or park it until a deployment has room. Safe to call again: a
     delivery of a request whose run is alive elsewhere does nothing. Never raises."""
+    # Every line this run logs carries its ids (the task clears them: workers/tasks.py).
+    structlog.contextvars.bind_contextvars(request_id=request_id)
     try:
         lease = deps.leases.acquire(request_id)
     except redis.RedisError as exc:
-        log.warning("request %s handed back: Redis unreachable (%s)", request_id, exc)
+        log.warning("request handed back: Redis unreachable", error=str(exc))
         _hand_back(deps, request_id, None, clean=True)
         return
     if lease is None:
@@ -55,13 +57,15 @@ def run_request(request_id: str, deps: Deps) -> None:
     try:
         run = ledger.begin_run(deps.db, request_id, lease.token, recovery_claim(deps))
         if run is not None:
+            structlog.contextvars.bind_contextvars(batch_id=run.batch_id, tenant=run.tenant)
+            spans.run_started(run)
             _walk_chain(run, lease, deps)
     except (redis.RedisError, BrokerError) as exc:
         # Redis went away mid-run: the outbox's publisher sweep sends it again once it is back.
-        log.warning("request %s handed back: Redis unreachable (%s)", request_id, exc)
+        log.warning("request handed back: Redis unreachable", error=str(exc))
         _hand_back(deps, request_id, lease.token, clean=True)
     except Exception:
-        log.exception("request %s: its run failed; handing it back", request_id)
+        log.exception("request's run failed; handing it back")
         _hand_back(deps, request_id, lease.token, clean=False)
     finally:
         deps.leases.release(lease)
@@ -78,13 +82,13 @@ def _duplicate(deps: Deps, request_id: str) -> None:
         # A ledger outage, or a pooled connection found dead (workers lend them without a
         # pre-ping): this may be the only message of a request handed back, so it goes back to the
         # outbox (a write, held through the outage) rather than away.
-        log.warning("request %s: duplicate delivery not checked (%s); left to the outbox", request_id, exc)
+        log.warning("duplicate delivery not checked; left to the outbox", error=str(exc))
         _hand_back(deps, request_id, None, clean=True)
         return
     if queued is None:
-        log.info("request %s is running elsewhere; this delivery is a duplicate", request_id)
+        log.info("request is running elsewhere; this delivery is a duplicate")
         return
-    log.info("request %s is being handed back elsewhere; this delivery comes back shortly", request_id)
+    log.info("request is being handed back elsewhere; this delivery comes back shortly")
     deps.delays.park(request_id, queued, DUPLICATE_RETRY_S)
 
 
@@ -96,7 +100,7 @@ def _hand_back(deps: Deps, request_id: str, token: str | None, *, clean: bool) -
         if not ledger.hand_back(deps.db, request_id, token, clean=clean) and token is not None:
             ledger.hand_back(deps.db, request_id, None, clean=clean)  # begin_run never committed
     except Exception as exc:
-        log.warning("request %s left for the sweeps: %s", request_id, type(exc).__name__)
+        log.warning("request left for the sweeps", error=type(exc).__name__)
 
 
 def recovery_claim(deps: Deps) -> lost_calls.Claim:
@@ -115,6 +119,7 @@ def _walk_chain(run: ledger.RunStart, lease: Lease, deps: Deps) -> None:
     walk = Walk(run, lease, route, deadline=_deadline(run, route))
     for position, name in enumerate(route.deployments):
         if position:
+            observe.fell_back(route.name, route.deployments[position - 1], name)
             best_effort("fallback count", deps.fallbacks.activated, route.name, name)
         try_deployment(walk, deps.config.deployment(name), deps)
         if walk.over:
@@ -173,6 +178,7 @@ def _wait(deps: Deps, walk: Walk, errors: list[dict[str, Any]]) -> None:
             if e.get("passes") and ("attempt" in e or e["kind"] == "circuit_open")  # a call's trouble
         }
         deps.delays.park(run.request_id, run.priority, delay_s, wake_on=sorted(troubled))
+        observe.parked(walk.route.name, "trouble" if trouble else "no_room")
 
 
 def _deadline(run: ledger.RunStart, route: Route) -> datetime:

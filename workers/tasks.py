@@ -9,11 +9,12 @@ from functools import lru_cache
 from typing import Any
 
 import redis
-from celery.signals import worker_ready, worker_shutdown
+import structlog
+from celery.signals import worker_init, worker_ready, worker_shutdown
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from broker_config import keys
+from broker_config import keys, metrics, tracing
 from broker_config.celery_app import app
 from broker_config.deployments import load_config
 from broker_config.publisher import publish_requests
@@ -23,6 +24,7 @@ from broker_config.settings import Settings, get_settings
 from db.engine import DEFAULT_HOLD_S, settings_database
 from db.retention import SUGGESTED_INTERVAL_S
 from db.states import Priority
+from workers import observe, spans
 from workers.admission import Bucket, BucketPolicy
 from workers.breaker import BreakerPolicy, FallbackCounter
 from workers.delays import DelayPublisher, DelayQueue
@@ -107,6 +109,7 @@ def default_deps() -> Deps:
     The lease keeper starts here, before the first task can take a lease."""
     settings = get_settings()
     config = load_config(settings.config)
+    observe.configure(settings.metrics_enabled, config)
     client = state_redis(settings)
     leases = Leases(client, settings.lease_ttl_s)
     LeaseKeeper(leases, lease_redis(settings)).start()
@@ -135,7 +138,13 @@ def default_deps() -> Deps:
 
 @app.task(name=RUN_REQUEST_TASK)
 def run_request_task(request_id: str) -> None:
-    run_request(request_id, default_deps())
+    try:
+        # Custom message headers reach the task's request: the accepting span's trace context.
+        with spans.run(run_request_task.request, request_id):
+            run_request(request_id, default_deps())
+    finally:
+        # The pool's threads live on: the next task on this thread must not log with this one's ids.
+        structlog.contextvars.clear_contextvars()
 
 
 _housekeepers: list[Housekeeper | DelayPublisher] = []
@@ -182,6 +191,13 @@ def housekeepers(deps: Deps) -> list[Housekeeper | DelayPublisher]:
 
 
 @worker_ready.connect
+def _serve_metrics(**_: Any) -> None:
+    settings = get_settings()
+    if settings.metrics_enabled and settings.worker_metrics_port:
+        metrics.serve(settings.worker_metrics_host, settings.worker_metrics_port)
+
+
+@worker_ready.connect
 def _start_housekeeping(**_: Any) -> None:
     for housekeeper in housekeepers(default_deps()):
         housekeeper.start()
@@ -192,3 +208,14 @@ def _start_housekeeping(**_: Any) -> None:
 def _stop_housekeeping(**_: Any) -> None:
     for housekeeper in _housekeepers:
         housekeeper.stop()
+
+
+@worker_init.connect
+def _start_tracing(**_: Any) -> None:
+    tracing.configure("headrace-worker")  # when the OTEL_* variables ask for traces
+
+
+@worker_shutdown.connect
+def _flush_traces(**_: Any) -> None:
+    # After the pool has finished its tasks: their spans go out before the process ends.
+    tracing.shutdown()

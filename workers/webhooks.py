@@ -32,6 +32,7 @@ from db.engine import Database
 from db.models import Tenant, WebhookAttempt, WebhookDelivery
 from db.tenants import webhook_secret
 from db.types import utcnow
+from workers import observe
 
 log = logging.getLogger(__name__)
 USER_AGENT = "Headrace-Webhooks/1"
@@ -165,11 +166,11 @@ class WebhookSender:
     def _record(
         self, delivery_id: str, status: int | None, error: str | None, duration_ms: int, *, final: bool
     ) -> None:
-        def unit(session: Session) -> None:
+        def unit(session: Session) -> str | None:
             now = utcnow()
             delivery = session.get(WebhookDelivery, delivery_id, with_for_update=True)
             if delivery is None:
-                return
+                return None
             delivery.attempts += 1
             session.add(
                 WebhookAttempt(
@@ -184,15 +185,19 @@ class WebhookSender:
             delivery.last_status, delivery.last_error = status, error
             if error is None:
                 delivery.state, delivery.delivered_at, delivery.next_attempt_at = "delivered", now, None
-            elif final or delivery.attempts > len(self.schedule_s):
+                return "delivered"
+            if final or delivery.attempts > len(self.schedule_s):
                 delivery.state, delivery.next_attempt_at = "failed", None
                 log.warning(
                     "webhook %s to %s failed for good: %s", delivery_id, redact_url(delivery.url), error
                 )
-            else:
-                delivery.next_attempt_at = now + timedelta(seconds=self.schedule_s[delivery.attempts - 1])
+                return "failed"
+            delivery.next_attempt_at = now + timedelta(seconds=self.schedule_s[delivery.attempts - 1])
+            return "retry"
 
-        self.db.transact(unit)
+        outcome = self.db.transact(unit)
+        if outcome is not None:
+            observe.webhook_delivery(outcome)
 
 
 def _tls_context() -> ssl.SSLContext:

@@ -21,6 +21,8 @@ from api.json_body import NESTED_TOO_DEEP, JsonBodyError, decode_object, too_dee
 from api.openapi import errors, stream
 from api.schemas import BatchList, BatchOut, CreateBatchIn
 from api.webhook_settings import checked_webhook_url
+from broker_config import tracing
+from db import reports
 from db.models import Batch, Tenant
 from db.states import Priority
 
@@ -206,15 +208,20 @@ async def accept_batch(
     """Commit the batch; publish it before answering when small, after answering when large (the
     commit already guarantees it runs: a crash before publishing leaves it to the sweep)."""
     publish_now = len(lines) <= INLINE_PUBLISH_MAX
-    try:
-        batch = await run_in_threadpool(
-            batch_service.create_batch, context.db, spec, lines, publish=publish_now
-        )
-    finally:
+    # The three front doors meet here: one trace per batch, each request's run a child of this span.
+    with batch_service.accept_span(spec, len(lines)) as span:
+        try:
+            batch = await run_in_threadpool(
+                batch_service.create_batch, context.db, spec, lines, publish=publish_now
+            )
+        finally:
+            if not publish_now:
+                await run_in_threadpool(release, lines)
+        if span is not None:
+            span.set_attribute("headrace.batch.id", batch.id)
         if not publish_now:
-            await run_in_threadpool(release, lines)
-    if not publish_now:
-        background.add_task(batch_service.publish_batch, context.db, batch.id, context.redis)
+            trace = tracing.inject({})  # published later, still in this batch's trace
+            background.add_task(batch_service.publish_batch, context.db, batch.id, context.redis, trace)
     return batch
 
 
@@ -238,7 +245,9 @@ def list_batches(
 
 @router.get("/batches/{batch_id}", response_model=BatchOut, responses=errors("native", 404))
 def get_batch(batch_id: str, session: ReadSession, tenant: CurrentTenant) -> BatchOut:
-    return BatchOut.of(batch_service.get_batch(session, tenant.id, batch_id))
+    """The batch, with the p50/p95 of its successful calls' timings in ``usage``."""
+    batch = batch_service.get_batch(session, tenant.id, batch_id)
+    return BatchOut.of(batch, reports.call_timings(session, batch.id))
 
 
 @router.post("/batches/{batch_id}/cancel", response_model=BatchOut, responses=errors("native", 404))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 from pathlib import Path
 from typing import Annotated
@@ -11,7 +12,7 @@ import typer
 
 from broker_config.deployments import ConfigError, load_config
 from broker_config.settings import get_settings
-from headrace.cli import client
+from headrace.cli import client, top
 from headrace.cli.demo import demo
 
 app = typer.Typer(
@@ -25,6 +26,7 @@ app.add_typer(keys_app, name="keys")
 app.command()(demo)
 app.command()(client.submit)
 app.command()(client.status)
+app.command()(top.top)
 app.command()(client.results)
 
 
@@ -120,7 +122,24 @@ def api(
     import uvicorn
 
     _check_config()
-    uvicorn.run("api.app:create_app", factory=True, host=host, port=port, workers=workers, log_level="info")
+    from broker_config.logs import api_log_config
+
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Several API processes: each writes its counters where /metrics sums them (api/metrics_view.py).
+        import tempfile
+
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="headrace-api-metrics-")
+
+    uvicorn.run(
+        "api.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="info",
+        # Our format in each API process, uvicorn's records included (broker_config/logs.py).
+        log_config=api_log_config(),
+    )
 
 
 @app.command()
@@ -132,19 +151,32 @@ def worker(
         str, typer.Option(help="Queues to consume, comma-separated.")
     ] = "interactive,default,bulk",
     name: Annotated[str | None, typer.Option(help="Worker node name (default: headrace-PID@host).")] = None,
-    loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO",
+    loglevel: Annotated[
+        str | None, typer.Option(help="Log level (default: HEADRACE_LOG_LEVEL, else INFO).")
+    ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="This worker's /metrics port (default: HEADRACE_WORKER_METRICS_PORT; 0: none)."),
+    ] = None,
 ) -> None:
     """Run a worker: takes requests from the queues and calls the providers."""
     from celery.utils.nodenames import default_nodename, host_format
 
     from broker_config.celery_app import app as celery_app
+    from broker_config.logs import configure_logging, resolve_format
 
     _check_config()
     _check_visibility_timeout()
     settings = get_settings()
+    # Before Celery starts: its first warnings (running as root, say) come out as our log lines too.
+    # Celery's setup_logging signal configures the same again once it runs (broker_config/celery_app.py).
+    configure_logging(settings, level=(loglevel or settings.log_level).upper())
+    logging.captureWarnings(True)
     threads = concurrency or settings.worker_concurrency
     # The worker sizes its ledger pool to its threads: it reads them from its settings.
     os.environ["HEADRACE_WORKER_CONCURRENCY"] = str(threads)
+    if metrics_port is not None:
+        os.environ["HEADRACE_WORKER_METRICS_PORT"] = str(metrics_port)
     get_settings.cache_clear()
     # Built as Celery's ``worker`` command builds it (``app.Worker``), without parsing an argv through
     # Celery's command line, which imports every other command with it (~0.15 s per worker).
@@ -153,7 +185,9 @@ def worker(
         pool_cls="threads",
         concurrency=threads,
         queues=queues.split(","),
-        loglevel=loglevel,
+        loglevel=(loglevel or settings.log_level).upper(),
+        # Celery's start-up banner is for a terminal: it would break a file of JSON lines.
+        quiet=resolve_format(settings) == "json",
         without_mingle=True,
         without_gossip=True,
         # Task events only when asked (HEADRACE_WORKER_TASK_EVENTS); Flower switches them on itself.

@@ -43,6 +43,7 @@ def _bool(raw: str) -> bool:
 _FIELD_TYPES: dict[str, Callable[[str], Any]] = {
     "latency_ms": float,
     "latency_jitter_ms": float,
+    "first_chunk_share": float,
     "seed": int,
     "rpm": _optional_int,
     "tpm": _optional_int,
@@ -59,6 +60,8 @@ _FIELD_TYPES: dict[str, Callable[[str], Any]] = {
     "max_output_tokens": int,
     "require_api_key": _bool,
 }
+
+_SWITCHES = ("echo_in_errors",)  # flags without a value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,12 +80,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="accept calls without a key",
     )
+    parser.add_argument(
+        "--echo-in-errors",
+        dest="echo_in_errors",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help=_help("echo_in_errors"),
+    )
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> SimConfig:
     values: dict[str, Any] = json.loads(args.config_json) if args.config_json else {}
-    values.update({field: value for field, value in vars(args).items() if field in _FIELD_TYPES})
+    values.update(
+        {field: value for field, value in vars(args).items() if field in _FIELD_TYPES or field in _SWITCHES}
+    )
     return SimConfig.model_validate(values)
 
 

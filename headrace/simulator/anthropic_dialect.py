@@ -22,6 +22,7 @@ from headrace.simulator.dialect import (
     string_list,
     text_of_last_user_message,
 )
+from headrace.simulator.streams import anthropic_sends
 from headrace.simulator.tokens import count_prompt_tokens
 
 CONTEXT_WINDOW_TOKENS = 200_000
@@ -108,8 +109,9 @@ class AnthropicDialect:
         system = payload.get("system")
         if system is not None and not _valid_system(system):
             raise FieldError("system: Input should be a string or a list of text blocks", "system")
-        if payload.get("stream"):
-            raise FieldError("stream: streaming is not supported by the Headrace simulator", "stream")
+        stream = payload.get("stream")
+        if stream is not None and not isinstance(stream, bool):
+            raise FieldError("stream: Input should be a valid boolean", "stream")
         check_number(payload, "temperature", 0.0, 1.0)
         return CallSpec(
             model=model,
@@ -118,6 +120,8 @@ class AnthropicDialect:
             max_tokens=max_tokens,
             stops=string_list(payload.get("stop_sequences"), "stop_sequences", 8191),
             last_user_text=text_of_last_user_message(messages),
+            stream=bool(stream),
+            tool=_forced_tool(payload),
         )
 
     def limits(self, config: SimConfig) -> dict[str, int | None]:
@@ -162,14 +166,21 @@ class AnthropicDialect:
 
     def success_body(self, spec: CallSpec, answer: Answer) -> dict[str, Any]:
         stop_reason = {"end": "end_turn", "length": "max_tokens", "stop": "stop_sequence"}[answer.finish]
+        content: list[dict[str, Any]] = [{"type": "text", "text": answer.text}]
+        stop_sequence = answer.stop_sequence
+        if spec.tool is not None:
+            # A forced tool call: the answer's words become its one argument.
+            call_id = _random_id("toolu_01")
+            content = [{"type": "tool_use", "id": call_id, "name": spec.tool, "input": {"text": answer.text}}]
+            stop_reason, stop_sequence = "tool_use", None
         return {
             "id": _random_id("msg_01"),
             "type": "message",
             "role": "assistant",
             "model": spec.model,
-            "content": [{"type": "text", "text": answer.text}],
+            "content": content,
             "stop_reason": stop_reason,
-            "stop_sequence": answer.stop_sequence,
+            "stop_sequence": stop_sequence,
             "usage": {
                 "input_tokens": spec.prompt_tokens,
                 "output_tokens": answer.output_tokens,
@@ -178,6 +189,9 @@ class AnthropicDialect:
                 "service_tier": "standard",
             },
         }
+
+    def stream_chunks(self, spec: CallSpec, body: dict[str, Any]) -> list[str]:
+        return anthropic_sends(body)
 
     def response_headers(self, request_id: str, processing_ms: int) -> dict[str, str]:
         return {"request-id": request_id, "anthropic-organization-id": "org-headrace-sim"}
@@ -198,6 +212,20 @@ def _put(headers: dict[str, str], name: str, state: BucketState) -> None:
     headers[f"anthropic-ratelimit-{name}-limit"] = str(state.limit)
     headers[f"anthropic-ratelimit-{name}-remaining"] = str(state.remaining)
     headers[f"anthropic-ratelimit-{name}-reset"] = rfc3339_after(state.reset_s)
+
+
+def _forced_tool(payload: Mapping[str, Any]) -> str | None:
+    """The tool a request forces a call to: tool_choice any (the first tool) or tool (one named);
+    None when the model may answer in words."""
+    tools, choice = payload.get("tools"), payload.get("tool_choice")
+    if not isinstance(tools, list) or not tools or not isinstance(choice, dict):
+        return None
+    name = None
+    if choice.get("type") == "any":
+        name = tools[0].get("name") if isinstance(tools[0], dict) else None
+    elif choice.get("type") == "tool":
+        name = choice.get("name")
+    return name if isinstance(name, str) else None
 
 
 def _valid_system(system: Any) -> bool:

@@ -1,4 +1,11 @@
-"""One model call, top to bottom: authenticate, parse, admit, wait, decide the outcome, settle."""
+"""One model call, top to bottom: authenticate, parse, admit, wait, decide the outcome, settle.
+
+A streamed call (``stream: true``) goes the same way up to its outcome: admission, rate limits,
+faults and directives answer with their error status before any event is sent. Only its wait is
+cut in two: ``first_chunk_share`` of the latency before the outcome (the time to first chunk), the
+rest spread between the chunks (``headrace.simulator.streams``). Its tokens are settled when the
+stream starts, as for an unstreamed answer; its stats record is written when the stream ends.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +13,12 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from headrace.simulator.answers import Answer, build_answer
 from headrace.simulator.buckets import BucketScope, Grant, Limiter, Rules
@@ -67,6 +75,11 @@ class _Trace:
     output_tokens: int = 0
     reserved_tokens: int = 0
     attempt: str | None = None
+    credential: str = ""  # the Authorization or x-api-key header as sent (echoed by echo_in_errors)
+    text: str = ""  # the last user message (echoed by echo_in_errors)
+    sends: list[str] | None = None  # a streamed answer's sends (None: answered in one body)
+    stream_gap_s: float = 0.0  # the wait before each send after the first
+    stream_break: int | None = None  # drop the connection after this many sends
 
     def scope(self, dialect: str) -> BucketScope | None:
         return None if self.model is None else (dialect, self.api_key, self.model)
@@ -78,10 +91,15 @@ async def handle_call(dialect: Dialect, state: SimState, request: Request) -> Re
     stats = state.stats  # a reset mid-call must not mix this call into the fresh counters
     stats.receive(dialect.name)
     trace = _Trace(t=time.time(), attempt=request.headers.get("x-headrace-attempt"))
+    trace.credential = request.headers.get("authorization") or request.headers.get("x-api-key") or ""
     status, extra_headers = 200, {}
     try:
         body = await _serve(dialect, state, stats, request, trace)
     except SimError as error:
+        if state.config.echo_in_errors:
+            # As a provider's "Incorrect API key provided: ..." does: the header, and the key alone.
+            key = trace.credential.removeprefix("Bearer ").removeprefix("bearer ")
+            error.message = f"{error.message} You sent {trace.text!r} with {trace.credential!r} (key {key})."
         status, body, extra_headers = error.status, dialect.error_body(error, request_id), error.headers
     except ClientGone:
         trace.outcome = "client_closed"
@@ -100,8 +118,32 @@ async def handle_call(dialect: Dialect, state: SimState, request: Request) -> Re
         )
         headers.update(dialect.limit_headers(states))
     headers.update(extra_headers)
+    if status == 200 and trace.sends is not None:
+        events = _paced(dialect.name, stats, trace, trace.sends)
+        return StreamingResponse(events, headers=headers, media_type="text/event-stream")
     stats.finish(_record(dialect.name, trace, status))
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+class StreamBroken(Exception):
+    """A stream_break directive: the connection drops mid-stream (the ASGI server closes it)."""
+
+
+async def _paced(dialect: str, stats: Stats, trace: _Trace, sends: list[str]) -> AsyncIterator[str]:
+    status = CLIENT_CLOSED_STATUS  # unless the stream runs to its end
+    try:
+        for index, send in enumerate(sends):
+            if trace.stream_break is not None and index >= trace.stream_break:
+                trace.outcome, status = "stream_broken", 200
+                raise StreamBroken(f"stream_break={trace.stream_break}")
+            if index:
+                await asyncio.sleep(trace.stream_gap_s)
+            yield send
+        status = 200
+    finally:
+        if status == CLIENT_CLOSED_STATUS:
+            trace.outcome = "client_closed"
+        stats.finish(_record(dialect, trace, status))
 
 
 async def _serve(
@@ -111,6 +153,7 @@ async def _serve(
     trace.api_key = dialect.authenticate(request.headers, config.require_api_key)
     spec = dialect.parse(await _read_json(dialect, request))
     trace.model, trace.input_tokens = spec.model, spec.prompt_tokens
+    trace.text = spec.last_user_text
     try:
         directives = parse_directives(spec.last_user_text)
     except DirectiveError as error:
@@ -167,7 +210,12 @@ async def _answer(
         latency_s = directives.latency_ms / 1000
     else:
         latency_s = state.dice.latency_s(config.latency_ms, config.latency_jitter_ms)
-    await _pause(request, latency_s)
+    if spec.stream:
+        first_s = latency_s * config.first_chunk_share
+        await _pause(request, first_s)
+        rest_s = latency_s - first_s
+    else:
+        await _pause(request, latency_s)
     if directives.context_length:
         raise dialect.context_length_error(spec)
     if directives.status is not None:
@@ -180,7 +228,12 @@ async def _answer(
     if fault is not None:
         raise dialect.status_error(int(fault), spec.model)
     trace.output_tokens = answer.output_tokens
-    return dialect.success_body(spec, answer)
+    body = dialect.success_body(spec, answer)
+    if spec.stream:
+        trace.sends = dialect.stream_chunks(spec, body)
+        trace.stream_gap_s = rest_s / max(len(trace.sends) - 1, 1)
+        trace.stream_break = directives.stream_break
+    return body
 
 
 async def _read_json(dialect: Dialect, request: Request) -> Any:

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-FaultKind = Literal["500", "503", "529", "hang"]
+FaultKind = Literal["429", "500", "503", "529", "hang"]
 LimiterShape = Literal["token-bucket", "rolling", "fixed"]
 
 
@@ -18,6 +18,14 @@ class SimConfig(BaseModel):
 
     latency_ms: float = Field(20.0, ge=0, description="mean added latency per call, ms")
     latency_jitter_ms: float = Field(0.0, ge=0, description="uniform +/- jitter around latency_ms, ms")
+    first_chunk_share: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="streamed calls: the share of a call's latency before its first chunk (time to "
+        "first token); the rest is spread evenly between its chunks, so a streamed call ends when "
+        "the same call unstreamed would",
+    )
     seed: int = Field(0, description="seed for answers, faults and jitter")
     rpm: int | None = Field(None, ge=1, description="OpenAI dialect: requests per minute")
     tpm: int | None = Field(None, ge=1, description="OpenAI dialect: tokens per minute")
@@ -45,6 +53,11 @@ class SimConfig(BaseModel):
     min_output_tokens: int = Field(5, ge=1, description="shortest natural answer, tokens")
     max_output_tokens: int = Field(60, ge=1, description="longest natural answer, tokens")
     require_api_key: bool = Field(True, description="answer 401 when no API key is sent")
+    echo_in_errors: bool = Field(
+        False,
+        description="error bodies echo the credential header and the last user message the call "
+        "sent, as some providers' do: a test that logs never repeat what a provider says",
+    )
 
     @model_validator(mode="after")
     def _check_output_range(self) -> SimConfig:

@@ -6,6 +6,8 @@ hang or hang=<s>, latency_ms=<ms>, output_tokens=<n>, retry_after=<s>, and
 retry_after_raw=<text>: the retry-after header of a status reply set to <text> verbatim, to see
 what clients make of a value no provider should send ("soon", "", a broken date). <text> is
 percent-decoded, so that the spaces and commas of a date can be written %20 and %2C.
+stream_break=<n>: a streamed reply drops its connection after <n> sends of output (0: right after
+its 200 and headers), as a provider that fails mid-stream; an unstreamed reply ignores it.
 An unknown key is a 400, so a typo in a test cannot pass silently.
 """
 
@@ -35,6 +37,7 @@ class Directives:
     output_tokens: int | None = None
     retry_after_s: float | None = None
     retry_after_raw: str | None = None
+    stream_break: int | None = None
 
     @property
     def forces_outcome(self) -> bool:
@@ -50,7 +53,16 @@ def parse_directives(text: str) -> Directives:
                 values[key.strip()] = value.strip() if sep else None
     if not values:
         return Directives()
-    known = {"status", "error", "hang", "latency_ms", "output_tokens", "retry_after", "retry_after_raw"}
+    known = {
+        "status",
+        "error",
+        "hang",
+        "latency_ms",
+        "output_tokens",
+        "retry_after",
+        "retry_after_raw",
+        "stream_break",
+    }
     unknown = set(values) - known
     if unknown:
         raise DirectiveError(f"unknown simulator directive(s): {', '.join(sorted(unknown))}")
@@ -70,6 +82,7 @@ def parse_directives(text: str) -> Directives:
         output_tokens=output_tokens,
         retry_after_s=_float(values, "retry_after"),
         retry_after_raw=_raw_header(values),
+        stream_break=_int(values, "stream_break"),
     )
 
 

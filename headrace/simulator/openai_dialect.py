@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import uuid
@@ -21,6 +22,7 @@ from headrace.simulator.dialect import (
     string_list,
     text_of_last_user_message,
 )
+from headrace.simulator.streams import openai_sends
 from headrace.simulator.tokens import count_prompt_tokens
 
 CONTEXT_WINDOW_TOKENS = 128_000
@@ -77,6 +79,24 @@ def _trim(value: float) -> str:
     return f"{value:.3f}".rstrip("0").rstrip(".")
 
 
+def _forced_tool(payload: Mapping[str, Any]) -> str | None:
+    """The function a request forces a call to: tool_choice "required" (the first tool) or one
+    named; None when the model may answer in words."""
+    tools = payload.get("tools")
+    choice = payload.get("tool_choice")
+    if not isinstance(tools, list) or not tools:
+        return None
+    if choice == "required":
+        first = tools[0]
+        function = first.get("function") if isinstance(first, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        return name if isinstance(name, str) else None
+    if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        name = choice["function"].get("name")
+        return name if isinstance(name, str) else None
+    return None
+
+
 class OpenAIDialect:
     name = "openai"
     output_bucket = "tokens"
@@ -108,8 +128,16 @@ class OpenAIDialect:
         for index, message in enumerate(messages):
             if not isinstance(message, dict) or not isinstance(message.get("role"), str):
                 raise self.invalid(f"Invalid message at messages[{index}]: a role is required.", "messages")
-        if payload.get("stream"):
-            raise self.invalid("stream=true is not supported by the Headrace simulator.", "stream")
+        stream = payload.get("stream")
+        if stream is not None and not isinstance(stream, bool):
+            raise self.invalid("stream: expected a boolean", "stream")
+        options = payload.get("stream_options")
+        if options is not None and not stream:
+            raise self.invalid(
+                "The 'stream_options' parameter is only allowed when 'stream' is enabled.", "stream_options"
+            )
+        if options is not None and not isinstance(options, dict):
+            raise self.invalid("stream_options: expected an object", "stream_options")
         n = payload.get("n")
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n != 1):
             raise self.invalid("Only n=1 is supported by the Headrace simulator.", "n")
@@ -124,6 +152,9 @@ class OpenAIDialect:
             max_tokens=max_tokens,
             stops=string_list(payload.get("stop"), "stop", 4),
             last_user_text=text_of_last_user_message(messages),
+            stream=bool(stream),
+            stream_usage=bool(options and options.get("include_usage")),
+            tool=_forced_tool(payload),
         )
 
     def limits(self, config: SimConfig) -> dict[str, int | None]:
@@ -177,24 +208,23 @@ class OpenAIDialect:
         }
 
     def success_body(self, spec: CallSpec, answer: Answer) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": answer.text}
+        finish_reason = "length" if answer.finish == "length" else "stop"
+        if spec.tool is not None:
+            # A forced tool call: the answer's words become its one argument.
+            arguments = json.dumps({"text": answer.text})
+            function = {"name": spec.tool, "arguments": arguments}
+            message["content"] = None
+            call = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": function}
+            message["tool_calls"] = [call]
+            finish_reason = "tool_calls"
+        message.update({"refusal": None, "annotations": []})
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex[:29]}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": spec.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {
-                        "role": "assistant",
-                        "content": answer.text,
-                        "refusal": None,
-                        "annotations": [],
-                    },
-                    "logprobs": None,
-                    "finish_reason": "length" if answer.finish == "length" else "stop",
-                }
-            ],
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
             "usage": {
                 "prompt_tokens": spec.prompt_tokens,
                 "completion_tokens": answer.output_tokens,
@@ -210,6 +240,9 @@ class OpenAIDialect:
             "service_tier": "default",
             "system_fingerprint": "fp_headrace_sim",
         }
+
+    def stream_chunks(self, spec: CallSpec, body: dict[str, Any]) -> list[str]:
+        return openai_sends(body, include_usage=spec.stream_usage)
 
     def response_headers(self, request_id: str, processing_ms: int) -> dict[str, str]:
         return {

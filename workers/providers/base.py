@@ -11,7 +11,7 @@ policy's job (``workers.policy``), in one place::
     CallFailed
      ├─ kind="status"       the provider answered 4xx/5xx (status, error_type, error_code)
      ├─ kind="timeout"      connect or read timeout
-     ├─ kind="connection"   refused, reset, DNS
+     ├─ kind="connection"   refused, reset, DNS; a stream that broke mid-way (sent: it may have billed)
      ├─ kind="translation"  the request cannot be expressed for this provider (request's fault)
      ├─ kind="invalid_reply" the provider answered 2xx with something we cannot read
      └─ kind="unavailable"  the deployment cannot be called at all (its key is not set)
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import httpx
+import httpx2
 
 from broker_config.deployments import Deployment
 
@@ -70,6 +71,10 @@ class ProviderReply:
     http_status: int
     headers: dict[str, str] = field(default_factory=dict)  # lower-cased; rate-limit headers etc.
     provider_request_id: str | None = None
+    # Streamed calls only (None otherwise): seconds from sending the request to the first chunk
+    # of output (time to first token), and how many chunks of output came.
+    first_chunk_s: float | None = None
+    chunks: int | None = None
 
 
 class CallFailed(Exception):
@@ -126,10 +131,23 @@ def requested_max_tokens(body: Mapping[str, Any], default: int) -> int:
     return default
 
 
+# The SDKs moved from httpx to its fork httpx2 (openai 3.x, anthropic 2.x), whose classes are not
+# httpx's: both families are checked, whichever an installed SDK raises.
+_NOT_SENT = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.PoolTimeout,
+    httpx2.ConnectError,
+    httpx2.ConnectTimeout,
+    httpx2.PoolTimeout,
+)
+
+
 def reached_provider(exc: BaseException) -> bool:
     """Whether an SDK's connection or timeout error happened after the request was sent: the SDKs
     wrap httpx's exception, whose class says the phase (connecting, or waiting for the answer)."""
-    return not isinstance(exc.__cause__, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
+    cause = exc if isinstance(exc, httpx.HTTPError | httpx2.HTTPError) else exc.__cause__
+    return not isinstance(cause, _NOT_SENT)
 
 
 class TranslationError(ValueError):

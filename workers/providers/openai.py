@@ -1,10 +1,19 @@
-"""OpenAI Chat Completions, and any OpenAI-compatible endpoint given as ``base_url``."""
+"""OpenAI Chat Completions, and any OpenAI-compatible endpoint given as ``base_url``.
+
+A deployment with ``stream = true`` is called with ``stream=True`` and
+``stream_options={"include_usage": True}``; its chunks are assembled into the ``chat.completion``
+object the same call answers unstreamed (content, refusal, tool calls, finish reason, usage, as
+the provider sent them), so a result line does not show how it was fetched.
+"""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import openai
+from openai.types import CompletionUsage
+from openai.types.chat import ChatCompletionChunk
 from pydantic import ValidationError
 
 from workers.providers.base import (
@@ -39,14 +48,17 @@ class OpenAIAdapter:
             # Admission reserved this cap for an uncapped request (workers.admission.estimate_call);
             # sent, it bounds the output to what was reserved instead of the model's own maximum.
             extra[output_cap_field(client.base_url.host)] = call.default_max_tokens
+        timeout = openai.Timeout(call.timeout_s, connect=call.connect_timeout_s)
         try:
+            if call.deployment.stream:
+                return _streamed(client, call, extra, timeout)
             raw = client.chat.completions.with_raw_response.create(
                 model=call.deployment.model,
                 messages=call.body["messages"],
                 extra_body=extra,
                 extra_headers=call.headers(),
                 # Per call, not per client: the pipeline clips it to the request's deadline.
-                timeout=openai.Timeout(call.timeout_s, connect=call.connect_timeout_s),
+                timeout=timeout,
             )
             completion = raw.parse()
             # Keep the provider's own JSON, not a re-serialisation: fields the SDK does not
@@ -62,21 +74,133 @@ class OpenAIAdapter:
             ) from exc
         except (openai.APIResponseValidationError, ValidationError, ValueError) as exc:
             raise CallFailed(f"unreadable reply: {exc}", kind="invalid_reply") from exc
-        usage = completion.usage
-        if usage is None:
-            raise CallFailed("reply has no usage", kind="invalid_reply")
-        cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else None
+        except openai.APIError as exc:  # an error event inside a stream, after its 200
+            raise CallFailed(f"stream broke: {exc.message}", kind="connection", error_type=exc.type) from exc
         return ProviderReply(
             body=body,
-            usage=Usage(
-                input_tokens=usage.prompt_tokens,
-                output_tokens=usage.completion_tokens,
-                cache_read_tokens=cached or 0,
-            ),
+            usage=_usage(completion.usage),
             http_status=raw.status_code,
             headers=rate_limit_headers(raw.headers),
             provider_request_id=raw.request_id,
         )
+
+
+def _streamed(
+    client: openai.OpenAI, call: ProviderCall, extra: dict[str, Any], timeout: openai.Timeout
+) -> ProviderReply:
+    """The call streamed. The SDK raises a status error before the first chunk; a stream that
+    breaks after it raises APIConnectionError, APITimeoutError or (an error event) APIError."""
+    extra = {k: v for k, v in extra.items() if k not in ("stream", "stream_options")}
+    sent = time.monotonic()
+    raw = client.chat.completions.with_raw_response.create(
+        model=call.deployment.model,
+        messages=call.body["messages"],
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body=extra,
+        extra_headers=call.headers(),
+        timeout=timeout,  # between two chunks; the whole stream is held to call.timeout_s below
+    )
+    assembly = ChunkAssembly()
+    first_chunk_s = None
+    with raw.parse() as stream:
+        for chunk in stream:
+            elapsed_s = time.monotonic() - sent
+            if assembly.add(chunk) and first_chunk_s is None:
+                first_chunk_s = elapsed_s
+            if elapsed_s > call.timeout_s:
+                raise CallFailed(f"stream still running after {call.timeout_s:g} s", kind="timeout")
+    if assembly.finish_reason is None:
+        raise CallFailed("stream ended before its finish_reason", kind="connection")
+    body = assembly.body()
+    return ProviderReply(
+        body=body,
+        usage=_usage(assembly.usage),
+        http_status=raw.status_code,
+        headers=rate_limit_headers(raw.headers),
+        provider_request_id=raw.request_id,
+        first_chunk_s=first_chunk_s,
+        chunks=assembly.chunks,
+    )
+
+
+class ChunkAssembly:
+    """chat.completion.chunk objects in, the chat.completion they make out (choice 0: n is 1)."""
+
+    def __init__(self) -> None:
+        self.head: dict[str, Any] = {}
+        self.role = "assistant"
+        self.texts: list[str] | None = None
+        self.refusals: list[str] | None = None
+        self.tool_calls: dict[int, dict[str, Any]] = {}
+        self.finish_reason: str | None = None
+        self.usage: CompletionUsage | None = None
+        self.chunks = 0  # chunks that carried output
+
+    def add(self, chunk: ChatCompletionChunk) -> bool:
+        """Take one chunk in; whether it carried output (text, refusal or a tool call's piece)."""
+        if not self.head:
+            self.head = {
+                "id": chunk.id,
+                "object": "chat.completion",
+                "created": chunk.created,
+                "model": chunk.model,
+            }
+            if chunk.service_tier is not None:
+                self.head["service_tier"] = chunk.service_tier
+            if chunk.system_fingerprint is not None:
+                self.head["system_fingerprint"] = chunk.system_fingerprint
+        if chunk.usage is not None:
+            self.usage = chunk.usage
+        output = False
+        for choice in chunk.choices:
+            if choice.index != 0:
+                continue
+            delta = choice.delta
+            if delta.role:
+                self.role = delta.role
+            if delta.content is not None:
+                self.texts = [*(self.texts or ()), delta.content]
+                output = output or bool(delta.content)
+            if delta.refusal is not None:
+                self.refusals = [*(self.refusals or ()), delta.refusal]
+                output = output or bool(delta.refusal)
+            for piece in delta.tool_calls or ():
+                call = self.tool_calls.setdefault(
+                    piece.index, {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
+                )
+                call["id"] = piece.id or call["id"]
+                if piece.function is not None:
+                    call["function"]["name"] += piece.function.name or ""
+                    call["function"]["arguments"] += piece.function.arguments or ""
+                output = True
+            if choice.finish_reason is not None:
+                self.finish_reason = choice.finish_reason
+        self.chunks += output
+        return output
+
+    def body(self) -> dict[str, Any]:
+        message: dict[str, Any] = {
+            "role": self.role,
+            "content": None if self.texts is None else "".join(self.texts),
+            "refusal": None if self.refusals is None else "".join(self.refusals),
+        }
+        if self.tool_calls:
+            message["tool_calls"] = [self.tool_calls[index] for index in sorted(self.tool_calls)]
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": self.finish_reason}
+        usage = None if self.usage is None else self.usage.to_dict()
+        return {**self.head, "choices": [choice], "usage": usage}
+
+
+def _usage(usage: CompletionUsage | None) -> Usage:
+    if usage is None:
+        raise CallFailed("reply has no usage", kind="invalid_reply")
+    cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else None
+    return Usage(
+        input_tokens=usage.prompt_tokens,
+        output_tokens=usage.completion_tokens,
+        cache_read_tokens=cached or 0,
+    )
 
 
 def output_cap_field(host: str) -> str:
