@@ -14,9 +14,8 @@ import pytest
 from broker_config.deployments import Deployment
 from tests.simulator_fixture import SimControl
 from workers.admission import DEFAULT_PAUSE_S, MAX_PAUSE_S, Estimate, estimate_call, settlement
-from workers.attempts import call_provider
 from workers.providers.anthropic import AnthropicAdapter
-from workers.providers.base import CallFailed, ProviderAdapter, ProviderCall, ProviderReply
+from workers.providers.base import CallFailed, ProviderAdapter, ProviderCall, ProviderReply, call_provider
 from workers.providers.headers import retry_after_s
 from workers.providers.openai import OpenAIAdapter, output_cap_field
 

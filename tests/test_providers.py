@@ -12,11 +12,10 @@ from openai.types.chat import ChatCompletion
 from broker_config.deployments import Deployment
 from headrace.embedded import free_port
 from tests.simulator_fixture import SimControl
-from workers.attempts import call_provider
 from workers.costing import call_cost_usd
 from workers.policy import FAIL, FALL_BACK, RETRY, Decision, backoff_s, decide
 from workers.providers.anthropic import AnthropicAdapter
-from workers.providers.base import CallFailed, ProviderCall, ProviderReply
+from workers.providers.base import CallFailed, ProviderCall, ProviderReply, call_provider
 from workers.providers.openai import OpenAIAdapter
 
 KEY_ENV = "HEADRACE_TEST_SIM_KEY"

@@ -30,9 +30,15 @@ from headrace.stack import DEFAULT_CONFIG
 from tests.simulator_fixture import SimControl
 from tests.test_ledger import CLAIM
 from workers import ledger
-from workers.attempts import call_provider
 from workers.providers.anthropic import AnthropicAdapter
-from workers.providers.base import CallFailed, ProviderAdapter, ProviderCall, ProviderReply, Usage
+from workers.providers.base import (
+    CallFailed,
+    ProviderAdapter,
+    ProviderCall,
+    ProviderReply,
+    Usage,
+    call_provider,
+)
 from workers.providers.openai import OpenAIAdapter
 
 KEY_ENV = "HEADRACE_TEST_SIM_KEY"

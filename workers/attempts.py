@@ -40,7 +40,7 @@ from workers.costing import call_cost_usd
 from workers.delays import DelayQueue
 from workers.leases import Lease, Leases
 from workers.policy import FAIL, FALL_BACK, RETRY, Decision, backoff_s, decide, may_have_billed, passes
-from workers.providers.base import CallFailed, ProviderAdapter, ProviderCall, ProviderReply
+from workers.providers.base import CallFailed, ProviderAdapter, ProviderCall, ProviderReply, call_provider
 from workers.waiting_line import WaitingLine
 
 log = structlog.get_logger(__name__)
@@ -394,14 +394,3 @@ def best_effort(what: str, fn: Callable[..., object], *args: Any, **kwargs: Any)
         fn(*args, **kwargs)
     except redis.RedisError as exc:
         log.warning("not updated: Redis unreachable", what=what, error=str(exc))
-
-
-def call_provider(adapter: ProviderAdapter, call: ProviderCall) -> ProviderReply | CallFailed:
-    """The call, with every failure turned into a ``CallFailed``: never raises."""
-    try:
-        return adapter.complete(call)
-    except CallFailed as failure:
-        return failure
-    except Exception as exc:  # an adapter bug must not lose the request or its attempt row
-        log.exception("adapter raised", adapter=adapter.name, error=type(exc).__name__)
-        return CallFailed(f"{type(exc).__name__}: {exc}", kind="invalid_reply")

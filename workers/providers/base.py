@@ -19,6 +19,7 @@ policy's job (``workers.policy``), in one place::
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ import httpx
 import httpx2
 
 from broker_config.deployments import Deployment
+
+log = logging.getLogger(__name__)
 
 FailureKind = Literal["status", "timeout", "connection", "translation", "invalid_reply", "unavailable"]
 
@@ -188,3 +191,14 @@ class ClientCache(Generic[Client]):
             if client is None:
                 client = self._clients[key] = self._build(call, api_key)
             return client
+
+
+def call_provider(adapter: ProviderAdapter, call: ProviderCall) -> ProviderReply | CallFailed:
+    """The call, with every failure turned into a ``CallFailed``: never raises."""
+    try:
+        return adapter.complete(call)
+    except CallFailed as failure:
+        return failure
+    except Exception as exc:  # an adapter bug must not lose the request or its attempt row
+        log.exception("adapter %s raised %s", adapter.name, type(exc).__name__)
+        return CallFailed(f"{type(exc).__name__}: {exc}", kind="invalid_reply")
