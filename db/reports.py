@@ -23,6 +23,7 @@ class UsageRow:
     done: int = 0
     failed: int = 0
     latencies_ms: list[float] = field(default_factory=list)
+    first_chunks_ms: list[float] = field(default_factory=list)  # streamed calls' time to first chunk
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: Decimal = Decimal(0)
@@ -89,13 +90,15 @@ def by_route(session: Session, batch_ids: Sequence[str]) -> list[UsageRow]:
 
 
 def by_deployment(session: Session, batch_ids: Sequence[str]) -> list[UsageRow]:
-    """Provider calls of the batches per deployment: answered / failed, call latency."""
+    """Provider calls of the batches per deployment: answered / failed, call latency, and the
+    time to first chunk of streamed calls."""
     rows: dict[str, UsageRow] = defaultdict(lambda: UsageRow(""))
     query = (
         select(
             Attempt.deployment,
             Attempt.outcome,
             Attempt.latency_ms,
+            Attempt.first_chunk_ms,
             Attempt.input_tokens,
             Attempt.output_tokens,
             Attempt.cost_usd,
@@ -103,13 +106,15 @@ def by_deployment(session: Session, batch_ids: Sequence[str]) -> list[UsageRow]:
         .join(LlmRequest, LlmRequest.id == Attempt.request_id)
         .where(LlmRequest.batch_id.in_(batch_ids))
     )
-    for deployment, outcome, latency, tokens_in, tokens_out, cost in session.execute(query):
+    for deployment, outcome, latency, first_chunk, tokens_in, tokens_out, cost in session.execute(query):
         row = rows[deployment]
         row.name = deployment
         row.done += outcome == AttemptOutcome.SUCCESS
         row.failed += outcome != AttemptOutcome.SUCCESS
         if latency is not None:
             row.latencies_ms.append(float(latency))
+        if first_chunk is not None:
+            row.first_chunks_ms.append(float(first_chunk))
         row.input_tokens += tokens_in
         row.output_tokens += tokens_out
         if cost is None:

@@ -360,3 +360,20 @@ def test_the_batch_view_shows_timing_percentiles_of_its_successful_calls(
     assert listed["latency_ms"] is None  # lists stay cheap
     compat = client.get(f"/openai/v1/batches/{batch.id}", headers=headers).json()
     assert "first_chunk_ms" not in json.dumps(compat)
+
+
+def test_the_demo_tables_show_time_to_first_chunk_only_when_some_call_streamed() -> None:
+    from rich.console import Console
+
+    from db.reports import UsageRow
+    from headrace.cli.demo import _usage_table
+
+    def text(rows: list[UsageRow]) -> str:
+        console = Console(record=True, width=200)
+        console.print(_usage_table("Per deployment", rows, "deployment", "ok"))
+        return console.export_text()
+
+    streamed = UsageRow("a", done=2, latencies_ms=[100.0, 200.0], first_chunks_ms=[40.0, 60.0])
+    plain = UsageRow("b", done=1, latencies_ms=[50.0])
+    assert "TTFT p50/p95" in text([streamed, plain]) and "40 ms/60 ms" in text([streamed, plain])
+    assert "TTFT" not in text([plain])

@@ -68,17 +68,23 @@ def _ms(value: float | None) -> str:
 def _usage_table(title: str, rows: list[UsageRow], first: str, done: str) -> Table:
     from rich.table import Table
 
+    from db.reports import percentile
+
     table = Table(title=title, title_justify="left")
-    for name in (first, done, "failed", "p50", "p95", "tok in", "tok out", "cost USD"):
+    streamed = any(row.first_chunks_ms for row in rows)  # deployments with stream = true
+    names = (first, done, "failed", "p50", "p95", *(("TTFT p50/p95",) if streamed else ()))
+    for name in (*names, "tok in", "tok out", "cost USD"):
         table.add_column(name, justify="left" if name == first else "right", no_wrap=True)
     for row in rows:
         cost = f"{row.cost_usd:.6f}" + (f" (+{row.unpriced} unpriced)" if row.unpriced else "")
+        first_chunk = f"{_ms(percentile(row.first_chunks_ms, 50))}/{_ms(percentile(row.first_chunks_ms, 95))}"
         table.add_row(
             row.name,
             str(row.done),
             str(row.failed),
             _ms(row.percentile_ms(50)),
             _ms(row.percentile_ms(95)),
+            *((first_chunk,) if streamed else ()),
             f"{row.input_tokens:,}",
             f"{row.output_tokens:,}",
             cost,
