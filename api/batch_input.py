@@ -18,6 +18,7 @@ from api.errors import ApiError
 from api.gc_pause import enforce_bound
 from api.json_body import NESTED_TOO_DEEP, too_deep
 from broker_config.deployments import DeploymentsConfig
+from db.attribution import TagError, attribution_tags
 
 MAX_REPORTED_ERRORS = 100
 MAX_CUSTOM_ID_CHARS = 512
@@ -28,7 +29,7 @@ CHECK_SLICE_LINES = 2000
 # The checking thread lets the event loop have the GIL this often (time.sleep(0) hands it over at
 # once), instead of the interpreter's 5 ms switch interval for each of the loop's wake-ups.
 YIELD_EVERY_LINES = 128
-_LINE_KEYS = frozenset({"custom_id", "body", "method", "url"})
+_LINE_KEYS = frozenset({"custom_id", "body", "method", "url", "metadata"})
 _CHAT_URLS = frozenset({"/v1/chat/completions", "/chat/completions"})
 
 
@@ -41,6 +42,9 @@ class BatchLine:
     # Set when the line is accepted into the batch but can never run (the Anthropic API reports
     # bad params as an errored result, not as a refused batch): it is stored already failed.
     error: dict[str, Any] | None = None
+    # The line's own attribution tags (its ``metadata`` among the attribution keys); the batch's
+    # fill in the keys it does not set (batch_service.create_batch).
+    tags: dict[str, str] | None = None
 
 
 @dataclass
@@ -50,6 +54,7 @@ class BatchValidator:
     config: DeploymentsConfig
     max_lines: int
     where: str = "line"  # how positions are named in messages: "line" (JSONL) or "requests[i]"
+    tag_keys: tuple[str, ...] = ()  # the attribution keys a line's metadata may set (settings)
     lines: list[BatchLine] = field(default_factory=list)
     errors: list[dict[str, Any]] = field(default_factory=list)
     error_count: int = 0
@@ -134,8 +139,19 @@ class BatchValidator:
         if obj.get("method", "POST") != "POST" or obj.get("url", "/v1/chat/completions") not in _CHAT_URLS:
             self._error(line_no, cid, "url", "only POST /v1/chat/completions requests can be batched")
         model = self._check_body(line_no, cid, obj.get("body"))
-        if cid is not None and model is not None and self.error_count == 0:
-            self.lines.append(BatchLine(line_no, cid, model, obj["body"]))
+        tags = self._check_tags(line_no, cid, obj.get("metadata"))
+        if cid is not None and model is not None and tags is not None and self.error_count == 0:
+            self.lines.append(BatchLine(line_no, cid, model, obj["body"], tags=tags))
+
+    def _check_tags(self, line_no: int, cid: str | None, metadata: Any) -> dict[str, str] | None:
+        if metadata is not None and not isinstance(metadata, dict):
+            self._error(line_no, cid, "metadata", f"metadata must be a JSON object, not {_kind(metadata)}")
+            return None
+        try:
+            return attribution_tags(metadata, self.tag_keys)
+        except TagError as exc:
+            self._error(line_no, cid, exc.param, str(exc))
+            return None
 
     def _check_body(self, line_no: int, cid: str | None, body: Any) -> str | None:
         if not isinstance(body, dict):
@@ -177,6 +193,14 @@ class BatchValidator:
         if not self.lines:
             raise ApiError(400, "empty_batch", "the batch has no requests")
         return self.lines
+
+
+def batch_tags(metadata: dict[str, Any] | None, keys: tuple[str, ...]) -> dict[str, str]:
+    """A batch's attribution tags from its metadata; a bad value refuses the batch (400)."""
+    try:
+        return attribution_tags(metadata, keys)
+    except TagError as exc:
+        raise ApiError(400, "invalid_request", str(exc), param=exc.param) from None
 
 
 def _kind(value: Any) -> str:

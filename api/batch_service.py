@@ -6,7 +6,7 @@ import json
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -49,6 +49,9 @@ class BatchSpec:
     endpoint: str | None = None
     input_file_id: str | None = None
     webhook_url: str | None = None
+    # The batch's attribution tags (its metadata among the attribution keys): every request's,
+    # unless its line sets its own.
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 def _new_batch(spec: BatchSpec, now: datetime, status: BatchStatus, *, total: int, failed: int) -> Batch:
@@ -97,6 +100,7 @@ def create_batch(db: Database, spec: BatchSpec, lines: Sequence[BatchLine], *, p
             "custom_id": line.custom_id,
             "model": line.model,
             "body": line.body,
+            "tags": spec.tags | (line.tags or {}),
             "priority": spec.priority.value,
             "status": (RequestStatus.QUEUED if line.error is None else RequestStatus.FAILED).value,
             "error": line.error,

@@ -44,7 +44,15 @@ def _api_key(request: Request) -> str | None:
     return request.headers.get("x-api-key") or None
 
 
-def _tenant(request: Request, context: Context) -> Tenant:
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: the key's tenant, and whether it is an admin key (``keys create --admin``)."""
+
+    tenant: Tenant
+    admin: bool
+
+
+def _caller(request: Request, context: Context) -> Caller:
     key = _api_key(request)
     if key is None:
         raise ApiError(
@@ -54,15 +62,35 @@ def _tenant(request: Request, context: Context) -> Tenant:
             headers={"WWW-Authenticate": "Bearer"},
         )
     with context.db.session() as session:
-        tenant = tenant_for_key(session, key)
-    if tenant is None:
+        found = tenant_for_key(session, key)
+    if found is None:
         raise ApiError(
             401, "authentication_error", "invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"}
         )
-    return tenant
+    return Caller(*found)
+
+
+CurrentCaller = Annotated[Caller, Depends(_caller)]
+
+
+# FastAPI caches a dependency per request: a route that takes both CurrentTenant and CurrentCaller
+# (or AdminCaller) looks its key up once.
+def _tenant(caller: CurrentCaller) -> Tenant:
+    return caller.tenant
 
 
 CurrentTenant = Annotated[Tenant, Depends(_tenant)]
+
+
+def _admin(caller: CurrentCaller) -> Caller:
+    if not caller.admin:
+        raise ApiError(
+            403, "permission_error", "this needs an admin key (headrace keys create --tenant NAME --admin)"
+        )
+    return caller
+
+
+AdminCaller = Annotated[Caller, Depends(_admin)]
 
 
 def _read_session(context: Context) -> Iterator[Session]:

@@ -57,6 +57,7 @@ _MODELS: dict[Door, type[BaseModel]] = {
 _WHY = {
     400: "Bad input; the message names what and where.",
     401: "Missing, invalid or revoked API key.",
+    403: "The key is a tenant's; this needs an admin key (headrace keys create --admin).",
     404: "No such id for this key (another tenant's ids are unknown too).",
     410: "The results were purged, HEADRACE_FILE_RETENTION_DAYS after the batch ended.",
     413: "The body is over its cap (or a line over HEADRACE_MAX_LINE_BYTES, or too many requests).",

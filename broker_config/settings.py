@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_HOME = Path(".headrace")
@@ -191,9 +191,15 @@ class Settings(BaseSettings):
         default=9464, ge=0, le=65535, description="Port of a worker's /metrics (0: not served)."
     )
     worker_metrics_host: str = Field(default="127.0.0.1", description="Interface a worker's /metrics binds.")
+    attribution_keys: str = Field(
+        default="feature,user",
+        description="Metadata keys (the batch's, overridden by a line's own) kept on each request as "
+        "its attribution tags (comma-separated).",
+    )
     metric_tag_keys: str = Field(
         default="feature",
-        description="Batch metadata keys that label the token and cost counters (comma-separated).",
+        description="Attribution keys (among HEADRACE_ATTRIBUTION_KEYS) that label the token and cost "
+        "counters (comma-separated).",
     )
     metric_label_values: int = Field(
         default=50, ge=1, description="Distinct values a tenant or tag label keeps per process; then 'other'."
@@ -214,6 +220,19 @@ class Settings(BaseSettings):
                 raise ValueError(f"metric tag key {key!r} would shadow the label {tag_label(key)!r}")
         return value
 
+    @model_validator(mode="after")
+    def _metric_tags_are_attribution_tags(self) -> Settings:
+        # A request keeps only the attribution keys as tags: any other label would stay empty. The
+        # default ("feature") is dropped quietly when the attribution keys leave it out.
+        named = (k.strip() for k in self.metric_tag_keys.split(",") if k.strip())
+        missing = [k for k in named if k not in self.attribution_tags]
+        if missing and "metric_tag_keys" in self.model_fields_set:
+            raise ValueError(
+                f"metric tag key(s) {', '.join(map(repr, missing))} must be among the attribution keys "
+                f"(HEADRACE_ATTRIBUTION_KEYS={self.attribution_keys!r})"
+            )
+        return self
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _level_in_capitals(cls, value: object) -> object:
@@ -222,7 +241,13 @@ class Settings(BaseSettings):
     @property
     def metric_tags(self) -> tuple[str, ...]:
         """The attribution keys that are labels of the token and cost counters."""
-        return tuple(k.strip() for k in self.metric_tag_keys.split(",") if k.strip())
+        keys = (k.strip() for k in self.metric_tag_keys.split(",") if k.strip())
+        return tuple(k for k in keys if k in self.attribution_tags)
+
+    @property
+    def attribution_tags(self) -> tuple[str, ...]:
+        """The metadata keys a request keeps as its tags (what spend is attributed to)."""
+        return tuple(k.strip() for k in self.attribution_keys.split(",") if k.strip())
 
 
 @lru_cache

@@ -18,6 +18,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -62,6 +63,8 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # An admin key may read across tenants (the usage report); a tenant key sees its own tenant.
+    admin: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class EndCounts:
@@ -130,6 +133,9 @@ class LlmRequest(Base):
     custom_id: Mapped[str] = mapped_column(String(512))
     model: Mapped[str] = mapped_column(String(200))
     body: Mapped[dict[str, Any]] = mapped_column(JsonDoc)
+    # Attribution (feature, user, ...: settings.attribution_tags), from the batch's metadata and the
+    # line's own, fixed at accept. NULL on rows written before it existed.
+    tags: Mapped[dict[str, str] | None] = mapped_column(JsonDoc)
     priority: Mapped[str] = mapped_column(String(20))
     status: Mapped[str] = mapped_column(String(20))
     response: Mapped[dict[str, Any] | None] = mapped_column(JsonDoc)

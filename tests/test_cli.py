@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +23,32 @@ def test_keys_create_prints_the_key_alone_and_stores_its_hash(
     assert key.endswith("\n") and key.count("\n") == 1 and key.startswith("hr_")
     with get_database(url).session() as session:
         assert session.scalars(select(ApiKey.key_hash)).one() == hash_key(key.strip())
+
+
+def test_keys_create_admin_makes_an_admin_key_and_says_so(
+    run_cli: Callable[..., str], make_database_url: Callable[[str], str]
+) -> None:
+    """--admin: stdout is still the key alone; stderr says it is an admin key; the row is marked."""
+    import subprocess
+
+    from headrace.embedded import headrace_command
+
+    url = make_database_url("sqlite")
+    env = {"HEADRACE_DATABASE_URL": url}
+    done = subprocess.run(
+        headrace_command("keys", "create", "--tenant", "ops", "--admin"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+        check=True,
+    )
+    assert done.stdout.startswith("hr_") and done.stdout.count("\n") == 1
+    assert "admin key" in done.stderr
+    tenant_key = run_cli("keys", "create", "--tenant", "acme", env=env).strip()
+    with get_database(url).session() as session:
+        admin = dict(session.execute(select(ApiKey.key_hash, ApiKey.admin)).tuples().all())
+    assert admin == {hash_key(done.stdout.strip()): True, hash_key(tenant_key): False}
 
 
 def test_migrate_creates_the_schema(run_cli: Callable[..., str], tmp_path: Path) -> None:

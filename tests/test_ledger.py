@@ -84,16 +84,43 @@ def test_migrations_match_the_models(database_url: str) -> None:
     command.check(alembic_config(database_url))
 
 
+def test_migration_0008_round_trips_and_old_keys_are_not_admin(database_url: str) -> None:
+    """Down to 0007 and up again: a key written before 0008 comes back a tenant key, and a request
+    row's tags start NULL (workers then attribute it by its batch's metadata)."""
+    command.downgrade(alembic_config(database_url), "0007")
+    engine = create_engine(database_url)
+    with engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO tenants (id, name, created_at) VALUES ('t1', 'old', :now)"), {"now": utcnow()}
+        )
+        conn.execute(
+            text(
+                "INSERT INTO api_keys (id, tenant_id, key_hash, prefix, created_at) "
+                "VALUES ('k1', 't1', :hash, 'hr_old', :now)"
+            ),
+            {"hash": "0" * 64, "now": utcnow()},
+        )
+    command.upgrade(alembic_config(database_url), "head")
+    command.check(alembic_config(database_url))
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT admin FROM api_keys WHERE id = 'k1'")).scalar_one() in (False, 0)
+    engine.dispose()
+
+
 def test_keys_are_stored_hashed_and_find_their_tenant(db: Database) -> None:
-    """A key is shown once; the ledger keeps only its hash, and the key finds its tenant."""
+    """A key is shown once; the ledger keeps only its hash, and the key finds its tenant (and
+    whether it is an admin key)."""
     new = create_api_key(db, "acme")
     second = create_api_key(db, "acme")
+    admin = create_api_key(db, "ops", admin=True)
     with db.session() as session:
-        assert tenant_for_key(session, new.key).name == "acme"
-        assert tenant_for_key(session, second.key).id == new.tenant_id
+        assert tenant_for_key(session, new.key)[0].name == "acme"  # type: ignore[index]
+        assert tenant_for_key(session, second.key)[0].id == new.tenant_id  # type: ignore[index]
         assert tenant_for_key(session, new.key + "x") is None
+        assert tenant_for_key(session, new.key)[1] is False  # type: ignore[index]
+        assert admin.admin and tenant_for_key(session, admin.key)[1] is True  # type: ignore[index]
         stored = [row.key_hash for row in session.scalars(select(ApiKey))]
-    assert len(stored) == 2 and new.key not in stored and all(len(h) == 64 for h in stored)
+    assert len(stored) == 3 and new.key not in stored and all(len(h) == 64 for h in stored)
 
 
 def test_a_batch_is_committed_even_when_the_broker_is_down(db: Database) -> None:

@@ -3,6 +3,7 @@ faults, checked against the ledger and against what the simulator did."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections import Counter, defaultdict
@@ -295,3 +296,23 @@ def test_several_api_processes_serve_their_counters_summed(stack: EmbeddedStack,
     finally:
         api.stop()
     assert seen == {12.0}
+
+
+@pytest.mark.slow
+def test_the_usage_command_reports_what_the_ledger_holds(
+    stack: EmbeddedStack, http: httpx.Client, run_cli: Callable[..., str]
+) -> None:
+    every = [b["id"] for b in http.get("/v1/batches", params={"limit": 100}).json()["data"]]
+    wait_ended(http, every, timeout_s=120)  # the batches of the tests before: nothing in flight
+    env = {"HEADRACE_API_URL": stack.api_url, "HEADRACE_API_KEY": stack.api_key}
+    report = json.loads(
+        run_cli("usage", "--group-by", "feature,route", "--since", "1h", "--format", "json", env=env)
+    )
+    with get_database(stack.env["HEADRACE_DATABASE_URL"]).session() as session:
+        cost = session.scalar(select(func.coalesce(func.sum(Attempt.cost_usd), 0)))
+        requests = session.scalar(select(func.count()).select_from(LlmRequest))
+    assert Decimal(report["total"]["cost_usd"]) == cost
+    assert report["total"]["requests"] == requests
+    assert sum(Decimal(g["cost_usd"]) for g in report["data"]) == cost
+    table = run_cli("usage", "--group-by", "feature", "--since", "1h", env={**env, "COLUMNS": "200"})
+    assert "total" in table and "overhead USD" in table

@@ -22,6 +22,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from db.attribution import stored_tags
 from db.batch_state import BatchDelta, apply_delta, deployment_errors
 from db.engine import Database
 from db.models import Batch, LlmRequest, Tenant
@@ -48,7 +49,7 @@ class RunStart:
     billed_attempts: int = 0  # earlier calls of this request the provider may have charged for
     park_rounds: int = 0  # times it already waited for provider trouble to pass
     last_errors: tuple[dict[str, Any], ...] = ()  # each deployment's last error, from earlier runs
-    tags: dict[str, Any] = field(default_factory=dict)  # the batch's metadata: what it is attributed to
+    tags: dict[str, str] = field(default_factory=dict)  # the request's attribution tags (feature, user, ...)
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,9 @@ def begin_run(db: Database, request_id: str, lease: str, claim: Claim) -> RunSta
             return _claim_request(session, request_id, lease, claim, now)
         session.execute(sql.START_RUN, {"b_request_id": request_id, "v_lease": lease, "now": now})
         tenant = row.tenant_name or row.tenant_id
-        return _run_start(row, row.expires_at, tenant, billed=0, tags=row.batch_metadata)
+        return _run_start(
+            row, row.expires_at, tenant, billed=0, tags=stored_tags(row.tags, row.batch_metadata)
+        )
 
     started = db.transact(unit)
     if not isinstance(started, _Claimed):
@@ -168,11 +171,12 @@ def _claim_request(session: Session, request_id: str, lease: str, claim: Claim, 
     tenant = session.get(Tenant, batch.tenant_id)
     name = tenant.name if tenant else batch.tenant_id
     billed = billed_attempts(session, request.id)
-    return _Claimed(_run_start(request, batch.expires_at, name, billed=billed, tags=batch.metadata_), lost)
+    tags = stored_tags(request.tags, batch.metadata_)
+    return _Claimed(_run_start(request, batch.expires_at, name, billed=billed, tags=tags), lost)
 
 
 def _run_start(
-    request: Any, expires_at: datetime, tenant: str, *, billed: int, tags: dict[str, Any] | None
+    request: Any, expires_at: datetime, tenant: str, *, billed: int, tags: dict[str, str]
 ) -> RunStart:
     """A run's start from the request's columns (an ORM object or a row: the same names)."""
     return RunStart(
@@ -187,7 +191,7 @@ def _run_start(
         billed_attempts=billed,
         park_rounds=request.park_rounds,
         last_errors=tuple(deployment_errors(request.error)),
-        tags=tags or {},
+        tags=tags,
     )
 
 

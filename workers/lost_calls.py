@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from db.attribution import stored_tags
 from db.batch_state import BatchDelta, apply_delta
 from db.engine import Database
 from db.models import Attempt, Batch, LlmRequest, Tenant
@@ -79,12 +80,13 @@ def mark_lost_attempts(
         return []
     batch = session.get(Batch, request.batch_id)
     tenant = session.get(Tenant, batch.tenant_id) if batch else None
+    tags = stored_tags(request.tags, batch.metadata_ if batch else None)
     return [
         Spent(
             tenant=tenant.name if tenant else "",
             route=request.model,
             deployment=a.deployment,
-            tags=(batch.metadata_ if batch else None) or {},
+            tags=tags,
             usage=Usage(a.input_tokens, a.output_tokens),
             cost_usd=a.cost_usd,
         )

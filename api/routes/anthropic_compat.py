@@ -5,7 +5,9 @@ as ``Authorization: Bearer`` from SDK 2.x, or ``x-api-key`` from older ones). Ea
 ``params.model`` names a Headrace route (or a model a deployment serves). Params that cannot run
 become ``errored`` results, as on Anthropic; only envelope problems refuse the batch. A top-level
 ``metadata`` object (``extra_body`` in the SDK) may carry ``headrace_webhook_url`` and
-``headrace_priority``.
+``headrace_priority``. It and a request's own ``metadata`` (next to ``custom_id``, not
+``params.metadata``, which goes to the provider) set the requests' attribution tags
+(``HEADRACE_ATTRIBUTION_KEYS``); a bad tag makes that request ``errored``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api import batch_service
-from api.batch_input import BatchLine
+from api.batch_input import BatchLine, batch_tags
 from api.compat.anthropic_objects import message_batch, result_line
 from api.compat.anthropic_wire import WireError, messages_params_to_chat
 from api.context import AppContext, Context, CurrentTenant, ReadSession
@@ -32,6 +34,7 @@ from api.openapi import errors, stream
 from api.routes.batches import accept_batch
 from api.schemas import list_page
 from api.webhook_settings import checked_webhook_url
+from db.attribution import TagError, attribution_tags
 from db.models import Batch, Tenant
 from db.states import Priority
 from db.types import utcnow
@@ -83,7 +86,7 @@ def _line(context: AppContext, index: int, item: Any, seen: set[str]) -> BatchLi
         )
     if not isinstance(item, dict):
         raise ApiError(400, "invalid_request", f"{where}: must be an object with custom_id and params")
-    custom_id, params = item.get("custom_id"), item.get("params")
+    custom_id, params, own = item.get("custom_id"), item.get("params"), item.get("metadata")
     if not isinstance(custom_id, str) or not CUSTOM_ID.match(custom_id):
         raise ApiError(400, "invalid_request", f"{where}.custom_id: 1 to 64 of a-z, A-Z, 0-9, _ and -")
     if custom_id in seen:
@@ -98,7 +101,18 @@ def _line(context: AppContext, index: int, item: Any, seen: set[str]) -> BatchLi
             error = {"kind": "config", "message": f"params.model: {model!r} is not served here"}
     except WireError as exc:
         error = {"kind": "invalid_request", "message": str(exc)}
-    return BatchLine(index + 1, custom_id, model, body, error)
+    tags, tag_error = _tags(own, context.settings.attribution_tags)
+    return BatchLine(index + 1, custom_id, model, body, error or tag_error, tags)
+
+
+def _tags(own: Any, keys: tuple[str, ...]) -> tuple[dict[str, str], dict[str, Any] | None]:
+    """A request's own attribution tags, or the error that makes it ``errored``."""
+    if own is not None and not isinstance(own, dict):
+        return {}, {"kind": "invalid_request", "message": "metadata: must be an object"}
+    try:
+        return attribution_tags(own, keys), None
+    except TagError as exc:
+        return {}, {"kind": "invalid_request", "message": str(exc)}
 
 
 def _parse(context: AppContext, raw: bytes) -> tuple[list[BatchLine], dict[str, Any]]:
@@ -116,7 +130,9 @@ def _parse(context: AppContext, raw: bytes) -> tuple[list[BatchLine], dict[str, 
     if "requests" not in members or not lines:
         raise ApiError(400, "invalid_request", "requests: must be a non-empty list")
     raw_metadata = members.get("metadata")
-    metadata: dict[str, Any] = raw_metadata if isinstance(raw_metadata, dict) else {}
+    if raw_metadata is not None and not isinstance(raw_metadata, dict):
+        raise ApiError(400, "invalid_request", "metadata: must be an object")
+    metadata: dict[str, Any] = raw_metadata or {}
     if len(json.dumps(metadata)) > METADATA_MAX_BYTES:
         raise ApiError(400, "invalid_request", f"metadata: larger than {METADATA_MAX_BYTES} bytes")
     return lines, metadata
@@ -148,6 +164,7 @@ async def _create(
         completion_window_s=WINDOW_S,
         api="anthropic",
         webhook_url=await checked_webhook_url(context, metadata.get("headrace_webhook_url")),
+        tags=batch_tags(metadata, context.settings.attribution_tags),
     )
     batch = await accept_batch(context, spec, lines, background)
     return message_batch(batch, _base_url(context, request))

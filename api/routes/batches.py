@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from api import batch_service
-from api.batch_input import BatchLine, BatchValidator, lines_from_stream, release
+from api.batch_input import BatchLine, BatchValidator, batch_tags, lines_from_stream, release
 from api.context import AppContext, Context, CurrentTenant, ReadSession
 from api.errors import ApiError
 from api.files_service import ensure_results_kept
@@ -30,7 +30,14 @@ router = APIRouter(prefix="/v1", tags=["batches"])
 JSONL_TYPES = ("application/jsonl", "application/x-ndjson", "application/x-jsonlines", "text/plain")
 READ_CHUNK = 1 << 16
 INLINE_PUBLISH_MAX = 2000  # larger batches are published right after the answer
-_LINE = {"type": "object", "properties": {"custom_id": {"type": "string"}, "body": {"type": "object"}}}
+_LINE = {
+    "type": "object",
+    "properties": {
+        "custom_id": {"type": "string"},
+        "body": {"type": "object"},
+        "metadata": {"type": "object", "description": "Attribution tags of this request alone."},
+    },
+}
 # The route reads its body itself (streamed, checked line by line), so FastAPI cannot infer it.
 CREATE_BATCH_BODY: dict[str, Any] = {
     "requestBody": {
@@ -53,7 +60,9 @@ CREATE_BATCH_BODY: dict[str, Any] = {
                     },
                 }
             },
-            "application/jsonl": {"schema": {"type": "string", "description": "{custom_id, body} lines"}},
+            "application/jsonl": {
+                "schema": {"type": "string", "description": "{custom_id, body, metadata?} lines"}
+            },
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
@@ -115,7 +124,12 @@ def _window(context: AppContext, value: Any) -> int:
 
 def _json_batch(context: AppContext, raw: bytes) -> tuple[CreateBatchIn, list[BatchLine]]:
     """A JSON body's envelope and lines; runs in a worker thread (see api/json_body.py)."""
-    validator = BatchValidator(context.config, context.settings.max_batch_lines, where="requests")
+    validator = BatchValidator(
+        context.config,
+        context.settings.max_batch_lines,
+        where="requests",
+        tag_keys=context.settings.attribution_tags,
+    )
     try:
         members = decode_object(raw, "requests", lambda index, obj: validator.add_object(index + 1, obj))
     except BaseException as exc:
@@ -138,7 +152,7 @@ def _stream_lines(context: AppContext, chunks: Any) -> Any:
     settings = context.settings
     return lines_from_stream(
         chunks,
-        BatchValidator(context.config, settings.max_batch_lines),
+        BatchValidator(context.config, settings.max_batch_lines, tag_keys=settings.attribution_tags),
         max_bytes=settings.max_batch_bytes,
         max_line_bytes=settings.max_line_bytes,
     )
@@ -198,6 +212,7 @@ async def _create_batch(
         metadata=metadata,
         completion_window_s=_window(context, params.get("completion_window_s")),
         webhook_url=await checked_webhook_url(context, params.get("webhook_url")),
+        tags=batch_tags(metadata, context.settings.attribution_tags),
     )
     return BatchOut.of(await accept_batch(context, spec, lines, background))
 

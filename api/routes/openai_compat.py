@@ -2,7 +2,9 @@
 
 ``OpenAI(base_url="http://host/openai/v1", api_key=<headrace key>)`` works unchanged. The
 ``model`` of each input line names a Headrace route (or a model a deployment serves). Two
-metadata keys are Headrace's own: ``headrace_webhook_url`` and ``headrace_priority``.
+metadata keys are Headrace's own: ``headrace_webhook_url`` and ``headrace_priority``. The batch's
+metadata and a ``metadata`` object on an input line (next to ``custom_id``) set the requests'
+attribution tags (``HEADRACE_ATTRIBUTION_KEYS``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from api import batch_service, files_service
-from api.batch_input import BatchLine, BatchValidator, LineSplitter
+from api.batch_input import BatchLine, BatchValidator, LineSplitter, batch_tags
 from api.compat.openai_objects import (
     NOT_SUCCESS,
     SUCCESS,
@@ -216,7 +218,9 @@ def _lines_from_file(
                 400, "invalid_request", f"file {file_id} is not a batch input file", param="input_file_id"
             )
         content = file.content
-    validator = BatchValidator(context.config, context.settings.max_batch_lines)
+    validator = BatchValidator(
+        context.config, context.settings.max_batch_lines, tag_keys=context.settings.attribution_tags
+    )
     splitter = LineSplitter(context.settings.max_line_bytes)
     try:
         validator.add_json_lines([*splitter.feed(content), *splitter.close()])
@@ -271,6 +275,7 @@ async def create_batch(
         endpoint=payload.endpoint,
         input_file_id=payload.input_file_id,
         webhook_url=await checked_webhook_url(context, metadata.get("headrace_webhook_url")),
+        tags=batch_tags(payload.metadata, context.settings.attribution_tags),
     )
     with gc_paused():  # see api/gc_pause.py: no full collections over a batch being read
         lines = await run_in_threadpool(_lines_from_file, context, spec, payload.input_file_id)

@@ -12,7 +12,7 @@ import typer
 
 from broker_config.deployments import ConfigError, load_config
 from broker_config.settings import get_settings
-from headrace.cli import client, top
+from headrace.cli import client, top, usage
 from headrace.cli.demo import demo
 
 app = typer.Typer(
@@ -27,6 +27,7 @@ app.command()(demo)
 app.command()(client.submit)
 app.command()(client.status)
 app.command()(top.top)
+app.command()(usage.usage)
 app.command()(client.results)
 
 
@@ -67,13 +68,20 @@ def migrate() -> None:
 
 
 @keys_app.command("create")
-def keys_create(tenant: Annotated[str, typer.Option(help="Tenant name; created on first use.")]) -> None:
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="Tenant name; created on first use.")],
+    admin: Annotated[
+        bool, typer.Option(help="An admin key: it also reads every tenant's usage and spend.")
+    ] = False,
+) -> None:
     """Create an API key for TENANT and print it alone on stdout (it is shown only once)."""
     from db.engine import settings_database
     from db.tenants import create_api_key
 
-    new = create_api_key(settings_database(get_settings()), tenant)
+    new = create_api_key(settings_database(get_settings()), tenant, admin=admin)
     typer.echo(new.key)
+    if new.admin:
+        typer.echo(f"an admin key (tenant {new.tenant_name}): it reads every tenant's usage", err=True)
 
 
 @keys_app.command("secret")
