@@ -25,6 +25,7 @@ from typing import Any
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
+from db import usage_sql
 from db.attribution import stored_tags
 from db.models import Attempt, Batch, LlmRequest, Tenant
 from db.reports import percentile
@@ -47,8 +48,13 @@ class UsageQuery:
 @dataclass
 class TokenStats:
     per_request: list[int] = field(default_factory=list)
+    # (mean, p50, p95) when the database computed them (db/usage_sql.py) instead of this list.
+    known: tuple[float | None, float | None, float | None] | None = None
 
     def summary(self, total: int) -> dict[str, Any]:
+        if self.known is not None:
+            mean, p50, p95 = self.known
+            return {"sum": total, "mean": None if mean is None else round(mean, 1), "p50": p50, "p95": p95}
         n = len(self.per_request)
         return {
             "sum": total,
@@ -107,6 +113,8 @@ def usage_report(session: Session, query: UsageQuery, tag_keys: Sequence[str]) -
     """The report; ``tag_keys``: the attribution keys (a request's tags, its batch's metadata for
     requests accepted before tags were kept)."""
     columns = (*query.group_by, *((query.granularity,) if query.granularity else ()))
+    if session.get_bind().dialect.name == "postgresql":
+        return _aggregated(session, query, columns)
     groups: dict[tuple[str, ...], UsageGroup] = {}
 
     def group(key: tuple[str, ...]) -> UsageGroup:
@@ -141,6 +149,48 @@ def usage_report(session: Session, query: UsageQuery, tag_keys: Sequence[str]) -
     for one in ordered:
         total.add(one)
     return UsageReport(query, columns, ordered, total)
+
+
+def _aggregated(session: Session, query: UsageQuery, columns: tuple[str, ...]) -> UsageReport:
+    """The same report, each figure computed by PostgreSQL (``db/usage_sql.py``)."""
+    groups: dict[tuple[str, ...], UsageGroup] = {}
+    total = UsageGroup(())
+
+    def group(row: Any) -> UsageGroup:
+        key = usage_sql.key_of(row, len(columns))
+        return total if key is None else groups.setdefault(key, UsageGroup(key))
+
+    def scope(statement: Select[Any]) -> Select[Any]:
+        return _scoped(statement, query)
+
+    for row in usage_sql.requests_pass(session, scope, columns):
+        found = group(row)
+        found.requests = row.requests
+        found.succeeded, found.failed = row.succeeded, row.failed
+        found.cancelled, found.expired = row.cancelled, row.expired
+        found.input_per_request.known = (_float(row.in_mean), row.in_p50, row.in_p95)
+        found.output_per_request.known = (_float(row.out_mean), row.out_p50, row.out_p95)
+    for row in usage_sql.attempts_pass(session, scope, columns):  # groups only: totals are their sums
+        found = group(row)
+        found.attempts, found.unpriced_attempts = row.attempts, row.unpriced
+        found.input_tokens, found.output_tokens = int(row.input_tokens), int(row.output_tokens)
+        found.cost_usd = usage_sql.as_decimal(row.cost)
+        found.overhead_cost_usd = usage_sql.as_decimal(row.overhead)
+        if columns:
+            total.attempts += found.attempts
+            total.unpriced_attempts += found.unpriced_attempts
+            total.input_tokens += found.input_tokens
+            total.output_tokens += found.output_tokens
+            total.cost_usd += found.cost_usd
+            total.overhead_cost_usd += found.overhead_cost_usd
+    if not columns:  # one row, ungrouped: the totals are its group
+        total = groups.setdefault((), total)
+    ordered = sorted(groups.values(), key=lambda g: (-g.cost_usd, g.key))
+    return UsageReport(query, columns, ordered, total)
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def _requests(query: UsageQuery) -> Select[Any]:
