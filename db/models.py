@@ -152,6 +152,10 @@ class LlmRequest(Base):
     input_tokens: Mapped[int] = mapped_column(Integer, default=0)
     output_tokens: Mapped[int] = mapped_column(Integer, default=0)
     cost_usd: Mapped[Decimal] = mapped_column(Money, default=Decimal(0))
+    # Of cost_usd, what its calls that did not answer cost (retried, fell back, refused, lost); and
+    # its calls that ended with no price known. Kept so that usage reports read requests only.
+    overhead_cost_usd: Mapped[Decimal] = mapped_column(Money, default=Decimal(0), server_default="0")
+    unpriced_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     published_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

@@ -82,15 +82,19 @@ class UsageGroup:
     output_per_request: TokenStats = field(default_factory=TokenStats)
 
     def add(self, other: UsageGroup) -> None:
-        for name in ("requests", "succeeded", "failed", "cancelled", "expired", "attempts"):
+        for name in ("requests", "succeeded", "failed", "cancelled", "expired"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.add_calls(other)
+        self.input_per_request.per_request += other.input_per_request.per_request
+        self.output_per_request.per_request += other.output_per_request.per_request
+
+    def add_calls(self, other: UsageGroup) -> None:
+        self.attempts += other.attempts
         self.input_tokens += other.input_tokens
         self.output_tokens += other.output_tokens
         self.cost_usd += other.cost_usd
         self.overhead_cost_usd += other.overhead_cost_usd
         self.unpriced_attempts += other.unpriced_attempts
-        self.input_per_request.per_request += other.input_per_request.per_request
-        self.output_per_request.per_request += other.output_per_request.per_request
 
 
 @dataclass
@@ -139,7 +143,7 @@ def usage_report(session: Session, query: UsageQuery, tag_keys: Sequence[str]) -
         found.input_tokens += row.attempt_input_tokens
         found.output_tokens += row.attempt_output_tokens
         if row.attempt_cost is None:
-            found.unpriced_attempts += 1
+            found.unpriced_attempts += row.outcome != AttemptOutcome.IN_FLIGHT  # not ended: no cost yet
             continue
         found.cost_usd += row.attempt_cost
         if row.outcome != AttemptOutcome.SUCCESS:
@@ -161,8 +165,9 @@ def _aggregated(session: Session, query: UsageQuery, columns: tuple[str, ...]) -
         return total if key is None else groups.setdefault(key, UsageGroup(key))
 
     def scope(statement: Select[Any]) -> Select[Any]:
-        return _scoped(statement, query)
+        return _scoped(statement, query, tenant_names="tenant" in columns)
 
+    by_call = "deployment" in columns  # calls count under the deployment that made them
     for row in usage_sql.requests_pass(session, scope, columns):
         found = group(row)
         found.requests = row.requests
@@ -170,23 +175,23 @@ def _aggregated(session: Session, query: UsageQuery, columns: tuple[str, ...]) -
         found.cancelled, found.expired = row.cancelled, row.expired
         found.input_per_request.known = (_float(row.in_mean), row.in_p50, row.in_p95)
         found.output_per_request.known = (_float(row.out_mean), row.out_p50, row.out_p95)
-    for row in usage_sql.attempts_pass(session, scope, columns):  # groups only: totals are their sums
+        if not by_call:
+            _calls(found, row)
+    for row in usage_sql.attempts_pass(session, scope, columns) if by_call else ():
         found = group(row)
-        found.attempts, found.unpriced_attempts = row.attempts, row.unpriced
-        found.input_tokens, found.output_tokens = int(row.input_tokens), int(row.output_tokens)
-        found.cost_usd = usage_sql.as_decimal(row.cost)
-        found.overhead_cost_usd = usage_sql.as_decimal(row.overhead)
-        if columns:
-            total.attempts += found.attempts
-            total.unpriced_attempts += found.unpriced_attempts
-            total.input_tokens += found.input_tokens
-            total.output_tokens += found.output_tokens
-            total.cost_usd += found.cost_usd
-            total.overhead_cost_usd += found.overhead_cost_usd
+        _calls(found, row)
+        total.add_calls(found)  # sums add up: this pass has no totals' row
     if not columns:  # one row, ungrouped: the totals are its group
         total = groups.setdefault((), total)
     ordered = sorted(groups.values(), key=lambda g: (-g.cost_usd, g.key))
     return UsageReport(query, columns, ordered, total)
+
+
+def _calls(found: UsageGroup, row: Any) -> None:
+    found.attempts, found.unpriced_attempts = int(row.attempts), int(row.unpriced)
+    found.input_tokens, found.output_tokens = int(row.input_tokens), int(row.output_tokens)
+    found.cost_usd = usage_sql.as_decimal(row.cost)
+    found.overhead_cost_usd = usage_sql.as_decimal(row.overhead)
 
 
 def _float(value: Any) -> float | None:
@@ -228,12 +233,13 @@ _DIM_COLUMNS = (
 )
 
 
-def _scoped(statement: Select[Any], query: UsageQuery) -> Select[Any]:
-    statement = (
-        statement.join_from(LlmRequest, Batch, Batch.id == LlmRequest.batch_id)
-        .join(Tenant, Tenant.id == Batch.tenant_id)
-        .where(LlmRequest.created_at >= query.since, LlmRequest.created_at < query.until)
-    )
+def _scoped(statement: Select[Any], query: UsageQuery, *, tenant_names: bool = True) -> Select[Any]:
+    """The period's requests (of the query's tenants), with their batch; and their tenant's name,
+    unless the statement does not group by it (a join per row saved on a month of requests)."""
+    statement = statement.join_from(LlmRequest, Batch, Batch.id == LlmRequest.batch_id)
+    if tenant_names:
+        statement = statement.join(Tenant, Tenant.id == Batch.tenant_id)
+    statement = statement.where(LlmRequest.created_at >= query.since, LlmRequest.created_at < query.until)
     if query.tenant_ids is not None:
         statement = statement.where(Batch.tenant_id.in_(query.tenant_ids))
     return statement

@@ -1,4 +1,5 @@
-"""The usage report computed by PostgreSQL: two grouped scans instead of every row in Python.
+"""The usage report computed by PostgreSQL: one grouped scan of the requests (two when grouped by
+deployment) instead of every row in Python.
 
 The same report as ``db.usage`` builds row by row (which SQLite, the embedded default, keeps):
 each group's figures and the totals come from one ``GROUP BY GROUPING SETS ((dims), ())`` per
@@ -82,6 +83,14 @@ def requests_statement(scope: Any, columns: Sequence[str]) -> Select[Any]:
         func.avg(LlmRequest.output_tokens).label("out_mean"),
         func.percentile_disc(0.5).within_group(LlmRequest.output_tokens).label("out_p50"),
         func.percentile_disc(0.95).within_group(LlmRequest.output_tokens).label("out_p95"),
+        # The calls' figures, as each request keeps their sums: no scan of the calls unless they
+        # are grouped by the deployment that made them (attempts_statement).
+        func.coalesce(func.sum(LlmRequest.attempt_count), 0).label("attempts"),
+        func.coalesce(func.sum(LlmRequest.input_tokens), 0).label("input_tokens"),
+        func.coalesce(func.sum(LlmRequest.output_tokens), 0).label("output_tokens"),
+        func.coalesce(func.sum(LlmRequest.cost_usd), 0).label("cost"),
+        func.coalesce(func.sum(LlmRequest.overhead_cost_usd), 0).label("overhead"),
+        func.coalesce(func.sum(LlmRequest.unpriced_attempts), 0).label("unpriced"),
     )
     return _grouped(scope(statement), dims)
 
@@ -99,7 +108,9 @@ def attempts_statement(scope: Any, columns: Sequence[str]) -> Select[Any]:
         func.coalesce(func.sum(cost).filter(Attempt.outcome != AttemptOutcome.SUCCESS.value), 0).label(
             "overhead"
         ),
-        func.count().filter(cost.is_(None)).label("unpriced"),
+        func.count()
+        .filter(cost.is_(None), Attempt.outcome != AttemptOutcome.IN_FLIGHT.value)
+        .label("unpriced"),
     ).join_from(Attempt, LlmRequest, LlmRequest.id == Attempt.request_id)
     # Sums add up: the totals are the groups' sum, so a plain GROUP BY (hashed, no sort) does.
     grouped: Select[Any] = scope(statement)

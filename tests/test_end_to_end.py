@@ -143,6 +143,20 @@ def test_300_requests_over_two_priorities_and_routes_come_back_once_each_with_th
             .where(Attempt.request_id.in_(request_ids), Attempt.outcome != "success")
         )
     assert attempts == calls, "every provider call has exactly one attempt row"
+    with db.session() as session:  # each request keeps what its calls that did not answer cost
+        overhead = dict(
+            session.execute(
+                select(Attempt.request_id, func.sum(Attempt.cost_usd))
+                .where(Attempt.request_id.in_(request_ids), Attempt.outcome != "success")
+                .group_by(Attempt.request_id)
+            ).all()
+        )
+        kept = dict(
+            session.execute(
+                select(LlmRequest.id, LlmRequest.overhead_cost_usd).where(LlmRequest.batch_id.in_(batch_ids))
+            ).all()
+        )
+    assert {k: v for k, v in kept.items() if v} == {k: v for k, v in overhead.items() if v}
     assert retried > 0, "the simulator's faults were retried"
     api_cost = sum(Decimal(v["cost_usd"]) for v in views.values())  # type: ignore[arg-type]
     line_cost = sum(Decimal(str(r["cost_usd"])) for r in results.values())

@@ -96,6 +96,10 @@ def _run_calls(settings: Settings, batch_id: str, days_ago: int = 0) -> None:
                 request.input_tokens += tokens_in
                 request.output_tokens += tokens_out
                 request.cost_usd += Decimal(cost) if cost else Decimal(0)
+                request.attempt_count += 1
+                request.unpriced_attempts += cost is None
+                if outcome != "success":
+                    request.overhead_cost_usd += Decimal(cost) if cost else Decimal(0)
             last = calls[-1][1]
             request.status = RequestStatus.SUCCEEDED if last == "success" else RequestStatus.FAILED
             request.deployment = calls[-1][0]

@@ -277,11 +277,13 @@ def finish_attempt(
         attempt = session.execute(sql.LOCK_ATTEMPT, keys).one()
         delta = BatchDelta()
         added = BatchDelta()  # what the request's own counters get: the delta's usage part
+        overhead = Decimal(0)  # of added.cost_usd, what calls that did not answer cost
         if attempt.lease == lease and attempt.outcome in (AttemptOutcome.IN_FLIGHT, AttemptOutcome.LOST):
             if attempt.outcome == AttemptOutcome.LOST:
                 # Declared lost too early; the real figures replace the estimate.
                 for counts in (delta, added):
                     counts.usage(attempt.input_tokens, attempt.output_tokens, attempt.cost_usd, -1)
+                overhead -= attempt.cost_usd or Decimal(0)
             usage = result.usage or Usage(0, 0)
             # A failed call before any tokens were used costs nothing; with usage, its price.
             cost = result.cost_usd if result.usage is not None else Decimal(0)
@@ -306,11 +308,15 @@ def finish_attempt(
             )
             for counts in (delta, added):
                 counts.usage(usage.input_tokens, usage.output_tokens, cost)
+            if result.outcome != AttemptOutcome.SUCCESS:
+                overhead += cost or Decimal(0)
         usage_params = {
             "b_request_id": request_id,
             "d_in": added.input_tokens,
             "d_out": added.output_tokens,
             "d_cost": added.cost_usd,
+            "d_overhead": overhead,
+            "d_unpriced": added.unpriced_attempts,
         }
         owned: bool = request.status == RequestStatus.RUNNING and request.lease == lease
         if owned and end is not None:
@@ -323,7 +329,7 @@ def finish_attempt(
             }
             session.execute(sql.END_REQUEST, usage_params | end_params)
             delta.ended(end.status)
-        elif added.changes():
+        elif added.changes() or overhead:
             session.execute(sql.ADD_USAGE, usage_params)
         apply_delta(session, request.batch_id, delta, now, shard_key=request_id)
         return owned

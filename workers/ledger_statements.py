@@ -91,6 +91,8 @@ ADD_USAGE = (
         input_tokens=_requests.c.input_tokens + bindparam("d_in", type_=Integer),
         output_tokens=_requests.c.output_tokens + bindparam("d_out", type_=Integer),
         cost_usd=_requests.c.cost_usd + bindparam("d_cost", type_=Money),
+        overhead_cost_usd=_requests.c.overhead_cost_usd + bindparam("d_overhead", type_=Money),
+        unpriced_attempts=_requests.c.unpriced_attempts + bindparam("d_unpriced", type_=Integer),
     )
 )
 # end_request's writes, for a request known to be running (so not yet ended).

@@ -107,6 +107,9 @@ def _add_usage(
     request.output_tokens += sign * tokens_out
     if cost is not None:
         request.cost_usd += sign * cost
+        request.overhead_cost_usd += sign * cost  # a lost call never answered
+    else:
+        request.unpriced_attempts += sign
     delta.usage(tokens_in, tokens_out, cost, sign)
 
 
