@@ -276,6 +276,7 @@ def result_line(request: LlmRequest) -> dict[str, Any]:
         "attempts": request.attempt_count,
         "usage": {"input_tokens": request.input_tokens, "output_tokens": request.output_tokens},
         "cost_usd": format_usd(request.cost_usd),
+        **(request.notes or {}),  # e.g. "trimmed_messages": what a route's input budget dropped
     }
 
 

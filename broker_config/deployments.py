@@ -100,6 +100,10 @@ class Route(BaseModel):
     max_attempts_per_deployment: int | None = Field(default=None, ge=1)
     max_attempts_per_request: int | None = Field(default=None, ge=1)
     deadline_s: float | None = Field(default=None, gt=0, description="From submission to the last call.")
+    # A per-request input budget: a prompt estimated over it is refused, or trimmed to fit (system
+    # messages and the latest turns kept, the oldest dropped; workers/input_budget.py).
+    max_input_tokens: int | None = Field(default=None, gt=0)
+    on_overflow: Literal["refuse", "trim"] = "refuse"
 
 
 class TenantLimits(BaseModel):

@@ -141,6 +141,8 @@ class LlmRequest(Base):
     response: Mapped[dict[str, Any] | None] = mapped_column(JsonDoc)
     error: Mapped[dict[str, Any] | None] = mapped_column(JsonDoc)
     deployment: Mapped[str | None] = mapped_column(String(200))
+    # What Headrace did to it on its way, for its result line: {"trimmed_messages": n}.
+    notes: Mapped[dict[str, Any] | None] = mapped_column(JsonDoc)
     attempt_count: Mapped[int] = mapped_column(Integer, default=0)
     deliveries: Mapped[int] = mapped_column(Integer, default=0)
     # Times it waited in the delay queue for provider trouble to pass; its backoff grows with it.

@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from sqlalchemy import select
 
 from api.batch_input import BatchLine
-from api.batch_service import BatchSpec, create_batch
+from api.batch_service import BatchSpec, create_batch, result_line
 from broker_config.celery_app import configure
 from broker_config.deployments import parse_config
 from broker_config.settings import Settings
@@ -111,6 +111,17 @@ deadline_s = 1.5
 name = "single"
 deployments = ["oa"]
 max_attempts_per_deployment = 2
+
+[[routes]]
+name = "capped"
+deployments = ["oa"]
+max_input_tokens = 60
+
+[[routes]]
+name = "capped-trim"
+deployments = ["oa"]
+max_input_tokens = 60
+on_overflow = "trim"
 """
 
 
@@ -429,3 +440,39 @@ def test_a_fallback_is_counted_per_route_and_deployment(deps: Deps, redis: redis
     (rid,) = _submit(deps, "to-anthropic")
     run_request(rid, deps)
     assert redis.hgetall("headrace:fallbacks") == {b"to-anthropic|an": b"1"}
+
+
+def _conversation(deps: Deps, route: str) -> str:
+    """A request whose history is long: a system message, six old turns of ~40 tokens, a question."""
+    old = "an earlier turn of this conversation " * 4
+    messages = [{"role": "system", "content": "Be brief."}]
+    for i in range(3):
+        messages += [{"role": "user", "content": f"{i} {old}"}, {"role": "assistant", "content": old}]
+    messages.append({"role": "user", "content": "and now?"})
+    tenant = create_api_key(deps.db, "t").tenant_id
+    body = {"model": route, "messages": messages, "max_tokens": 10}
+    batch = create_batch(
+        deps.db, BatchSpec(tenant, Priority.DEFAULT, None, 3600), [BatchLine(1, "c", route, body)]
+    )
+    with deps.db.session() as session:
+        return str(session.scalar(select(LlmRequest.id).where(LlmRequest.batch_id == batch.id)))
+
+
+def test_a_prompt_over_the_routes_input_budget_is_refused_before_any_call(deps: Deps) -> None:
+    rid = _conversation(deps, "capped")
+    run_request(rid, deps)
+    request, attempts, _ = _state(deps, rid)
+    assert request.status == "failed" and attempts == []
+    assert request.error is not None and request.error["kind"] == "input_too_long"
+    assert "route 'capped' allows 60 (max_input_tokens)" in request.error["message"]
+
+
+def test_a_trimming_route_drops_the_oldest_turns_and_says_so_on_the_result_line(deps: Deps) -> None:
+    rid = _conversation(deps, "capped-trim")
+    run_request(rid, deps)
+    request, attempts, _ = _state(deps, rid)
+    assert request.status == "succeeded" and len(attempts) == 1
+    assert request.notes == {"trimmed_messages": 6}
+    assert attempts[0].estimated_input_tokens <= 60, "the call carried the trimmed conversation"
+    assert len(request.body["messages"]) == 8, "the ledger keeps the request as it was sent to us"
+    assert result_line(request)["trimmed_messages"] == 6

@@ -303,6 +303,17 @@ def finish_attempt(
     return db.transact(unit)
 
 
+def note_request(db: Database, request_id: str, lease: str, notes: dict[str, Any]) -> None:
+    """Keep what the run did to the request on its way, for its result line (its run only)."""
+
+    def unit(session: Session) -> None:
+        request = lock_request(session, request_id)
+        if request is not None and _owned(request, lease):
+            request.notes = {**(request.notes or {}), **notes}
+
+    db.transact(unit)
+
+
 def end_run(db: Database, request_id: str, lease: str, end: RequestEnd) -> None:
     """End a request without a call (no route, chain exhausted, deadline passed)."""
 

@@ -12,6 +12,7 @@ recovery sweep requeues a running request whose lease is gone).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import partial
@@ -27,9 +28,10 @@ from broker_config.settings import Settings
 from db.states import RequestStatus
 from db.types import utcnow
 from workers import ledger, lost_calls, observe, spans
-from workers.admission import estimate_call, requested_max_tokens
+from workers.admission import estimate_call, estimate_prompt_tokens, requested_max_tokens
 from workers.attempts import Deps, Walk, best_effort, end_without_call, try_deployment
 from workers.costing import call_cost_usd
+from workers.input_budget import fit
 from workers.leases import Lease
 from workers.policy import busy_park_s, park_s
 from workers.providers.base import Usage
@@ -116,6 +118,11 @@ def _walk_chain(run: ledger.RunStart, lease: Lease, deps: Deps) -> None:
         message = f"no route or deployment serves model {run.model!r} any more"
         end_without_call(deps, run, lease, RequestStatus.FAILED, {"kind": "config", "message": message})
         return
+    if route.max_input_tokens is not None:
+        fitted = _within_input_budget(run, lease, route, deps)
+        if fitted is None:
+            return
+        run = fitted
     walk = Walk(run, lease, route, deadline=_deadline(run, route))
     for position, name in enumerate(route.deployments):
         if position:
@@ -136,6 +143,30 @@ def _walk_chain(run: ledger.RunStart, lease: Lease, deps: Deps) -> None:
         _fail(deps, walk, {"kind": "exhausted", "message": message, "deployments": errors})
     else:
         _wait(deps, walk, errors)
+
+
+def _within_input_budget(
+    run: ledger.RunStart, lease: Lease, route: Route, deps: Deps
+) -> ledger.RunStart | None:
+    """The run with its body within the route's ``max_input_tokens`` (trimmed if the route says so
+    and the trim is noted for its result line), or None: the request ended ``failed`` here."""
+    limit = route.max_input_tokens
+    assert limit is not None
+    estimated = estimate_prompt_tokens(run.body)
+    if estimated <= limit:
+        return run
+    fitted = fit(run.body, limit, estimate_prompt_tokens) if route.on_overflow == "trim" else None
+    if fitted is None:
+        how = "even trimmed to its system messages and last turn, " if route.on_overflow == "trim" else ""
+        message = (
+            f"its prompt is {how}an estimated {estimated} tokens; route {route.name!r} allows "
+            f"{limit} (max_input_tokens)"
+        )
+        error = {"kind": "input_too_long", "message": message, "max_input_tokens": limit}
+        end_without_call(deps, run, lease, RequestStatus.FAILED, error)
+        return None
+    ledger.note_request(deps.db, run.request_id, lease.token, {"trimmed_messages": fitted.dropped})
+    return replace(run, body=fitted.body)
 
 
 def _fail(deps: Deps, walk: Walk, error: dict[str, Any]) -> None:
