@@ -52,6 +52,29 @@ class Tenant(Base):
     webhook_url: Mapped[str | None] = mapped_column(Text)
 
 
+class Budget(Base):
+    """What one tenant (or one tag of its requests, ``feature=search``) may spend per UTC day or
+    month, in USD, and what Headrace does as it fills (its ladder). Enforced at admission in Redis
+    (workers/budgets.py); this row is the truth the Redis counters are rebuilt from."""
+
+    __tablename__ = "budgets"
+    __table_args__ = (UniqueConstraint("tenant_id", "name", name="uq_budgets_tenant_id_name"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    name: Mapped[str] = mapped_column(String(200))
+    tag_key: Mapped[str | None] = mapped_column(String(100))  # None: every request of the tenant
+    tag_value: Mapped[str | None] = mapped_column(String(200))
+    period: Mapped[str] = mapped_column(String(8))  # day | month (UTC)
+    limit_usd: Mapped[Decimal] = mapped_column(Money)
+    # [{"at": 0.8, "action": "defer"}, {"at": 0.9, "action": "downgrade", "routes": {"smart":
+    # "fast"}}, {"at": 1.0, "action": "refuse"}]: each step from its share of the limit on
+    ladder: Mapped[list[dict[str, Any]]] = mapped_column(JsonDoc)
+    on_anomaly: Mapped[str] = mapped_column(String(8), default="none", server_default="none")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
 class ApiKey(Base):
     __tablename__ = "api_keys"
 
