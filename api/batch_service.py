@@ -25,6 +25,7 @@ from db.engine import Database
 from db.ids import new_id
 from db.models import Batch, LlmRequest
 from db.outbox import publish_pending, publishing, unpublished
+from db.prompts import prompt_hash
 from db.states import BatchStatus, Priority, RequestStatus
 from db.types import format_usd, utcnow
 
@@ -101,6 +102,7 @@ def create_batch(db: Database, spec: BatchSpec, lines: Sequence[BatchLine], *, p
             "model": line.model,
             "body": line.body,
             "tags": spec.tags | (line.tags or {}),
+            "prompt_hash": prompt_hash(line.model, line.body),
             "priority": spec.priority.value,
             "status": (RequestStatus.QUEUED if line.error is None else RequestStatus.FAILED).value,
             "error": line.error,

@@ -118,6 +118,12 @@ requests_parked = Counter(
 )
 batches_accepted = Counter("headrace_batches_accepted", "Batches accepted, by front door.", ["api"])
 requests_accepted = Counter("headrace_requests_accepted", "Requests accepted, by priority.", ["priority"])
+anomalies = Counter(
+    "headrace_anomalies",
+    "Anomaly events raised (one per tenant, feature and kind per cooldown), by kind: spend_rate, "
+    "tokens_per_request, request_rate, repeated_prompt.",
+    ["kind"],
+)
 
 
 class LabelCap:

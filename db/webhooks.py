@@ -1,4 +1,5 @@
-"""Batch events queued for delivery to a tenant's webhook (the worker's housekeeper sends them)."""
+"""Events queued for delivery to a tenant's webhook (the worker's housekeeper sends them): a batch's
+end, an anomaly (``db/events.py``, which also queues the operator's copy)."""
 
 from __future__ import annotations
 
@@ -47,13 +48,28 @@ def enqueue_batch_event(session: Session, batch: Batch, now: datetime) -> Webhoo
         url = tenant.webhook_url if tenant else None
     if not url:
         return None
+    payload = batch_event(batch, now)
+    return enqueue_event(session, payload, url, now, tenant_id=batch.tenant_id, batch_id=batch.id)
+
+
+def enqueue_event(
+    session: Session,
+    payload: dict[str, Any],
+    url: str,
+    now: datetime,
+    *,
+    tenant_id: str | None,
+    batch_id: str | None = None,
+) -> WebhookDelivery:
+    """Queue one event for one URL. ``tenant_id`` None: the operator's copy (HEADRACE_OPS_WEBHOOK_URL),
+    signed with the operator's secret and listed to no tenant; ``batch_id`` None: no batch's event."""
     delivery = WebhookDelivery(
         id=new_id("msg"),
-        tenant_id=batch.tenant_id,
-        batch_id=batch.id,
-        event_type=f"batch.{batch.status}",
+        tenant_id=tenant_id,
+        batch_id=batch_id,
+        event_type=payload["type"],
         url=url,
-        payload=batch_event(batch, now),
+        payload=payload,
         state="pending",
         attempts=0,
         next_attempt_at=now,

@@ -10,6 +10,8 @@ Jobs (each safe to run twice; those that must not run on every worker at once ta
 - batch expiry: queued requests of a batch past its window end ``expired``;
 - retention: uploaded files and results bodies past ``HEADRACE_FILE_RETENTION_DAYS`` are purged,
   cost rows kept (``db.retention``);
+- anomalies: spend, tokens per request, request rate and repeated prompts per tenant and feature,
+  judged against their baselines (``workers.anomalies``);
 - webhook deliveries.
 
 Each group runs on its own thread, so that slow I/O in one (a webhook receiver that hangs, a

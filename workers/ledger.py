@@ -82,9 +82,8 @@ def begin_run(db: Database, request_id: str, lease: str, claim: Claim) -> RunSta
             return _claim_request(session, request_id, lease, claim, now)
         session.execute(sql.START_RUN, {"b_request_id": request_id, "v_lease": lease, "now": now})
         tenant = row.tenant_name or row.tenant_id
-        return _run_start(
-            row, row.expires_at, tenant, billed=0, tags=stored_tags(row.tags, row.batch_metadata)
-        )
+        tags, paused = stored_tags(row.tags, row.batch_metadata), row.tenant_paused_at is not None
+        return _run_start(row, row.expires_at, tenant, billed=0, tags=tags, paused=paused)
 
     started = db.transact(unit)
     if not isinstance(started, _Claimed):
@@ -137,12 +136,13 @@ def _claim_request(session: Session, request_id: str, lease: str, claim: Claim, 
     tenant = session.get(Tenant, batch.tenant_id)
     name = tenant.name if tenant else batch.tenant_id
     billed = billed_attempts(session, request.id)
-    tags = stored_tags(request.tags, batch.metadata_)
-    return _Claimed(_run_start(request, batch.expires_at, name, billed=billed, tags=tags), lost)
+    tags, paused = stored_tags(request.tags, batch.metadata_), bool(tenant and tenant.paused_at)
+    run = _run_start(request, batch.expires_at, name, billed=billed, tags=tags, paused=paused)
+    return _Claimed(run, lost)
 
 
 def _run_start(
-    request: Any, expires_at: datetime, tenant: str, *, billed: int, tags: dict[str, str]
+    request: Any, expires_at: datetime, tenant: str, *, billed: int, tags: dict[str, str], paused: bool
 ) -> RunStart:
     """A run's start from the request's columns (an ORM object or a row: the same names)."""
     return RunStart(
@@ -158,6 +158,7 @@ def _run_start(
         park_rounds=request.park_rounds,
         last_errors=tuple(deployment_errors(request.error)),
         tags=tags,
+        tenant_paused=paused,
     )
 
 

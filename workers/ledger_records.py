@@ -26,6 +26,7 @@ class RunStart:
     park_rounds: int = 0  # times it already waited for provider trouble to pass
     last_errors: tuple[dict[str, Any], ...] = ()  # each deployment's last error, from earlier runs
     tags: dict[str, str] = field(default_factory=dict)  # the request's attribution tags (feature, user, ...)
+    tenant_paused: bool = False  # after an anomaly: its bulk and default work is held (workers/holds.py)
 
 
 @dataclass(frozen=True)

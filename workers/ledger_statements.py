@@ -27,6 +27,7 @@ RUN_START = (
         _batches.c.tenant_id,
         _batches.c.metadata.label("batch_metadata"),
         _tenants.c.name.label("tenant_name"),
+        _tenants.c.paused_at.label("tenant_paused_at"),
     )
     .join_from(_requests, _batches, _batches.c.id == _requests.c.batch_id)
     .outerjoin(_tenants, _tenants.c.id == _batches.c.tenant_id)

@@ -19,6 +19,7 @@ from typing import Any
 from broker_config import metrics
 from broker_config.deployments import Deployment, DeploymentsConfig
 from broker_config.settings import get_settings
+from db.events import EventKind
 from db.states import TERMINAL_REQUEST_STATUSES, AttemptOutcome, Priority
 from workers.providers.base import CallFailed, ProviderReply, Usage
 
@@ -49,6 +50,8 @@ def configure(enabled: bool, config: DeploymentsConfig | None = None) -> None:
                 metrics.requests_ended.labels(route.name, priority.value, status.value)
     for delivery in ("delivered", "retry", "failed"):
         metrics.webhook_deliveries.labels(delivery)
+    for kind in EventKind:
+        metrics.anomalies.labels(kind.value)
 
 
 @dataclass(frozen=True)
@@ -195,3 +198,9 @@ def breaker_changed(deployment: str, transition: str) -> None:
 def webhook_delivery(outcome: str) -> None:
     if _enabled:
         metrics.webhook_deliveries.labels(outcome).inc()
+
+
+def anomaly(kind: str) -> None:
+    """An anomaly event the ledger has just recorded (not one a cooldown folded into an earlier)."""
+    if _enabled:
+        metrics.anomalies.labels(kind).inc()

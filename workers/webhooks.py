@@ -1,4 +1,4 @@
-"""Delivering batch events to tenants' webhooks, signed per the Standard Webhooks spec.
+"""Delivering events (a batch's end, an anomaly) to webhooks, signed per the Standard Webhooks spec.
 
 Each delivery is POSTed with ``webhook-id``, ``webhook-timestamp`` and ``webhook-signature``
 headers (the ``standardwebhooks`` library signs with the tenant's secret), never following
@@ -7,6 +7,8 @@ is marked failed. Every POST is recorded. The URL is checked against SSRF again 
 and the POST goes to an address that check passed, never to the name resolved anew (DNS
 rebinding): the name travels only as the Host header and, for https, as the TLS server name that
 the certificate is verified against. URLs are logged by scheme and host only (they carry tokens).
+A delivery of no tenant is the operator's copy of an event (``HEADRACE_OPS_WEBHOOK_URL``): signed
+with ``HEADRACE_OPS_WEBHOOK_SECRET``, and its host is allowed whatever it is.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import ssl
 import time
 from contextvars import ContextVar
 from datetime import timedelta
+from urllib.parse import urlsplit
 
 import certifi
 import httpx
@@ -82,10 +85,10 @@ class WebhookSender:
             )
         return sum(self.deliver(delivery_id) for delivery_id in due)
 
-    def _claim(self, delivery_id: str) -> tuple[WebhookDelivery, str] | None:
+    def _claim(self, delivery_id: str) -> tuple[WebhookDelivery, str | None] | None:
         """Take the delivery for one attempt (another worker skips it meanwhile); its secret."""
 
-        def unit(session: Session) -> tuple[WebhookDelivery, str] | None:
+        def unit(session: Session) -> tuple[WebhookDelivery, str | None] | None:
             now = utcnow()
             claimed = session.execute(
                 update(WebhookDelivery)
@@ -99,6 +102,8 @@ class WebhookSender:
             if not claimed.rowcount:  # type: ignore[attr-defined]
                 return None
             delivery = session.get(WebhookDelivery, delivery_id)
+            if delivery is not None and delivery.tenant_id is None:  # the operator's copy of an event
+                return delivery, self.settings.ops_webhook_secret
             tenant = session.get(Tenant, delivery.tenant_id) if delivery else None
             if delivery is None or tenant is None:
                 return None
@@ -112,8 +117,14 @@ class WebhookSender:
             return False
         delivery, secret = claimed
         status, error, started = None, None, time.monotonic()
+        allow = self.settings.webhook_allow_hosts
+        if delivery.tenant_id is None:
+            # The operator's own URL (HEADRACE_OPS_WEBHOOK_URL): trusted wherever it points.
+            allow = f"{allow or ''},{urlsplit(delivery.url).hostname or ''}"
         try:
-            target = resolve_webhook_target(delivery.url, self.settings.webhook_allow_hosts)
+            if secret is None:
+                raise UnsafeWebhookUrl("HEADRACE_OPS_WEBHOOK_SECRET is not set: nothing to sign with")
+            target = resolve_webhook_target(delivery.url, allow)
             body = json.dumps(delivery.payload, separators=(",", ":"))
             sent_at = utcnow()
             signature = Webhook(secret).sign(delivery.id, sent_at, body)
