@@ -14,7 +14,19 @@ from api.errors import install_error_handlers
 from api.log_redaction import redact_access_log
 from api.metrics_view import pool_registry
 from api.openapi import install_openapi
-from api.routes import anthropic_compat, batches, deployments, health, openai_compat, queues, usage, webhooks
+from api.routes import (
+    anthropic_compat,
+    batches,
+    budgets,
+    deployments,
+    events,
+    health,
+    openai_compat,
+    queues,
+    tenants,
+    usage,
+    webhooks,
+)
 from broker_config import tracing
 from broker_config.celery_app import configure as configure_broker
 from broker_config.deployments import load_config
@@ -58,6 +70,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(deployments.router)
     app.include_router(queues.router)
     app.include_router(usage.router)
+    app.include_router(budgets.router)
+    app.include_router(events.router)
+    app.include_router(tenants.router)
     app.include_router(webhooks.router)
     app.include_router(openai_compat.router)
     app.include_router(anthropic_compat.router)

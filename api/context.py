@@ -99,3 +99,23 @@ def _read_session(context: Context) -> Iterator[Session]:
 
 
 ReadSession = Annotated[Session, Depends(_read_session)]
+
+
+def _visible(tenant: str, caller: CurrentCaller) -> str:
+    if not caller.admin and tenant != caller.tenant.name:
+        raise ApiError(404, "not_found", f"no tenant named {tenant!r}")
+    return tenant
+
+
+def _manageable(tenant: Annotated[str, Depends(_visible)], caller: CurrentCaller) -> str:
+    if not caller.admin:
+        raise ApiError(
+            403, "permission_error", "this needs an admin key (headrace keys create --tenant NAME --admin)"
+        )
+    return tenant
+
+
+# A tenant named in a path. Dependencies, not checks in the routes: they answer before a body is
+# read, so that another tenant's name is a 404 whatever is sent.
+VisibleTenant = Annotated[str, Depends(_visible)]
+ManagedTenant = Annotated[str, Depends(_manageable)]

@@ -15,6 +15,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+# Errors of Headrace's own that keep their type in every dialect (the SDKs raise by status: a 429
+# is still their RateLimitError), so that a client can tell a spent budget from a busy provider.
+OWN_TYPES = frozenset({"budget_exceeded"})
+
 
 class ApiError(Exception):
     def __init__(
@@ -47,7 +51,9 @@ class ApiError(Exception):
             if self.status == 401
             else "server_error"
             if self.status >= 500
-            else ("invalid_request_error")
+            else self.type
+            if self.type in OWN_TYPES
+            else "invalid_request_error"
         )
         code = {"authentication_error": "invalid_api_key"}.get(self.type, self.type)
         param = self.param or (self.errors[0].get("param") if self.errors else None)
@@ -65,7 +71,9 @@ class ApiError(Exception):
             413: "request_too_large",
             429: "rate_limit_error",
         }.get(self.status)
-        if kind is None:
+        if self.type in OWN_TYPES:
+            kind = self.type
+        elif kind is None:
             kind = "api_error" if self.status >= 500 else "invalid_request_error"
         return {"type": "error", "error": {"type": kind, "message": self.message}}
 

@@ -1,5 +1,6 @@
 """``GET /metrics``: this API process's own metrics, and the pool's shared state read from Redis
-when Prometheus scrapes (queues, the delay queue, every deployment's bucket and breaker).
+when Prometheus scrapes (queues, the delay queue, every deployment's bucket and breaker, every
+budget's spend this period).
 
 The shared state is served here, once, rather than by every worker: it lives in Redis, not in
 any process, and one scrape target keeps it from being counted N times. Metric definitions of
@@ -23,11 +24,14 @@ from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
+from api.budget_view import budget_views
 from api.context import AppContext
 from broker_config.bucket_state import delayed_requests, read_state
 from broker_config.queue_state import read_queues
+from db.budgets import budget_rules
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
@@ -47,6 +51,7 @@ class PoolState(Collector):
         try:
             yield from self._queues()
             yield from self._deployments()
+            yield from self._budgets()
             up.add_metric([], 1)
         except redis.RedisError as exc:
             log.warning("metrics: Redis unreadable (%s)", type(exc).__name__)
@@ -124,6 +129,37 @@ class PoolState(Collector):
                 if limit.learned is not None:
                     capacity.add_metric([state.name, limit.name, "learned"], limit.learned)
         yield from (breaker, factor, paused, calls, available, capacity, reserved)
+
+    def _budgets(self) -> Iterator[Metric]:
+        """Every budget's limit and spend this period (a few per tenant: bounded by the admins)."""
+        labels = ["tenant", "budget", "period"]
+        limit = GaugeMetricFamily(
+            "headrace_budget_limit_usd", "What a budget's period may spend.", labels=labels
+        )
+        spent = GaugeMetricFamily(
+            "headrace_budget_spent_usd", "What a budget's period has spent (settled calls).", labels=labels
+        )
+        held = GaugeMetricFamily(
+            "headrace_budget_reserved_usd",
+            "Worst-case cost reserved by a budget's calls in flight.",
+            labels=labels,
+        )
+        reset = GaugeMetricFamily(
+            "headrace_budget_resets_at_seconds", "When a budget's period ends (Unix time).", labels=labels
+        )
+        try:
+            with self.context.db.session() as session:
+                views = budget_views(session, self.context.state_redis, budget_rules(session))
+        except SQLAlchemyError as exc:  # the ledger away: the rest of the scrape still answers
+            log.warning("metrics: budgets unreadable (%s)", type(exc).__name__)
+            views = []
+        for view in views:
+            values = [view.rule.tenant, view.rule.name, view.rule.period]
+            limit.add_metric(values, float(view.rule.limit_usd))
+            spent.add_metric(values, float(view.spent))
+            held.add_metric(values, float(view.held))
+            reset.add_metric(values, view.end.timestamp())
+        yield from (limit, spent, held, reset)
 
 
 def pool_registry(context: AppContext) -> CollectorRegistry:

@@ -105,3 +105,42 @@ def retention_lock() -> str:
 def expiry_lock() -> str:
     """Held by the one worker expiring batches past their window."""
     return f"{PREFIX}:lock:expiry"
+
+
+def anomaly_lock() -> str:
+    """Held by the one worker judging spend, tokens and requests against their baselines."""
+    return f"{PREFIX}:lock:anomalies"
+
+
+def anomaly_cursor() -> str:
+    """String: the end (epoch ms) of the last interval the anomaly detector judged."""
+    return f"{PREFIX}:anomaly:cursor"
+
+
+def anomaly_window(since_ms: int) -> str:
+    """String with a TTL: set once by the run that judges the interval starting at ``since_ms``, so
+    that two runs overlapping by mishap never count one interval twice."""
+    return f"{PREFIX}:anomaly:window:{since_ms}"
+
+
+def anomaly_baselines(tenant_id: str) -> str:
+    """Hash: a tenant's rolling baselines, ``["signal", feature]`` (JSON) -> their EWMA state."""
+    return f"{PREFIX}:anomaly:baselines:{tenant_id}"
+
+
+def budget_spend(tenant_id: str, budget_id: str, period_start: str) -> str:
+    """Hash: one budget's spend in one period (spent, held, each open reservation). The keys of a
+    tenant's budgets share the hash tag ``{budget:<tenant>}``: one script reserves against all of
+    them at once, on a Redis Cluster too."""
+    return f"{PREFIX}:{{budget:{tenant_id}}}:{budget_id}:{period_start}"
+
+
+def budget_expiry(tenant_id: str, budget_id: str, period_start: str) -> str:
+    """Sorted set: that budget's open reservations -> when they expire (ms)."""
+    return f"{PREFIX}:{{budget:{tenant_id}}}:{budget_id}:{period_start}:exp"
+
+
+def budgets_version() -> str:
+    """Counter bumped whenever a budget is set or deleted: workers re-read the budgets from the
+    ledger when it moves, so that a new budget holds from the next run on, not seconds later."""
+    return f"{PREFIX}:budgets:version"

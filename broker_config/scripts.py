@@ -17,6 +17,8 @@ LUA_DIR = Path(__file__).resolve().parent.parent / "workers" / "lua"
 
 PRELUDE = ("prelude.lua",)
 BREAKER = ("prelude.lua", "breaker.lua")
+BUDGET = ("prelude.lua", "budget.lua")
+BREAKER_AND_BUDGET = ("prelude.lua", "breaker.lua", "budget.lua")
 
 
 @cache

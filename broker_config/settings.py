@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -185,6 +187,65 @@ class Settings(BaseSettings):
     )
     webhook_timeout_s: float = Field(default=10.0, gt=0)
 
+    # Anomalies and runaway loops (workers/anomalies.py)
+    anomaly_interval_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="How often spend, tokens and requests are judged, per tenant and feature.",
+    )
+    anomaly_half_life_s: float = Field(
+        default=3 * 3600.0,
+        gt=0,
+        description="Half-life of the rolling (EWMA) baseline each is judged against.",
+    )
+    anomaly_min_intervals: int = Field(
+        default=5, ge=1, description="Intervals a baseline must have seen before it judges anything."
+    )
+    anomaly_factor: float = Field(
+        default=3.0, gt=1, description="An interval over this many times its baseline is an anomaly."
+    )
+    anomaly_cooldown_s: float = Field(
+        default=3600.0,
+        ge=0,
+        description="One event per tenant, feature and kind in this long, not one per interval.",
+    )
+    anomaly_min_spend_usd: float = Field(
+        default=0.05, ge=0, description="Spend per interval below which no spend jump is an anomaly."
+    )
+    anomaly_min_requests: int = Field(
+        default=10,
+        ge=1,
+        description="Requests per interval below which neither their rate nor their tokens per request "
+        "is judged.",
+    )
+    anomaly_min_tokens_per_request: int = Field(
+        default=256, ge=0, description="Tokens per request below which no jump in them is an anomaly."
+    )
+    runaway_repeats: int = Field(
+        default=20,
+        ge=1,
+        description="The same prompt from one tenant more often than this in the window: a loop.",
+    )
+    runaway_window_s: float = Field(default=600.0, gt=0, description="The repeated-prompt window.")
+    ops_webhook_url: str | None = Field(
+        default=None, description="Where every anomaly.detected event also goes (the operator's receiver)."
+    )
+    ops_webhook_secret: str | None = Field(
+        default=None,
+        description='Standard Webhooks secret ("whsec_" + base64) the operator\'s events are signed with.',
+    )
+    hold_recheck_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="A request held back (its budget says wait, its tenant is paused) is looked at again "
+        "after this.",
+    )
+    budget_refresh_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="At least how often a worker re-reads the budgets (also whenever one is set or deleted).",
+    )
+
     # Metrics (broker_config.metrics): each worker process serves its own /metrics.
     metrics_enabled: bool = Field(default=True, description="Record and serve worker metrics.")
     worker_metrics_port: int = Field(
@@ -232,6 +293,18 @@ class Settings(BaseSettings):
                 f"(HEADRACE_ATTRIBUTION_KEYS={self.attribution_keys!r})"
             )
         return self
+
+    @field_validator("ops_webhook_secret")
+    @classmethod
+    def _secret_is_base64(cls, value: str | None) -> str | None:
+        # Checked here, not at the first anomaly: a secret that cannot sign would fail every delivery.
+        if value is not None:
+            try:
+                if not base64.b64decode(value.removeprefix("whsec_") + "==", validate=False):
+                    raise ValueError
+            except (ValueError, binascii.Error):
+                raise ValueError('ops webhook secret: "whsec_" + base64 of at least one byte') from None
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod

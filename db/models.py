@@ -50,6 +50,11 @@ class Tenant(Base):
     # Standard Webhooks signing secret ("whsec_" + base64), and where batch events go by default.
     webhook_secret: Mapped[str | None] = mapped_column(String(100))
     webhook_url: Mapped[str | None] = mapped_column(Text)
+    # What an anomaly of this tenant does besides its event: "none", or "pause" its bulk and default
+    # work until ``headrace tenants resume`` (workers/anomalies.py). Paused while paused_at is set.
+    on_anomaly: Mapped[str] = mapped_column(String(8), default="none", server_default="none")
+    paused_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    paused_reason: Mapped[str | None] = mapped_column(Text)
 
 
 class Budget(Base):
@@ -148,6 +153,10 @@ class LlmRequest(Base):
         Index("ix_requests_batch_id_line_no", "batch_id", "line_no"),
         # The publisher sweep looks for committed-but-unpublished requests.
         Index("ix_requests_status_published_at", "status", "published_at"),
+        # The anomaly detector: what ended in its last interval, and how often one prompt came
+        # lately (workers/anomalies.py).
+        Index("ix_requests_ended_at", "ended_at"),
+        Index("ix_requests_prompt_hash_created_at", "prompt_hash", "created_at"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -159,6 +168,8 @@ class LlmRequest(Base):
     # Attribution (feature, user, ...: settings.attribution_tags), from the batch's metadata and the
     # line's own, fixed at accept. NULL on rows written before it existed.
     tags: Mapped[dict[str, str] | None] = mapped_column(JsonDoc)
+    # Its model and prompt, hashed (db/prompts.py): the same prompt over and over is a runaway loop.
+    prompt_hash: Mapped[str | None] = mapped_column(String(16))
     priority: Mapped[str] = mapped_column(String(20))
     status: Mapped[str] = mapped_column(String(20))
     response: Mapped[dict[str, Any] | None] = mapped_column(JsonDoc)
@@ -248,8 +259,10 @@ class WebhookDelivery(Base):
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)  # also the webhook-id header
-    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
-    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id"))
+    # None: the operator's copy of an event (HEADRACE_OPS_WEBHOOK_URL), signed with the operator's
+    # secret and listed to no tenant.
+    tenant_id: Mapped[str | None] = mapped_column(ForeignKey("tenants.id"))
+    batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id"))  # None: not a batch's event
     event_type: Mapped[str] = mapped_column(String(40))
     url: Mapped[str] = mapped_column(Text)
     payload: Mapped[dict[str, Any]] = mapped_column(JsonDoc)
@@ -277,3 +290,20 @@ class WebhookAttempt(Base):
     status: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
     duration_ms: Mapped[int] = mapped_column(Integer)
+
+
+class Event(Base):
+    """Something the pool noticed about a tenant and tells it about (``GET /v1/events``, webhook
+    ``anomaly.detected``): spend or tokens per request jumping past their baseline, a request rate
+    far over it, the same prompt over and over (workers/anomalies.py)."""
+
+    __tablename__ = "events"
+    __table_args__ = (Index("ix_events_tenant_id_created_at", "tenant_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    kind: Mapped[str] = mapped_column(String(40))
+    subject: Mapped[dict[str, Any]] = mapped_column(JsonDoc)  # what it is about: feature, prompt hash
+    detail: Mapped[dict[str, Any]] = mapped_column(JsonDoc)  # observed, baseline, factor, window
+    action: Mapped[str] = mapped_column(String(8), default="none")  # none | paused
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -130,6 +130,45 @@ def test_every_bucket_script_runs_whole_on_the_node_that_owns_its_deployment(
     assert all(any(key.startswith("headrace:{") for key in held) for held in where.values())
 
 
+def test_budgets_are_reserved_on_their_tenants_node_just_before_the_take(client: redis_lib.Redis) -> None:
+    """A tenant's budget keys hash to another slot than a deployment's: on a cluster they are
+    reserved by a script of their own first, and given back when the take does not grant."""
+    from broker_config.budget_state import read_counts
+    from workers.bucket import BudgetCharge
+
+    names = _spread(client, per_node=1)
+    spend = keys.budget_spend("ten_1", "bud_1", "2026-12")
+    expiry = keys.budget_expiry("ten_1", "bud_1", "2026-12")
+    client.hset(spend, "spent", "0")
+    budget = BudgetCharge(spend, expiry, "monthly", 1.0, 0.4, 30.0, 3_600_000)
+    bucket = Bucket(client, BucketPolicy())
+    estimate = Estimate(prompt_tokens=10, output_tokens=10)
+    tiny = parse_config(
+        f'[[deployments]]\nname = "{names[0]}"\nprovider = "openai"\nmodel = "m"\nrpm = 1\ntpm = 600000\n',
+        Path("cluster.toml"),
+    ).deployments[0]
+    charges = admission_charges(tiny, estimate)
+    first = bucket.take(tiny.name, "a", charges, priority="default", ttl_s=60, budgets=(budget,))
+    second = bucket.take(tiny.name, "b", charges, priority="default", ttl_s=60, budgets=(budget,))
+    assert (first.status, second.status) == ("granted", "wait")  # the deployment's one request a minute
+    [count] = read_counts(client, [(spend, expiry)])
+    assert (count.spent, count.held) == (0.0, pytest.approx(0.4))  # b's reservation was given back
+    bucket.settle_budgets((budget,), "a", 0.1)
+    other = names[1]
+    wide = admission_charges(
+        parse_config(
+            f'[[deployments]]\nname = "{other}"\nprovider = "openai"\nmodel = "m"\nrpm = 600\ntpm = 600000\n',
+            Path("cluster.toml"),
+        ).deployments[0],
+        estimate,
+    )
+    statuses = [
+        bucket.take(other, f"c{i}", wide, priority="default", ttl_s=60, budgets=(budget,)).status
+        for i in range(3)
+    ]
+    assert statuses == ["granted", "granted", "budget"]  # 0.1 spent + 2 x 0.4 held; a third would pass 1.0
+
+
 def test_leases_refresh_release_and_are_read_across_nodes(client: redis_lib.Redis) -> None:
     """Lease keys spread over the nodes (one slot each): the keeper refreshes them one call each
     (a cluster refuses scripts inside a pipeline), and a sweep reads many at once."""

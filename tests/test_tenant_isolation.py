@@ -71,6 +71,8 @@ def _ids_of_tenant_a(stack: EmbeddedStack, a: httpx.Client) -> dict[tuple[str, s
     return {
         ("/v1", "batch_id"): [native_id, openai_id, anthropic_id],
         ("/v1", "delivery_id"): [deliveries[0]["id"]],
+        ("/v1", "tenant"): ["demo"],  # the stack's tenant: its name is its id in /v1/tenants
+        ("/v1", "name"): ["monthly"],  # a budget's name (only admins set them: no need to create it)
         ("/openai/v1", "batch_id"): [openai_id],
         ("/openai/v1", "file_id"): [kept_file.id, f"file-out-{suffix}", f"file-err-{suffix}"],
         ("/anthropic/v1", "batch_id"): [anthropic_id],

@@ -34,13 +34,14 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from decimal import Decimal
 from typing import Any
 
 import redis
 
 from broker_config.deployments import Deployment, TenantLimits
 from workers.breaker import BreakerCall
-from workers.bucket import Admission, Bucket, BucketPolicy, Charge, Settled
+from workers.bucket import Admission, Bucket, BucketPolicy, BudgetCharge, Charge, Settled
 from workers.forecast import Forecast
 from workers.metering import (
     DEFAULT_PAUSE_S,
@@ -59,6 +60,7 @@ __all__ = [
     "Admission",
     "Bucket",
     "BucketPolicy",
+    "BudgetCharge",
     "Charge",
     "Estimate",
     "Forecast",
@@ -126,6 +128,7 @@ class Ticket:
     tenant: str | None
     tenant_charges: list[Charge]
     probe: bool = False  # the half-open breaker's probe: its outcome decides whether it closes
+    budgets: tuple[BudgetCharge, ...] = ()  # the worst-case cost reserved from each budget
 
 
 @dataclass(frozen=True)
@@ -153,11 +156,14 @@ def admit(
     max_inline_wait_s: float,
     sleep: Callable[[float], None],
     line: WaitingLine | None = None,
+    budgets: tuple[BudgetCharge, ...] = (),
 ) -> Ticket | Wait | TooLarge:
     """Reserve room for one call. Short waits are spent in place (the slot stays busy for at most
     ``2 x max_inline_wait_s``), in this process's ``line`` for the deployment (only its head asks
     the bucket); a longer one is handed back, and the pipeline tries the next deployment of the
-    chain or parks the request in the delay queue for about as long as its turn would take."""
+    chain or parks the request in the delay queue for about as long as its turn would take.
+    ``budgets``: the call's worst-case cost, reserved in the same step; a budget without room is
+    never waited for in place."""
     charges = admission_charges(deployment, estimate)
     ceiling = tenant_charges(tenant, estimate)
     tenant_name = tenant.name if tenant else None
@@ -184,13 +190,14 @@ def admit(
                 ttl_s=ttl_s,
                 tenant=tenant_name,
                 tenant_charges=ceiling,
+                budgets=budgets,
             )
             if admission.status == "granted":
                 line.granted(deployment.name, place)
                 place = None
                 probe = admission.probe
-                return Ticket(deployment, reservation_id, charges, tenant_name, ceiling, probe=probe)
-            if admission.status == "open":  # not worth waiting for in place: the chain goes on
+                return Ticket(deployment, reservation_id, charges, tenant_name, ceiling, probe, budgets)
+            if admission.status in ("open", "budget"):  # not worth waiting for in place
                 return Wait(admission.wait_s, admission.reason)
             if admission.status == "never":
                 return too_large(deployment, admission, charges, ceiling)
@@ -237,12 +244,26 @@ def settlement(
 
 
 def settle(
-    bucket: Bucket, ticket: Ticket, settlement: Settlement, *, call_id: str = "", failed: bool | None = None
+    bucket: Bucket,
+    ticket: Ticket,
+    settlement: Settlement,
+    *,
+    call_id: str = "",
+    failed: bool | None = None,
+    cost_usd: Decimal | None = None,
 ) -> Settled:
     """Never raises: a paid call's ledger row must not depend on the bucket. A bucket we cannot
     reach only loses the refund (it over-throttles until the reservation expires). ``failed``:
     whether the call says the deployment is unhealthy (None: no call was made, the breaker is not
-    told)."""
+    told). ``cost_usd``: what the call cost as the ledger recorded it, spent from the budgets
+    (an unsettled budget reservation expires and counts at its worst case)."""
+    if ticket.budgets:
+        try:
+            bucket.settle_budgets(ticket.budgets, ticket.reservation_id, float(cost_usd or 0))
+        except redis.RedisError as exc:
+            log.warning(
+                "could not settle budgets of %s (%s); it expires and counts", ticket.reservation_id, exc
+            )
     call = None if failed is None else BreakerCall(call_id, failed=failed, probe=ticket.probe)
     try:
         return bucket.settle(

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 import structlog
@@ -26,6 +26,7 @@ from workers.admission import (
     DEFAULT_PAUSE_S,
     MAX_PAUSE_S,
     Bucket,
+    BudgetCharge,
     Estimate,
     Ticket,
     TooLarge,
@@ -39,9 +40,12 @@ from workers.breaker import FallbackCounter, is_provider_failure
 from workers.costing import call_cost_usd
 from workers.delays import DelayQueue
 from workers.leases import Lease, Leases
-from workers.policy import FAIL, FALL_BACK, RETRY, Decision, backoff_s, decide, may_have_billed, passes
+from workers.policy import FAIL, FALL_BACK, RETRY, Decision, backoff_s, decide, outcome_error
 from workers.providers.base import CallFailed, ProviderAdapter, ProviderCall, ProviderReply, call_provider
 from workers.waiting_line import WaitingLine
+
+if TYPE_CHECKING:  # workers.budgets builds on this module
+    from workers.budgets import Budgets
 
 log = structlog.get_logger(__name__)
 
@@ -62,6 +66,7 @@ class Deps:
     sleep: Callable[[float], None] = field(default=time.sleep)
     # This process's threads waiting for room on a deployment take turns to ask its bucket.
     line: WaitingLine = field(default_factory=WaitingLine)
+    budgets: Budgets | None = None  # the tenants' budgets (None: none are enforced)
 
 
 @dataclass
@@ -78,6 +83,9 @@ class Walk:
     expected_room_s: float | None = None  # the shortest a busy deployment's line expects
     attempts: int = 0  # the request's attempts so far, all runs included
     billed: int = 0  # calls the provider may have charged for, all runs included
+    # What a call reserves from the request's budgets, at its worst case (workers/budgets.py).
+    budgets: Callable[[Deployment, Estimate], tuple[BudgetCharge, ...]] = lambda deployment, estimate: ()
+    held_by_budget: bool = False  # a budget has no room: the chain stops, the request waits
 
     def __post_init__(self) -> None:
         self.billed = self.run.billed_attempts
@@ -220,9 +228,11 @@ def _reserve(walk: Walk, deployment: Deployment, estimate: Estimate, deps: Deps)
         max_inline_wait_s=deps.settings.bucket_max_inline_wait_s,
         sleep=deps.sleep,
         line=deps.line,
+        budgets=walk.budgets(deployment, estimate),
     )
     observe.waited_for_room(deployment.name, time.monotonic() - asked)
     if isinstance(ticket, Wait):
+        walk.held_by_budget = ticket.reason.startswith("budget:")
         walk.busy(ticket, deployment.name)
         return None
     if isinstance(ticket, TooLarge):
@@ -270,17 +280,6 @@ def _retry_delay(
         walk.failures.append({**error, "message": f"{error['message']} (asked to wait {delay:.0f}s)"})
         return None
     return delay
-
-
-def outcome_error(outcome: CallFailed, deployment: Deployment, attempt_no: int) -> dict[str, Any]:
-    """The failure as the ledger keeps it, with the policy's two judgements of it."""
-    return {
-        **outcome.as_error(),
-        "deployment": deployment.name,
-        "attempt": attempt_no,
-        "passes": passes(outcome),
-        "may_have_billed": may_have_billed(outcome),
-    }
 
 
 def _record(
@@ -379,6 +378,10 @@ def _after_call(
         settlement(deployment, estimate, outcome, age_s=age_s),
         call_id=call_id,
         failed=is_provider_failure(outcome),
+        # What it spent from its budgets: its price when it answered, as its ledger row says.
+        cost_usd=call_cost_usd(deployment, outcome.usage)
+        if ticket.budgets and isinstance(outcome, ProviderReply)
+        else None,
     )
     if settled.transition == "closed":
         best_effort("breaker waiters", _wake, deps, deployment.name)

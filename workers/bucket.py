@@ -15,13 +15,14 @@ import redis
 
 from broker_config import keys
 from broker_config.deployments import Deployment
-from broker_config.scripts import BREAKER, lua_source
+from broker_config.redis_clients import is_cluster
+from broker_config.scripts import BREAKER_AND_BUDGET, BUDGET, lua_source
 from db.states import Priority
 from workers.breaker import BreakerCall, BreakerPolicy, count_keys, log_transition
 from workers.forecast import Forecast
 from workers.metering import Settlement
 
-__all__ = ["Admission", "Bucket", "BucketPolicy", "Charge", "Settled"]
+__all__ = ["Admission", "Bucket", "BucketPolicy", "BudgetCharge", "Charge", "Settled"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,19 @@ class Charge:
     name: str
     limit: int
     cost: float
+
+
+@dataclass(frozen=True)
+class BudgetCharge:
+    """What one call reserves from one budget's current period (workers/budgets.py builds it)."""
+
+    spend_key: str
+    expiry_key: str
+    name: str  # the budget's name, as a wait's reason names it
+    limit_usd: float
+    cost_usd: float
+    resets_in_s: float  # until the period ends: the longest a call may wait for its room
+    keep_ms: int  # how long the period's keys live
 
 
 @dataclass(frozen=True)
@@ -75,7 +89,8 @@ class BucketPolicy:
 class Admission:
     """The bucket's answer to one take."""
 
-    status: Literal["granted", "wait", "never", "open"]  # open: the breaker keeps it shut
+    # open: the breaker keeps it shut; budget: a budget has no room for the call's worst case
+    status: Literal["granted", "wait", "never", "open", "budget"]
     wait_s: float = 0.0
     reason: str = ""  # which limit made it wait, or is too small
     limit: int = 0  # for "never": the limit the cost exceeds
@@ -107,8 +122,13 @@ class Bucket:
         self.policy = policy or BucketPolicy()
         self.breaker = breaker
         self._clock_ms = clock_ms
-        self._take = client.register_script(lua_source("bucket_take.lua", BREAKER))
-        self._settle = client.register_script(lua_source("bucket_settle.lua", BREAKER))
+        self._take = client.register_script(lua_source("bucket_take.lua", BREAKER_AND_BUDGET))
+        self._settle = client.register_script(lua_source("bucket_settle.lua", BREAKER_AND_BUDGET))
+        self._budget_take = client.register_script(lua_source("budget_take.lua", BUDGET))
+        self._budget_settle = client.register_script(lua_source("budget_settle.lua", BUDGET))
+        # On a Redis Cluster a tenant's budget keys live in another slot than a deployment's:
+        # there they are reserved by a script of their own just before the take.
+        self._budgets_apart = is_cluster(client)
 
     def _keys(self, deployment: str, tenant: str | None) -> list[str]:
         return [
@@ -131,8 +151,26 @@ class Bucket:
         ttl_s: float,
         tenant: str | None = None,
         tenant_charges: Sequence[Charge] = (),
+        budgets: Sequence[BudgetCharge] = (),
     ) -> Admission:
-        """Take every charge at once, or nothing. One round trip."""
+        """Take every charge at once, the budgets' included, or nothing. One round trip (two on a
+        Redis Cluster with budgets: theirs first, given back unless the take grants)."""
+        if budgets and self._budgets_apart:
+            refused = self._reserve_budgets(reservation_id, budgets, ttl_s)
+            if refused is not None:
+                return refused
+            taken = self.take(
+                deployment,
+                reservation_id,
+                charges,
+                priority=priority,
+                ttl_s=ttl_s,
+                tenant=tenant,
+                tenant_charges=tenant_charges,
+            )
+            if taken.status != "granted":
+                self.settle_budgets(budgets, reservation_id, 0.0)
+            return taken
         policy = self.policy
         floor = policy.floors.get(priority, 0.0)
         args: list[str | float | int] = [
@@ -155,9 +193,16 @@ class Bucket:
         script_keys = self._keys(deployment, tenant)
         if self.breaker is not None:
             script_keys.append(keys.breaker(deployment))
+        args += [len(script_keys) + 1, max((b.keep_ms for b in budgets), default=0), len(budgets)]
+        for budget in budgets:
+            script_keys += [budget.spend_key, budget.expiry_key]
+            args += [budget.name, repr(budget.limit_usd), repr(budget.cost_usd)]
+        if self.breaker is not None:
             args += [int(self.breaker.open_s * 1000), self.breaker.probes]
         status, amount, reason = self._take(keys=script_keys, args=args)
         reason = reason.decode() if isinstance(reason, bytes) else str(reason)
+        if status in (3, 4):
+            return _budget_wait(budgets, reason, in_flight=status == 3 and int(amount) == 1, lost=status == 4)
         if status == 1:
             return Admission("granted", probe=reason == "probe")
         if status == 0:
@@ -212,3 +257,42 @@ class Bucket:
         if transition and call is not None:
             log_transition(deployment, transition, self.breaker or BreakerPolicy(), probe=call.probe)
         return Settled(bool(found), transition)
+
+    def _reserve_budgets(
+        self, reservation_id: str, budgets: Sequence[BudgetCharge], ttl_s: float
+    ) -> Admission | None:
+        """budget_take.lua: None when every budget took the call's cost, else why it waits."""
+        args: list[str | float | int] = [self._clock(), reservation_id, int(ttl_s * 1000)]
+        args += [max(b.keep_ms for b in budgets), len(budgets)]
+        for budget in budgets:
+            args += [budget.name, repr(budget.limit_usd), repr(budget.cost_usd)]
+        script_keys = [k for b in budgets for k in (b.spend_key, b.expiry_key)]
+        status, amount, reason = self._budget_take(keys=script_keys, args=args)
+        if status == 1:
+            return None
+        reason = reason.decode() if isinstance(reason, bytes) else str(reason)
+        return _budget_wait(budgets, reason, in_flight=status == 3 and int(amount) == 1, lost=status == 4)
+
+    def settle_budgets(self, budgets: Sequence[BudgetCharge], reservation_id: str, cost_usd: float) -> None:
+        """The call's budget reservations become its real cost (0: no call was made). An
+        unsettled one expires and counts at what it held, so a failure here loses no spend."""
+        if budgets:
+            script_keys = [k for b in budgets for k in (b.spend_key, b.expiry_key)]
+            self._budget_settle(keys=script_keys, args=[reservation_id, repr(float(cost_usd))])
+
+
+# Room on a budget comes back when calls in flight settle for less than they held (soon), or at
+# the period's end; a count that was lost is rebuilt at the request's next run.
+BUDGET_IN_FLIGHT_WAIT_S = 2.0
+BUDGET_LOST_WAIT_S = 1.0
+
+
+def _budget_wait(budgets: Sequence[BudgetCharge], name: str, *, in_flight: bool, lost: bool) -> Admission:
+    budget = next((b for b in budgets if b.name == name), None)
+    if lost:
+        wait_s = BUDGET_LOST_WAIT_S
+    elif in_flight or budget is None:
+        wait_s = BUDGET_IN_FLIGHT_WAIT_S
+    else:
+        wait_s = max(BUDGET_IN_FLIGHT_WAIT_S, budget.resets_in_s)
+    return Admission("budget", wait_s=wait_s, reason=f"budget:{name}")

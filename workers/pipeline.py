@@ -25,12 +25,13 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from broker_config.deployments import DeploymentsConfig, Route
 from broker_config.settings import Settings
-from db.states import RequestStatus
+from db.states import Priority, RequestStatus
 from db.types import utcnow
-from workers import ledger, lost_calls, observe, spans
+from workers import budgets, ledger, lost_calls, observe, spans
 from workers.admission import estimate_call, estimate_prompt_tokens, requested_max_tokens
 from workers.attempts import Deps, Walk, best_effort, end_without_call, try_deployment
 from workers.costing import call_cost_usd
+from workers.holds import Hold, hold
 from workers.input_budget import fit
 from workers.leases import Lease
 from workers.policy import busy_park_s, park_s
@@ -118,12 +119,21 @@ def _walk_chain(run: ledger.RunStart, lease: Lease, deps: Deps) -> None:
         message = f"no route or deployment serves model {run.model!r} any more"
         end_without_call(deps, run, lease, RequestStatus.FAILED, {"kind": "config", "message": message})
         return
+    if run.tenant_paused and run.priority != Priority.INTERACTIVE:
+        message = f"tenant {run.tenant!r} is paused: 'headrace tenants resume {run.tenant}' lets it go on"
+        why = Hold("tenant_paused", message, recheck_s=deps.settings.hold_recheck_s)
+        hold(deps, run, lease, why, deadline=_deadline(run, route), route=route.name)
+        return
     if route.max_input_tokens is not None:
         fitted = _within_input_budget(run, lease, route, deps)
         if fitted is None:
             return
         run = fitted
-    walk = Walk(run, lease, route, deadline=_deadline(run, route))
+    gated = budgets.gate(run, lease, route, deps)  # held, downgraded, or what calls reserve
+    if gated is None:
+        return
+    route, charges = gated
+    walk = Walk(run, lease, route, deadline=_deadline(run, route), budgets=charges)
     for position, name in enumerate(route.deployments):
         if position:
             observe.fell_back(route.name, route.deployments[position - 1], name)
@@ -131,6 +141,8 @@ def _walk_chain(run: ledger.RunStart, lease: Lease, deps: Deps) -> None:
         try_deployment(walk, deps.config.deployment(name), deps)
         if walk.over:
             return
+        if walk.held_by_budget:  # the next deployment draws on the same budget
+            break
     budget = route.max_attempts_per_request or deps.settings.max_attempts_per_request
     errors = walk.last_errors()
     if walk.billed >= budget:
@@ -189,6 +201,8 @@ def _wait(deps: Deps, walk: Walk, errors: list[dict[str, Any]]) -> None:
     )
     if utcnow() + timedelta(seconds=delay_s) >= walk.deadline:
         message = "its deadline comes before any deployment of its route can take it"
+        if walk.held_by_budget:
+            message = "its deadline comes before its budget has room for it"
         end_without_call(
             deps,
             run,

@@ -28,8 +28,9 @@ Two more rules decide what happens when a whole chain has been tried:
 from __future__ import annotations
 
 import random
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
+from broker_config.deployments import Deployment
 from db.states import AttemptOutcome
 from workers.providers.base import CallFailed
 
@@ -118,3 +119,14 @@ def busy_park_s(soonest_s: float, expected_s: float | None, left_s: float) -> fl
     if not expected_s:
         return soonest_s
     return max(soonest_s, min(expected_s, 0.9 * left_s))
+
+
+def outcome_error(outcome: CallFailed, deployment: Deployment, attempt_no: int) -> dict[str, Any]:
+    """The failure as the ledger keeps it, with the policy's two judgements of it."""
+    return {
+        **outcome.as_error(),
+        "deployment": deployment.name,
+        "attempt": attempt_no,
+        "passes": passes(outcome),
+        "may_have_billed": may_have_billed(outcome),
+    }

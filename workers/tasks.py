@@ -26,7 +26,9 @@ from db.retention import SUGGESTED_INTERVAL_S
 from db.states import Priority
 from workers import observe, spans
 from workers.admission import Bucket, BucketPolicy
+from workers.anomalies import AnomalyDetector
 from workers.breaker import BreakerPolicy, FallbackCounter
+from workers.budgets import Budgets
 from workers.delays import DelayPublisher, DelayQueue
 from workers.housekeeping import (
     Housekeeper,
@@ -113,18 +115,19 @@ def default_deps() -> Deps:
     client = state_redis(settings)
     leases = Leases(client, settings.lease_ttl_s)
     LeaseKeeper(leases, lease_redis(settings)).start()
+    # Runs hold their writes through a ledger outage: a paid call's row must not be lost. One
+    # pool per process, a connection for each thread that touches the ledger. No pre-ping: it
+    # was a round trip before each of a request's three transactions, and every write here goes
+    # through ``transact``, which starts again on a connection found dead; the sweeps' reads that
+    # meet one skip a round.
+    db = settings_database(
+        settings,
+        hold_s=settings.ledger_hold_s,
+        pool_size=settings.worker_concurrency + LEDGER_HOUSEKEEPERS,
+        pre_ping=False,
+    )
     return Deps(
-        # Runs hold their writes through a ledger outage: a paid call's row must not be lost.
-        # One pool per process, a connection for each thread that touches the ledger. No pre-ping:
-        # it was a round trip before each of a request's three transactions, and every write here
-        # goes through ``transact``, which starts again on a connection found dead; the sweeps'
-        # reads that meet one skip a round.
-        db=settings_database(
-            settings,
-            hold_s=settings.ledger_hold_s,
-            pool_size=settings.worker_concurrency + LEDGER_HOUSEKEEPERS,
-            pre_ping=False,
-        ),
+        db=db,
         config=config,
         settings=settings,
         adapters=default_adapters(d.provider for d in config.deployments),
@@ -133,6 +136,7 @@ def default_deps() -> Deps:
         leases=leases,
         fallbacks=FallbackCounter(client),
         worker=settings.worker_id or f"{socket.gethostname()}:{os.getpid()}",
+        budgets=Budgets(db, client, refresh_s=settings.budget_refresh_s),
     )
 
 
@@ -178,6 +182,13 @@ def housekeepers(deps: Deps) -> list[Housekeeper | DelayPublisher]:
         ),
         Job("expiry", 5.0, lambda: expire_batches(db), keys.expiry_lock()),
         Job("retention", SUGGESTED_INTERVAL_S, RetentionSweep(db, settings), keys.retention_lock()),
+        # Tried twice an interval: it judges only once one is due (its cursor is in Redis).
+        Job(
+            "anomalies",
+            settings.anomaly_interval_s / 2,
+            AnomalyDetector(db, deps.leases.redis, settings),
+            keys.anomaly_lock(),
+        ),
     ]
     return [
         DelayPublisher(deps.delays, publish_requests),

@@ -13,6 +13,7 @@ from starlette.datastructures import UploadFile
 
 from api import batch_service
 from api.batch_input import BatchLine, BatchValidator, batch_tags, lines_from_stream, release
+from api.budget_view import refuse_over_budget
 from api.context import AppContext, Context, CurrentTenant, ReadSession
 from api.errors import ApiError
 from api.files_service import ensure_results_kept
@@ -226,6 +227,7 @@ async def accept_batch(
     # The three front doors meet here: one trace per batch, each request's run a child of this span.
     with batch_service.accept_span(spec, len(lines)) as span:
         try:
+            await run_in_threadpool(_within_budgets, context, spec, lines)
             batch = await run_in_threadpool(
                 batch_service.create_batch, context.db, spec, lines, publish=publish_now
             )
@@ -238,6 +240,13 @@ async def accept_batch(
             trace = tracing.inject({})  # published later, still in this batch's trace
             background.add_task(batch_service.publish_batch, context.db, batch.id, context.redis, trace)
     return batch
+
+
+def _within_budgets(context: AppContext, spec: batch_service.BatchSpec, lines: list[BatchLine]) -> None:
+    """429 ``budget_exceeded`` when a budget the batch's work counts against refuses new work."""
+    tag_sets = [spec.tags | (line.tags or {}) for line in lines if line.error is None]
+    with context.db.session() as session:
+        refuse_over_budget(session, context.state_redis, spec.tenant_id, tag_sets)
 
 
 @router.get("/batches", response_model=BatchList, responses=errors("native"))

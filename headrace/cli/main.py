@@ -13,7 +13,9 @@ import typer
 from broker_config.deployments import ConfigError, load_config
 from broker_config.settings import get_settings
 from headrace.cli import client, top, usage
+from headrace.cli.budgets import budgets_app
 from headrace.cli.demo import demo
+from headrace.cli.tenants import tenants_app
 
 app = typer.Typer(
     name="headrace",
@@ -23,6 +25,8 @@ app = typer.Typer(
 )
 keys_app = typer.Typer(no_args_is_help=True, help="Tenants' API keys.")
 app.add_typer(keys_app, name="keys")
+app.add_typer(tenants_app, name="tenants")
+app.add_typer(budgets_app, name="budgets")
 app.command()(demo)
 app.command()(client.submit)
 app.command()(client.status)

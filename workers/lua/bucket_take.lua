@@ -17,14 +17,21 @@
 -- ARGV[9] the floors of the priorities above this one, comma-separated, spelled as ARGV[3] is
 -- ARGV[10] n = number of deployment limits, then n triples: name, configured limit/min, cost
 -- then m = number of tenant limits, then m triples: name, limit/min, cost
+-- then the budgets (budget.lua): the KEYS index of the first budget's key pair, how long their
+--         keys live (ms), b = number of budgets, then b triples: name, limit (USD), cost (USD)
 -- KEYS[5] (optional) the deployment's breaker hash {dep}, asked first in the same step
 --         (breaker.lua); then the last two ARGV are its open_ms and probes allowed at once
+-- KEYS[5 or 6 ...] (optional) each budget's hash and reservation expiry {budget:<tenant>}: on a
+--         Redis Cluster (another slot) they are taken by budget_take.lua just before instead
 --
 -- Returns {1, 0, ''}                granted (the reservation is recorded under its id)
 --         {1, 0, 'probe'}           granted, and the call is the half-open breaker's probe
 --         {0, wait_ms, reason}      not now: nothing taken; try again in wait_ms
 --         {-1, limit, name}         never: the cost exceeds the limit itself
 --         {2, wait_ms, state}       the breaker is open (or its probes are all out): nothing taken
+--         {3, in_flight, budget}    a budget has no room for its worst-case cost: nothing taken;
+--                                   in_flight 1 when open reservations may give some back
+--         {4, 0, budget}            a budget's count is lost: rebuild it, then ask again
 -- Time: the deployment's own monotonic clock (prelude: monotonic_now), stamped as 'ts' on a grant.
 local bucket, resv, resv_exp, tenant = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now = monotonic_now(bucket, ARGV[1])
@@ -33,7 +40,11 @@ local lift, first_call = tonumber(ARGV[6]), tonumber(ARGV[7])
 
 -- A deployment its breaker keeps shut takes nothing; a probe's place is taken only with the room
 -- (a probe that waits for room must not hold it).
-local breaker, probe = KEYS[5], false
+-- Where the budgets' keys begin tells whether KEYS[5] is the breaker's (they come after it).
+local tenant_at = 10 + 3 * tonumber(ARGV[10]) + 1
+local budget_at = tenant_at + 3 * tonumber(ARGV[tenant_at]) + 1
+local budget_first, budget_keep = tonumber(ARGV[budget_at]), tonumber(ARGV[budget_at + 1])
+local breaker, probe = budget_first > 5 and KEYS[5] or nil, false
 if breaker then
   local allowed, wait_ms, state = breaker_permit(breaker, monotonic_now(breaker, ARGV[1]),
     tonumber(ARGV[#ARGV - 1]), tonumber(ARGV[#ARGV]))
@@ -121,6 +132,12 @@ for k = 1, m do
   table.insert(tenant_charges, name .. '=' .. cost)
 end
 
+-- The tenant's budgets (budget.lua), in this same step: a call waits for money as it waits for
+-- room, and never holds one without the other.
+local wall = server_now_ms(ARGV[1])
+local short = budget_room(budget_first, budget_at + 2, wall)
+if short then return short end
+
 if wait > 0 then
   redis.call('HINCRBY', bucket, 'n:wait', 1)
   return {0, math.ceil(wait), reason}
@@ -160,5 +177,6 @@ redis.call('ZADD', resv_exp, now + ttl, id)
 -- Idle deployments leave no keys behind: everything expires an hour after its last use, or once
 -- the longest reservation has, so that no call's reservation vanishes while the call runs.
 for k = 1, 4 do redis.call('PEXPIRE', KEYS[k], math.max(3600000, ttl)) end
+budget_reserve(budget_first, budget_at + 2, wall, id, ttl, budget_keep)
 if probe then breaker_take_probe(breaker) end
 return {1, 0, probe and 'probe' or ''}
