@@ -1,0 +1,219 @@
+"""The seed question: "if consumption doubled tomorrow, would the system react without interrupting
+service?", asked of the real stack (PostgreSQL, Redis, two worker processes, the simulator enforcing
+a token limit).
+
+A steady workload runs on route ``smart`` under a budget whose first step downgrades it to
+``fast``; halfway, its prompts double. Throttling engages (requests wait for the deployment's token
+room, the provider's 429s stay at about zero), the budget's first ladder step fires (later
+requests run on ``fast``, and their result lines say so), the anomaly detector records a
+``tokens_per_request`` event, and no request fails.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Iterator
+from decimal import Decimal
+
+import httpx
+import pytest
+import redis as redis_lib
+from sqlalchemy import select
+
+from broker_config.budget_state import budgets_changed
+from db.budgets import set_budget
+from db.engine import get_database
+from db.models import Attempt, LlmRequest
+from db.tenants import create_api_key
+from headrace.simulator.tokens import count_prompt_tokens
+from headrace.stack import EmbeddedStack
+from tests.test_end_to_end import wait_ended
+from tests.test_outages import _results, _sim, _sim_stats
+
+pytestmark = pytest.mark.slow
+
+TPM = 60_000  # the provider's token limit on route smart's deployment (and the simulator's)
+OUTPUT = 40
+IN_PRICE, OUT_PRICE = Decimal(10), Decimal(30)
+PER_SECOND = 2
+PHASE_S = 10
+
+CONFIG = f"""\
+[[deployments]]
+name = "big"
+provider = "openai"
+model = "gpt-4o"
+base_url = "{{sim}}/v1"
+api_key_env = "{{key_env}}"
+rpm = 10000
+tpm = {TPM}
+input_price_per_mtok = {IN_PRICE}
+output_price_per_mtok = {OUT_PRICE}
+
+[[deployments]]
+name = "small"
+provider = "anthropic"
+model = "claude-3-5-haiku-latest"
+base_url = "{{sim}}"
+api_key_env = "{{key_env}}"
+rpm = 10000
+itpm = 2000000
+otpm = 400000
+input_price_per_mtok = 1
+output_price_per_mtok = 5
+
+[[routes]]
+name = "smart"
+deployments = ["big"]
+
+[[routes]]
+name = "fast"
+deployments = ["small"]
+"""
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, postgres_server: str | None) -> Iterator[EmbeddedStack]:
+    if postgres_server is None:
+        pytest.skip("needs PostgreSQL")
+    from tests.conftest import _fresh_postgres_db
+
+    stack = EmbeddedStack(
+        tmp_path_factory.mktemp("seed"),
+        database_url=_fresh_postgres_db(postgres_server),
+        config_template=CONFIG,
+        workers=2,
+        worker_concurrency=16,
+        simulator_args=("--latency-ms", "300", "--tpm", str(TPM), "--fault-rate", "0"),
+        extra_env={
+            "HEADRACE_ANOMALY_INTERVAL_S": "2",
+            "HEADRACE_ANOMALY_MIN_INTERVALS": "3",
+            "HEADRACE_ANOMALY_FACTOR": "1.5",
+            "HEADRACE_ANOMALY_MIN_REQUESTS": "2",
+            "HEADRACE_ANOMALY_MIN_TOKENS_PER_REQUEST": "100",
+            "HEADRACE_ANOMALY_MIN_SPEND_USD": "0.001",
+            "HEADRACE_BUDGET_REFRESH_S": "1",
+        },
+    )
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.stop()
+
+
+def _body(words: int) -> dict[str, object]:
+    return {
+        "model": "smart",
+        "messages": [{"role": "user", "content": "word " * words}],
+        "max_tokens": OUTPUT,
+    }
+
+
+def _cost(body: dict[str, object]) -> Decimal:
+    """What the call will cost: its prompt as the simulator counts it, and its whole output."""
+    prompt = count_prompt_tokens(body["messages"])  # type: ignore[arg-type]
+    return (prompt * IN_PRICE + OUTPUT * OUT_PRICE) / 1_000_000
+
+
+def test_when_prompts_double_throttling_the_ladder_and_an_anomaly_react_and_nothing_fails(
+    stack: EmbeddedStack,
+) -> None:
+    db = get_database(stack.env["HEADRACE_DATABASE_URL"])
+    key = create_api_key(db, "seed").key
+    admin = create_api_key(db, "ops", admin=True).key
+    # Steady: 2 requests a second of ~430 tokens each (prompt and output), ~85% of the deployment's
+    # refill of 1,000 tokens a second; doubled: ~1,620 a second.
+    steady, doubled, warm = _body(380), _body(760), _body(3600)
+    # The warm-up (another feature, so that it is no part of search's baseline) empties the token
+    # bucket first, so that the doubled phase soon finds no room left.
+    per_warmup = count_prompt_tokens(warm["messages"]) + OUTPUT  # type: ignore[arg-type]
+    warmups = math.ceil(TPM * 1.05 / per_warmup)
+    before = warmups * _cost(warm) + PHASE_S * PER_SECOND * _cost(steady)
+    # The first step is met about 70% into the doubled phase's spend.
+    limit = (before + Decimal("0.7") * PHASE_S * PER_SECOND * _cost(doubled)) / Decimal("0.8")
+    set_budget(db, "seed", "daily", limit_usd=limit, period="day", ladder="downgrade@0.8:smart>fast,refuse@1")
+    budgets_changed(redis_lib.Redis.from_url(stack.env["HEADRACE_REDIS_URL"]))
+    _sim(stack, latency_ms=300, fault_rate=0.0, min_output_tokens=OUTPUT, max_output_tokens=OUTPUT)
+
+    batches: dict[str, str] = {}  # batch id -> phase
+    with httpx.Client(base_url=stack.api_url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as http:
+
+        def submit(phase: str, body: dict[str, object], n: int, feature: str = "search") -> None:
+            lines = [{"custom_id": f"{phase}-{len(batches)}-{i}", "body": body} for i in range(n)]
+            payload = {"requests": lines, "priority": "interactive", "metadata": {"feature": feature}}
+            created = http.post("/v1/batches", json=payload)
+            assert created.status_code == 201, created.text
+            batches[created.json()["id"]] = phase
+
+        submit("warmup", warm, warmups, feature="warmup")
+        wait_ended(http, list(batches), timeout_s=60)
+        for phase, body in (("steady", steady), ("doubled", doubled)):
+            started = time.monotonic()
+            for tick in range(PHASE_S):
+                submit(phase, body, PER_SECOND)
+                time.sleep(max(0.0, started + tick + 1 - time.monotonic()))
+        wait_ended(http, list(batches), timeout_s=180)
+        results = {b: _results(http, b) for b in batches}
+        deadline = time.monotonic() + 30
+        while True:  # the detector judges an interval once it has passed
+            events = http.get("/v1/events").json()["data"]
+            if any(e["kind"] == "tokens_per_request" for e in events) or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        seen_by_admin = httpx.get(
+            f"{stack.api_url}/v1/events", headers={"Authorization": f"Bearer {admin}"}, timeout=30
+        ).json()["data"]
+
+    # No request fails.
+    lines = [(batches[b], line) for b, found in results.items() for line in found]
+    assert [line["status"] for _, line in lines] == ["succeeded"] * len(lines)
+
+    # Throttling engaged: the doubled phase's requests on smart waited for token room...
+    waits = _waits(stack, [b for b, phase in batches.items() if phase != "warmup"])
+    steady_waits = [w for phase, route, w in waits if phase == "steady"]
+    throttled = [w for phase, route, w in waits if phase == "doubled" and route == "big"]
+    print(
+        f"\nwaits for a first call: steady p50 {statistics.median(steady_waits):.2f} s max "
+        f"{max(steady_waits):.2f} s; doubled on smart p50 {statistics.median(throttled):.2f} s max "
+        f"{max(throttled):.2f} s"
+    )
+    assert max(throttled) > 1.0 and max(throttled) > 2 * max(steady_waits)
+    # ...and the provider's limit was not tripped for it.
+    stats = _sim_stats(stack)
+    refused = sum(int(codes.get("429", 0)) for codes in stats["answered"].values())
+    answered = sum(sum(int(n) for n in codes.values()) for codes in stats["answered"].values())
+    assert refused <= max(1, answered // 200), (refused, answered)
+
+    # The budget's first step fired in the doubled phase: later requests ran on fast, and say so.
+    downgraded = [line for phase, line in lines if line.get("downgraded_from") == "smart"]
+    assert downgraded and all(
+        line["route"] == "fast" and line["downgraded_by"] == "daily" for line in downgraded
+    )
+    assert all(phase == "doubled" for phase, line in lines if line.get("downgraded_from"))
+    assert all(line["deployment"] == "small" for line in downgraded)
+
+    # The anomaly detector saw tokens per request jump, for the tenant and its operator.
+    jumps = [
+        e for e in events if e["kind"] == "tokens_per_request" and e["subject"].get("feature") == "search"
+    ]
+    assert len(jumps) == 1, events
+    assert jumps[0]["detail"]["observed"] > 1.5 * jumps[0]["detail"]["baseline"]
+    assert any(e["id"] == jumps[0]["id"] for e in seen_by_admin)
+
+
+def _waits(stack: EmbeddedStack, batch_ids: list[str]) -> list[tuple[str, str, float]]:
+    """(phase, deployment, seconds from accept to its first call) per request."""
+    db = get_database(stack.env["HEADRACE_DATABASE_URL"])
+    with db.session() as session:
+        rows = session.execute(
+            select(LlmRequest.custom_id, LlmRequest.created_at, Attempt.deployment, Attempt.started_at)
+            .join(Attempt, Attempt.request_id == LlmRequest.id)
+            .where(LlmRequest.batch_id.in_(batch_ids), Attempt.attempt_no == 1)
+        ).all()
+    return [
+        (custom_id.split("-")[0], deployment, (started - created).total_seconds())
+        for custom_id, created, deployment, started in rows
+    ]
