@@ -37,6 +37,8 @@ import pytest
 import yaml
 
 from broker_config.settings import Settings
+from db.budgets import set_budget
+from db.engine import get_database
 from headrace.embedded import ManagedProcess, free_port
 from headrace.stack import DEFAULT_CONFIG, EmbeddedStack
 from tests.test_end_to_end import wait_ended
@@ -305,6 +307,8 @@ def test_every_panel_and_every_alert_query_returns_data_from_a_real_run(
 
     wait_for(every_target_up, timeout_s=60, what="every target up")
 
+    # A budget far from its limit: the API's budget gauges have a series to show.
+    set_budget(get_database(stack.env["HEADRACE_DATABASE_URL"]), "demo", "monthly", limit_usd=1000)
     gone = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens: the delivery fails for good
     batches = [
         ({"feature": "search"}, "interactive", _lines(30, "s", "fast"), gone),
