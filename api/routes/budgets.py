@@ -70,9 +70,7 @@ async def list_budgets(
 
 
 @router.put("/{tenant}/{name}", responses=errors("native", 403, 404))
-async def put_budget(
-    context: Context, tenant: ManagedTenant, name: str, budget: BudgetIn
-) -> dict[str, Any]:
+async def put_budget(context: Context, tenant: ManagedTenant, name: str, budget: BudgetIn) -> dict[str, Any]:
     """Create or replace a tenant's budget (admin keys). It holds from the workers' next run on;
     the period's spend so far counts against a new limit."""
     ladder = budget.ladder
