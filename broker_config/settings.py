@@ -88,6 +88,11 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(default=8, ge=1)
     call_timeout_s: float = Field(default=60.0, gt=0)
     connect_timeout_s: float = Field(default=5.0, gt=0)
+    reservation_margin_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="How much longer than its call a reservation (rate-limit room, budget) lives unsettled.",
+    )
     max_attempts_per_deployment: int = Field(default=3, ge=1)
     max_attempts_per_request: int = Field(
         default=12,

@@ -48,7 +48,7 @@ output_price_per_mtok = {OUT_PRICE}
 [[routes]]
 name = "capped"
 deployments = ["priced"]
-deadline_s = 25
+deadline_s = 10
 """
 
 
@@ -64,13 +64,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory, postgres_server: str | None)
         config_template=CONFIG,
         workers=4,
         worker_concurrency=8,
-        simulator_args=("--latency-ms", "1500"),
+        simulator_args=("--latency-ms", "600"),
         extra_env={
             "HEADRACE_LEASE_TTL_S": "3",
             "HEADRACE_SWEEP_INTERVAL_S": "1",
             "HEADRACE_HOLD_RECHECK_S": "3",
             "HEADRACE_BUDGET_REFRESH_S": "1",
-            "HEADRACE_CALL_TIMEOUT_S": "10",
+            # A dead worker's reservations expire 3 + 1 + 5 s after they were taken.
+            "HEADRACE_CALL_TIMEOUT_S": "3",
+            "HEADRACE_CONNECT_TIMEOUT_S": "1",
+            "HEADRACE_RESERVATION_MARGIN_S": "5",
             "HEADRACE_PARK_MAX_S": "3",
             # The killed worker's prefetched messages are found and sent again within seconds.
             "HEADRACE_PUBLISH_GRACE_S": "2",
@@ -104,7 +107,7 @@ def _run(stack: EmbeddedStack, tenant: str, during: object = None, *, killed: bo
     limit = (ROOM_FOR + Decimal("0.5")) * worst
     set_budget(db, tenant, "proof", limit_usd=limit, period="day")
     budgets_changed(redis_lib.Redis.from_url(stack.env["HEADRACE_REDIS_URL"]))  # as the API and CLI do
-    _sim(stack, latency_ms=1500, fault_rate=0.0, min_output_tokens=OUTPUT, max_output_tokens=OUTPUT)
+    _sim(stack, latency_ms=600, fault_rate=0.0, min_output_tokens=OUTPUT, max_output_tokens=OUTPUT)
     with httpx.Client(base_url=stack.api_url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as http:
         lines = [{"custom_id": f"r{i}", "body": b} for i, b in enumerate(bodies)]
         created = http.post("/v1/batches", json={"requests": lines, "priority": "interactive"})
@@ -121,7 +124,9 @@ def _run(stack: EmbeddedStack, tenant: str, during: object = None, *, killed: bo
     statuses = [r["status"] for r in results]
     assert set(statuses) <= {"succeeded", "expired"}, statuses
     held = [r for r in results if r["status"] == "expired"]
-    assert held and all("budget" in r["error"]["message"] for r in held), held[:2]
+    by_budget = [r for r in held if "budget" in r["error"]["message"]]
+    # With a worker killed, a request whose run died with it may come back after its deadline.
+    assert len(by_budget) >= (len(held) - 8 if killed else len(held)) > 0, held[:2]
 
     with db.session() as session:
         [rule] = [r for r in budget_rules(session) if r.tenant == tenant]
@@ -168,9 +173,21 @@ def test_fifty_requests_at_once_against_a_budget_with_room_for_ten(stack: Embedd
 
 
 def test_the_same_with_a_worker_sigkilled_while_its_calls_are_in_flight(stack: EmbeddedStack) -> None:
+    db = get_database(stack.env["HEADRACE_DATABASE_URL"])
+
     def kill_one() -> None:
+        """SIGKILL a worker while calls it reserved for are in flight: their reservations stay
+        held until they expire, then count at what they held."""
         _wait_calls_in_flight(stack, 6)
-        victim = stack.workers_running()[0]
-        victim.kill()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with db.session() as session:
+                calling = set(session.scalars(select(Attempt.worker).where(Attempt.outcome == "in_flight")))
+            busy = [w for w in stack.workers_running() if any(str(w.pid) in (c or "") for c in calling)]
+            if busy:
+                busy[0].kill()
+                return
+            time.sleep(0.05)
+        raise AssertionError("no worker with a call in flight to kill")
 
     _run(stack, "proof-killed", during=kill_one, killed=True)

@@ -38,7 +38,7 @@ TPM = 60_000  # the provider's token limit on route smart's deployment (and the 
 OUTPUT = 40
 IN_PRICE, OUT_PRICE = Decimal(10), Decimal(30)
 PER_SECOND = 2
-PHASE_S = 10
+PHASE_S = 8
 
 CONFIG = f"""\
 [[deployments]]

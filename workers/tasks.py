@@ -88,6 +88,7 @@ def bucket_policy(settings: Settings) -> BucketPolicy:
         # set none) plus a margin, so that a slow call still gets its refund.
         call_timeout_s=settings.call_timeout_s,
         connect_timeout_s=settings.connect_timeout_s,
+        reservation_margin_s=settings.reservation_margin_s,
         factor_drop=settings.rate_factor_on_429,
         factor_min=settings.rate_factor_min,
         factor_recovery_per_s=settings.rate_factor_recovery_per_s,
