@@ -3,6 +3,8 @@ processes, the simulator. Fifty requests at once against a budget with room for 
 spend stays within the limit plus the pinned bound (what calls cost beyond their reserved worst
 case: a prompt estimated low), every request has its result line, and the ones the budget had no
 room for end ``expired`` saying so; the same with a worker SIGKILLed while its calls are in flight.
+And the seed question (tests/seed_question.py), on the same stack: one start, and one test, so that
+no stack of four workers idles beside a pace test that must run alone.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from db.engine import get_database
 from db.models import Attempt, LlmRequest
 from db.tenants import create_api_key
 from headrace.stack import EmbeddedStack
+from tests import seed_question
 from tests.test_end_to_end import wait_ended
 from tests.test_outages import _results, _sim, _wait_calls_in_flight
 from workers.admission import estimate_prompt_tokens
@@ -36,12 +39,13 @@ REQUESTS = 50
 CONFIG = f"""\
 [[deployments]]
 name = "priced"
-provider = "openai"
-model = "gpt-4o-mini"
-base_url = "{{sim}}/v1"
+provider = "anthropic"
+model = "claude-sonnet-4-5"
+base_url = "{{sim}}"
 api_key_env = "{{key_env}}"
 rpm = 100000
-tpm = 100000000
+itpm = 100000000
+otpm = 100000000
 input_price_per_mtok = {IN_PRICE}
 output_price_per_mtok = {OUT_PRICE}
 
@@ -61,11 +65,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory, postgres_server: str | None)
     stack = EmbeddedStack(
         tmp_path_factory.mktemp("budget-runs"),
         database_url=_fresh_postgres_db(postgres_server),
-        config_template=CONFIG,
+        config_template=CONFIG + seed_question.CONFIG,
         workers=4,
         worker_concurrency=8,
-        simulator_args=("--latency-ms", "600"),
+        simulator_args=("--latency-ms", "600", *seed_question.SIMULATOR_ARGS),
         extra_env={
+            **seed_question.ENV,
             "HEADRACE_LEASE_TTL_S": "3",
             "HEADRACE_SWEEP_INTERVAL_S": "1",
             "HEADRACE_HOLD_RECHECK_S": "3",
@@ -168,11 +173,11 @@ def _assert_redis_agrees(stack: EmbeddedStack, rule: BudgetRule, spent: Decimal,
         assert count.spent >= float(spent) - 1e-9
 
 
-def test_fifty_requests_at_once_against_a_budget_with_room_for_ten(stack: EmbeddedStack) -> None:
+def test_budgets_hold_under_fifty_at_once_a_killed_worker_and_doubled_prompts(stack: EmbeddedStack) -> None:
+    """The seed question first (four healthy workers), then fifty requests at once against a budget
+    with room for ten, then the same with a worker SIGKILLed while its calls are in flight."""
+    seed_question.ask_the_seed_question(stack)
     _run(stack, "proof-concurrent")
-
-
-def test_the_same_with_a_worker_sigkilled_while_its_calls_are_in_flight(stack: EmbeddedStack) -> None:
     db = get_database(stack.env["HEADRACE_DATABASE_URL"])
 
     def kill_one() -> None:

@@ -1,6 +1,7 @@
 """The seed question: "if consumption doubled tomorrow, would the system react without interrupting
-service?", asked of the real stack (PostgreSQL, Redis, two worker processes, the simulator enforcing
-a token limit).
+service?", asked of the real stack (PostgreSQL, Redis, four worker processes, the simulator
+enforcing a token limit) by tests/test_budget_runs.py, which shares its stack with the other budget
+runs (one stack start instead of two, and none left idle between tests).
 
 A steady workload runs on route ``smart`` under a budget whose first step downgrades it to
 ``fast``; halfway, its prompts double. Throttling engages (requests wait for the deployment's token
@@ -14,11 +15,9 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Iterator
 from decimal import Decimal
 
 import httpx
-import pytest
 import redis as redis_lib
 from sqlalchemy import select
 
@@ -32,14 +31,14 @@ from headrace.stack import EmbeddedStack
 from tests.test_end_to_end import wait_ended
 from tests.test_outages import _results, _sim, _sim_stats
 
-pytestmark = pytest.mark.slow
-
 TPM = 60_000  # the provider's token limit on route smart's deployment (and the simulator's)
 OUTPUT = 40
 IN_PRICE, OUT_PRICE = Decimal(10), Decimal(30)
 PER_SECOND = 2
 PHASE_S = 8
 
+# Route smart's deployment (OpenAI dialect: the simulator enforces TPM on it) and the cheaper one
+# the budget's first step sends it to (Anthropic dialect: limits of its own).
 CONFIG = f"""\
 [[deployments]]
 name = "big"
@@ -72,36 +71,15 @@ deployments = ["big"]
 name = "fast"
 deployments = ["small"]
 """
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, postgres_server: str | None) -> Iterator[EmbeddedStack]:
-    if postgres_server is None:
-        pytest.skip("needs PostgreSQL")
-    from tests.conftest import _fresh_postgres_db
-
-    stack = EmbeddedStack(
-        tmp_path_factory.mktemp("seed"),
-        database_url=_fresh_postgres_db(postgres_server),
-        config_template=CONFIG,
-        workers=2,
-        worker_concurrency=16,
-        simulator_args=("--latency-ms", "300", "--tpm", str(TPM), "--fault-rate", "0"),
-        extra_env={
-            "HEADRACE_ANOMALY_INTERVAL_S": "2",
-            "HEADRACE_ANOMALY_MIN_INTERVALS": "3",
-            "HEADRACE_ANOMALY_FACTOR": "1.5",
-            "HEADRACE_ANOMALY_MIN_REQUESTS": "2",
-            "HEADRACE_ANOMALY_MIN_TOKENS_PER_REQUEST": "100",
-            "HEADRACE_ANOMALY_MIN_SPEND_USD": "0.001",
-            "HEADRACE_BUDGET_REFRESH_S": "1",
-        },
-    )
-    try:
-        stack.start()
-        yield stack
-    finally:
-        stack.stop()
+SIMULATOR_ARGS = ("--tpm", str(TPM))
+ENV = {
+    "HEADRACE_ANOMALY_INTERVAL_S": "2",
+    "HEADRACE_ANOMALY_MIN_INTERVALS": "3",
+    "HEADRACE_ANOMALY_FACTOR": "1.5",
+    "HEADRACE_ANOMALY_MIN_REQUESTS": "2",
+    "HEADRACE_ANOMALY_MIN_TOKENS_PER_REQUEST": "100",
+    "HEADRACE_ANOMALY_MIN_SPEND_USD": "0.001",
+}
 
 
 def _body(words: int) -> dict[str, object]:
@@ -118,9 +96,9 @@ def _cost(body: dict[str, object]) -> Decimal:
     return (prompt * IN_PRICE + OUTPUT * OUT_PRICE) / 1_000_000
 
 
-def test_when_prompts_double_throttling_the_ladder_and_an_anomaly_react_and_nothing_fails(
-    stack: EmbeddedStack,
-) -> None:
+def ask_the_seed_question(stack: EmbeddedStack) -> None:
+    """Prompts double halfway: throttling, the ladder's first step and an anomaly react, and no
+    request fails."""
     db = get_database(stack.env["HEADRACE_DATABASE_URL"])
     key = create_api_key(db, "seed").key
     admin = create_api_key(db, "ops", admin=True).key
