@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -18,16 +17,14 @@ import redis as redis_lib
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from api.app import create_app
 from broker_config.budget_state import read_counts
 from broker_config.deployments import Deployment, parse_config
 from broker_config.settings import Settings
 from db.budgets import BudgetError, BudgetRule, Step, parse_ladder, period_bounds, set_budget
 from db.engine import get_database
 from db.models import Attempt, LlmRequest
-from db.tenants import create_api_key
 from db.types import utcnow
-from headrace.stack import DEFAULT_CONFIG
+from tests import test_usage
 from workers.admission import Estimate, admission_charges, admit, settle
 from workers.bucket import Bucket, BudgetCharge
 from workers.budgets import Budgets, Standing, ladder
@@ -239,24 +236,8 @@ def test_periods_are_utc_days_and_months() -> None:
 # --- Kept in the ledger; rebuilt from it; the API --------------------------------------------
 
 MSG = [{"role": "user", "content": "hello"}]
-
-
-@pytest.fixture
-def settings(database_url: str, redis_url: str, tmp_path: Path) -> Settings:
-    config = tmp_path / "headrace.toml"
-    config.write_text(DEFAULT_CONFIG.format(sim="http://127.0.0.1:9", key_env="SIM_KEY"))
-    return Settings(database_url=database_url, redis_url=redis_url, config=config)
-
-
-@pytest.fixture
-def client(settings: Settings, redis: redis_lib.Redis) -> Iterator[TestClient]:
-    with TestClient(create_app(settings)) as test_client:
-        yield test_client
-
-
-def _key(settings: Settings, tenant: str, *, admin: bool = False) -> dict[str, str]:
-    key = create_api_key(get_database(settings.database_url), tenant, admin=admin).key
-    return {"Authorization": f"Bearer {key}"}
+# The API on the test's ledger and Redis, and keys for it: as the usage report's tests have them.
+settings, client, _key = test_usage.settings, test_usage.client, test_usage._key
 
 
 def _submit(client: TestClient, headers: dict[str, str], feature: str, n: int = 1) -> httpx.Response:
