@@ -36,8 +36,7 @@ class BudgetView:
     @property
     def reached(self) -> list[str]:
         """The ladder's steps its settled spend has reached."""
-        limit = self.rule.limit_usd
-        return [s.action for s in self.rule.ladder if limit <= 0 or self.spent >= Decimal(str(s.at)) * limit]
+        return [s.action for s in self.rule.reached(self.spent)]
 
     @property
     def refusing(self) -> bool:

@@ -84,13 +84,15 @@ class BudgetRule:
     def scope(self) -> str:
         return self.tenant if self.tag_key is None else f"{self.tenant} {self.tag_key}={self.tag_value}"
 
-    def step_at(self, spent: Decimal | float) -> Step | None:
-        """The ladder's step the period's spend has reached, if any."""
+    def reached(self, spent: Decimal | float) -> tuple[Step, ...]:
+        """The ladder's steps a period's settled spend has reached, in order (they add up). A
+        billionth of a cent of slack: float sums must not miss a step they reach exactly."""
         if self.limit_usd <= 0:
-            return self.ladder[-1] if self.ladder else None
-        share = Decimal(str(spent)) / self.limit_usd
-        reached = [s for s in self.ladder if share >= Decimal(str(s.at))]
-        return reached[-1] if reached else None
+            return self.ladder
+        settled = Decimal(str(spent))
+        return tuple(
+            s for s in self.ladder if settled >= Decimal(str(s.at)) * self.limit_usd - Decimal("1e-12")
+        )
 
     def keys(self, start: datetime) -> tuple[str, str]:
         """Its Redis keys for the period beginning at ``start``: spend hash, reservation expiry."""

@@ -61,9 +61,7 @@ class Standing:
 
     @property
     def reached(self) -> tuple[Step, ...]:
-        """The ladder's steps the settled spend has reached, in order (they add up)."""
-        limit = float(self.rule.limit_usd)
-        return tuple(s for s in self.rule.ladder if limit <= 0 or self.spent >= s.at * limit - 1e-12)
+        return self.rule.reached(self.spent)
 
     def keys(self) -> tuple[str, str]:
         return self.rule.keys(self.start)
