@@ -30,7 +30,7 @@ from api.routes import (
 from broker_config import tracing
 from broker_config.celery_app import configure as configure_broker
 from broker_config.deployments import load_config
-from broker_config.redis_clients import settings_client, state_client
+from broker_config.redis_clients import cache_client, settings_client, state_client
 from broker_config.settings import Settings, get_settings
 from db.engine import settings_database
 
@@ -54,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         config=load_config(settings.config),
         redis=settings_client(settings, socket_timeout=2, socket_connect_timeout=2),
         state_redis=state_client(settings, socket_timeout=2, socket_connect_timeout=2),
+        cache_redis=cache_client(settings, socket_timeout=2, socket_connect_timeout=2),
     )
     app.state.pool_metrics = pool_registry(app.state.headrace)
     configure_broker(settings)

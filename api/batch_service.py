@@ -279,6 +279,8 @@ def result_line(request: LlmRequest) -> dict[str, Any]:
         "usage": {"input_tokens": request.input_tokens, "output_tokens": request.output_tokens},
         "cost_usd": format_usd(request.cost_usd),
         **(request.notes or {}),  # e.g. "trimmed_messages": what a route's input budget dropped
+        # Answered without a call of its own ("cached" or "coalesced" in its notes): what it saved.
+        **({"saved_cost_usd": format_usd(request.saved_cost_usd)} if request.served_from else {}),
     }
 
 

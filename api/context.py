@@ -25,6 +25,7 @@ class AppContext:
     config: DeploymentsConfig
     redis: Redis  # the broker's: readiness, the delay queue
     state_redis: Redis  # buckets, breakers, fallback counts (HEADRACE_STATE_REDIS_URL)
+    cache_redis: Redis | None = None  # cached answers (HEADRACE_CACHE_REDIS_URL): readiness warns
 
 
 def _context(request: Request) -> AppContext:

@@ -10,7 +10,9 @@ settlement with the answer's rate-limit headers, which counts the call in the br
 high enough that nobody waits: this measures the scripts and the round trips, not the limiter.
 
 Reports admissions/s, the mean and p99 of one admission (both round trips), and Redis's own
-CPU per admission (INFO cpu), which says how far one Redis core goes.
+CPU per admission (INFO cpu), which says how far one Redis core goes. With --learn the deployments
+are Anthropic ones with ``learn_output``: each admission reserves the route's learned output
+(read once per refresh, not per call) and each settlement pushes its sample.
 
     python bench/admission.py --processes 2 --threads 8 --seconds 10
 """
@@ -56,7 +58,20 @@ api_key_env = "BENCH_KEY"
 rpm = 100000000
 tpm = 100000000000
 """
+LEARNING = """
+[[deployments]]
+name = "bench-{i}"
+provider = "anthropic"
+model = "claude-haiku-4-5"
+base_url = "http://127.0.0.1:9"
+api_key_env = "BENCH_KEY"
+rpm = 100000000
+itpm = 100000000000
+otpm = 100000000000
+learn_output = true
+"""
 BODY = {
+    "model": "bench",
     "messages": [{"role": "user", "content": "Classify this sentence as positive or negative."}],
     "max_tokens": 16,
 }
@@ -96,11 +111,19 @@ def _settle(bucket: Bucket, ticket: Ticket, estimate: Estimate) -> None:
     settle(bucket, ticket, answer, call_id=ticket.reservation_id, failed=False)
 
 
-def _worker(url: str, deployments: int, threads: int, seconds: float, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+def _worker(
+    url: str,
+    deployments: int,
+    threads: int,
+    seconds: float,
+    learn: bool,
+    out: multiprocessing.Queue,  # type: ignore[type-arg]
+) -> None:
     import threading
 
     client = redis.Redis.from_url(url)
-    config = parse_config("".join(DEPLOYMENT.format(i=i) for i in range(deployments)), Path("bench.toml"))
+    template = LEARNING if learn else DEPLOYMENT
+    config = parse_config("".join(template.format(i=i) for i in range(deployments)), Path("bench.toml"))
     bucket = Bucket(client, BucketPolicy(), breaker=BreakerPolicy())
     latencies: list[float] = []
     lock = threading.Lock()
@@ -134,17 +157,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--deployments", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--learn", action="store_true", help="Anthropic deployments with learn_output")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="headrace-admission-") as home:
         proc, url = start_redis(Path(home), appendonly=True)
         try:
             client = redis.Redis.from_url(url)
-            per_script = _per_script(client)
+            per_script = _per_script(client, args.learn)
             cpu_before = _redis_cpu(client)
             out: multiprocessing.Queue = multiprocessing.Queue()  # type: ignore[type-arg]
             workers = [
                 multiprocessing.Process(
-                    target=_worker, args=(url, args.deployments, args.threads, args.seconds, out)
+                    target=_worker, args=(url, args.deployments, args.threads, args.seconds, args.learn, out)
                 )
                 for _ in range(args.processes)
             ]
@@ -172,9 +196,9 @@ def main() -> None:
     )
 
 
-def _per_script(client: redis.Redis, n: int = 2000) -> dict[str, float]:
+def _per_script(client: redis.Redis, learn: bool, n: int = 2000) -> dict[str, float]:
     """Redis's own CPU for each step of an admission, and for a PING (the floor of a round trip)."""
-    config = parse_config(DEPLOYMENT.format(i="solo"), Path("bench.toml"))
+    config = parse_config((LEARNING if learn else DEPLOYMENT).format(i="solo"), Path("bench.toml"))
     deployment = config.deployments[0]
     bucket = Bucket(client, BucketPolicy(), breaker=BreakerPolicy())
     estimate = estimate_call(deployment, BODY, 256)

@@ -29,6 +29,10 @@ Targets: 429s <= 0.5% of calls, span within 10% of ideal, nothing lost; with fau
 most 10 s (the outage) longer than without.
 
     python bench/rate_limits.py --requests 600 --rpm 900 --tpm 600000 --concurrency 32
+
+``--workload short-answers`` runs another workload instead: max_tokens 4,096, answers of ~300
+tokens, on an Anthropic deployment's OTPM, learned output reservations off and on
+(``bench/short_answers.py``).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import short_answers
 from bench.measure import cpu_seconds, wait_batch
 from headrace.simulator.buckets import Rules
 from headrace.simulator.config import SimConfig
@@ -307,7 +312,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument("--shapes", default="token-bucket,rolling,fixed,fixed/10")
-    parser.add_argument("--runs", default="headrace,naive")
+    parser.add_argument(
+        "--runs", default=None, help="default: headrace,naive (short-answers: learned-off,learned-on)"
+    )
+    parser.add_argument("--workload", choices=("mixed", "short-answers"), default="mixed")
+    parser.add_argument("--otpm", type=int, default=80_000, help="short-answers: the deployment's OTPM")
+    parser.add_argument(
+        "--otpm-counts", choices=("output", "max_tokens"), default="output", help="short-answers: see its doc"
+    )
+    parser.add_argument(
+        "--long-share", type=float, default=0.0, help="short-answers: share of answers run to max_tokens"
+    )
     parser.add_argument(
         "--faults", action="store_true", help="also run Headrace with 5%% 500s and a 10 s outage"
     )
@@ -316,6 +331,11 @@ def main() -> None:
         "--timeline", default="", help="a directory: per run, calls per second by outcome, and the logs"
     )
     args = parser.parse_args()
+    if args.workload == "short-answers":
+        args.runs = args.runs or "learned-off,learned-on"
+        short_answers.main(args, VOCABULARY)
+        return
+    args.runs = args.runs or "headrace,naive"
     lines = workload(args.requests, args.seed, args.max_tokens)
     costs = provider_costs(lines)
     print(

@@ -50,6 +50,11 @@ class Deployment(BaseModel):
     otpm: int | None = Field(default=None, gt=0)
     input_price_per_mtok: Decimal | None = Field(default=None, ge=0)
     output_price_per_mtok: Decimal | None = Field(default=None, ge=0)
+    # With the override above, what prompt-cache reads and writes cost; left out, they are priced
+    # at input_price_per_mtok (no cache discount assumed). Without an override, genai-prices' cache
+    # rates apply.
+    cache_read_price_per_mtok: Decimal | None = Field(default=None, ge=0)
+    cache_write_price_per_mtok: Decimal | None = Field(default=None, ge=0)
     timeout_s: float | None = Field(default=None, gt=0)
     connect_timeout_s: float | None = Field(default=None, gt=0)
     max_output_tokens: int | None = Field(default=None, gt=0)
@@ -58,11 +63,17 @@ class Deployment(BaseModel):
     # cost 15.7-16.3 ms of worker CPU per request against 8.9-13.2 ms unstreamed (the SDKs build an
     # object per chunk), and a batch result gains nothing from arriving in pieces.
     stream: bool = False
+    # Reserve the learned output (p99 x margin of the route's real answers) on the limits where the
+    # provider counts real output, instead of max_tokens: workers/output_estimate.py says which.
+    learn_output: bool = False
 
     @model_validator(mode="after")
     def _prices_come_in_pairs(self) -> Deployment:
         if (self.input_price_per_mtok is None) != (self.output_price_per_mtok is None):
             raise ValueError("input_price_per_mtok and output_price_per_mtok must be given together")
+        cache_prices = (self.cache_read_price_per_mtok, self.cache_write_price_per_mtok)
+        if self.input_price_per_mtok is None and any(p is not None for p in cache_prices):
+            raise ValueError("cache prices need input_price_per_mtok and output_price_per_mtok too")
         return self
 
     @property
@@ -104,6 +115,18 @@ class Route(BaseModel):
     # messages and the latest turns kept, the oldest dropped; workers/input_budget.py).
     max_input_tokens: int | None = Field(default=None, gt=0)
     on_overflow: Literal["refuse", "trim"] = "refuse"
+    # Answers served again (workers/answer_cache.py): off, the exact request, or one whose messages
+    # mean the same (within similarity_threshold). Only reproducible requests (temperature 0) unless
+    # cache_nondeterministic; n > 1 and tools only when allowed. Scope: per tenant, or every tenant.
+    cache: Literal["off", "exact", "semantic"] = "off"
+    cache_ttl_s: float = Field(default=24 * 3600.0, gt=0)
+    cache_scope: Literal["tenant", "global"] = "tenant"
+    cache_nondeterministic: bool = False
+    cache_n: bool = False
+    cache_tools: bool = False
+    similarity_threshold: float | None = Field(default=None, gt=0, le=1)
+    # Identical cacheable requests in flight at once make one call; the others wait for its answer.
+    coalesce: bool = True
 
 
 class TenantLimits(BaseModel):

@@ -45,6 +45,12 @@ def tenant_bucket(deployment: str, tenant: str) -> str:
     return f"{PREFIX}:{{{deployment}}}:tenant:{tenant}"
 
 
+def output_samples(deployment: str, route: str) -> str:
+    """List: the real output tokens (per completion) of a route's latest calls on a deployment,
+    newest first, capped (workers/output_estimate.py); pushed by the settlement script."""
+    return f"{PREFIX}:{{{deployment}}}:outputs:{route}"
+
+
 def breaker(deployment: str) -> str:
     """Hash: a deployment's circuit breaker state (closed / open / half_open) and probe counts."""
     return f"{PREFIX}:{{{deployment}}}:breaker"
@@ -144,3 +150,8 @@ def budgets_version() -> str:
     """Counter bumped whenever a budget is set or deleted: workers re-read the budgets from the
     ledger when it moves, so that a new budget holds from the next run on, not seconds later."""
     return f"{PREFIX}:budgets:version"
+
+
+def flight(answer_key: str) -> str:
+    """Who leads the call for an answer identical requests wait on: "<request id> <lease token>"."""
+    return f"{PREFIX}:flight:{answer_key}"

@@ -116,6 +116,18 @@ requests_parked = Counter(
     "Requests parked in the delay queue: no_room (every deployment busy) or trouble (failing).",
     ["route", "reason"],
 )
+cache_lookups = Counter(
+    "headrace_cache_lookups",
+    "Answer cache lookups of routes with a cache, by result: hit, semantic_hit, coalesced (the "
+    "answer of an identical request in flight), miss.",
+    ["route", "result"],
+)
+cache_saved = Counter(
+    "headrace_cache_saved_usd",
+    "What the calls not made cost when their answer was first bought: requests served from the cache "
+    "or coalesced, by route and how (cache, semantic_cache, coalesced).",
+    ["route", "served_from"],
+)
 batches_accepted = Counter("headrace_batches_accepted", "Batches accepted, by front door.", ["api"])
 requests_accepted = Counter("headrace_requests_accepted", "Requests accepted, by priority.", ["priority"])
 anomalies = Counter(

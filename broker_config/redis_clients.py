@@ -118,6 +118,43 @@ def state_client(settings: Settings, **options: Any) -> redis.Redis:
     )
 
 
+def cache_url(settings: Settings) -> str:
+    """Where cached answers live: ``HEADRACE_CACHE_REDIS_URL``, else the broker's server with the
+    next database index (a server has 16: 0-15; db 15 takes 14). A database shares its server's
+    maxmemory-policy, so that default evicts only if the broker's server does (``/readyz`` says)."""
+    if settings.cache_redis_url:
+        return settings.cache_redis_url
+    return ";".join(_next_db(part.strip()) for part in settings.redis_url.split(";") if part.strip())
+
+
+def _next_db(url: str) -> str:
+    parsed = urlparse(url)
+    if parsed.scheme == "unix":
+        query = dict(part.split("=", 1) for part in parsed.query.split("&") if "=" in part)
+        query["db"] = str(_other_db(int(query.get("db", "0"))))
+        return parsed._replace(query="&".join(f"{k}={v}" for k, v in query.items())).geturl()
+    db = parsed.path.strip("/")
+    return parsed._replace(path=f"/{_other_db(int(db) if db.isdigit() else 0)}").geturl()
+
+
+def _other_db(db: int) -> int:
+    return db + 1 if db < 15 else db - 1
+
+
+def cache_client(settings: Settings, **options: Any) -> redis.Redis:
+    """A client of the Redis that holds cached answers (``cache_url``; ``options`` as for
+    ``redis_client``). With ``HEADRACE_STATE_REDIS_CLUSTER`` and no cache URL of its own, the
+    cache shares the state cluster: every cache key is one key, valid on any node."""
+    if not settings.cache_redis_url and settings.state_redis_url and settings.state_redis_cluster:
+        return cluster_client(settings.state_redis_url, **options)
+    return redis_client(
+        cache_url(settings),
+        master_name=settings.redis_sentinel_master,
+        sentinel_password=settings.redis_sentinel_password,
+        **options,
+    )
+
+
 def cluster_client(urls: str, **options: Any) -> redis.Redis:
     """A Redis Cluster client from some of its nodes (comma-separated ``redis://host:port`` URLs;
     it learns the rest from them). Typed as ``redis.Redis``: ``RedisCluster`` answers every command

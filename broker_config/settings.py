@@ -24,6 +24,14 @@ def tag_label(key: str) -> str:
     return f"_{label}" if label[:1].isdigit() else label
 
 
+# The similarity a semantic hit needs with the default (wordllama) embedder, measured on the labelled
+# pairs of tests/data/semantic_pairs.jsonl (bench/semantic_quality.py): the lowest where no different
+# question hits but word-order swaps ("Celsius to Fahrenheit" / "Fahrenheit to Celsius", identical to
+# a bag of tokens; 2.5%). It serves reworded near-duplicates (case, punctuation, a greeting, a typo:
+# 69%) and few real paraphrases (6%). Another embedder needs its own, measured the same way.
+SEMANTIC_THRESHOLD = 0.95
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HEADRACE_", extra="ignore")
 
@@ -67,6 +75,33 @@ class Settings(BaseSettings):
         default=None,
         description="The Sentinel group's name when state_redis_url is a sentinel:// URL "
         "(default: redis_sentinel_master; the sentinels' password is redis_sentinel_password).",
+    )
+    cache_redis_url: str | None = Field(
+        default=None,
+        description="Cached answers (routes with cache = exact|semantic) on a Redis that evicts (an LRU "
+        "maxmemory-policy): never the broker's, which must not. Default: redis_url with the next db "
+        "index, and /readyz warns while that server's policy is noeviction.",
+    )
+    coalesce_wait_s: float = Field(
+        default=20.0,
+        gt=0,
+        description="How long a request waits in its worker for an identical one in flight before it "
+        "steps back to the delay queue (and looks again).",
+    )
+    semantic_threshold: float = Field(
+        default=SEMANTIC_THRESHOLD,
+        gt=0,
+        le=1,
+        description="Routes with cache = semantic and no similarity_threshold of their own: the least "
+        "cosine similarity of two questions one answer serves (bench/semantic_quality.py measures it).",
+    )
+    semantic_max_entries: int = Field(
+        default=2000, ge=1, description="Questions one semantic index keeps (the oldest go first)."
+    )
+    embeddings_deployment: str | None = Field(
+        default=None,
+        description="A deployment (OpenAI-compatible /v1/embeddings) that embeds questions for the "
+        "semantic cache; default: wordllama's model, offline in the worker.",
     )
     config: Path = Field(default=Path("headrace.toml"), description="The deployments/routes TOML file.")
 
@@ -136,6 +171,20 @@ class Settings(BaseSettings):
         description="On a continuous limit, a floor is lent out while no priority above it has asked "
         "for this long (stepped limits always keep theirs).",
     )
+    # Learned output reservations, on deployments with learn_output (workers/output_estimate.py)
+    output_samples_min: int = Field(
+        default=50,
+        ge=1,
+        description="Real answers a route must have had on a deployment before its calls reserve the "
+        "learned output there instead of the whole max_tokens.",
+    )
+    output_samples_kept: int = Field(
+        default=1000, ge=1, description="The latest kept per route and deployment."
+    )
+    output_quantile: float = Field(default=0.99, gt=0, le=1, description="Of those answers' output tokens.")
+    output_margin: float = Field(default=1.2, ge=1, description="The quantile times this is reserved.")
+    output_floor_tokens: int = Field(default=32, ge=1, description="Never less per completion.")
+    output_refresh_s: float = Field(default=5.0, gt=0, description="A process reads each figure this often.")
     rate_factor_on_429: float = Field(default=0.7, gt=0, le=1)
     rate_factor_min: float = Field(default=0.2, gt=0, le=1)
     rate_factor_recovery_per_s: float = Field(default=0.01, ge=0)

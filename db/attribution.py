@@ -16,6 +16,10 @@ from typing import Any
 from broker_config.settings import get_settings
 
 MAX_TAG_CHARS = 200
+# Not a tag but kept with them, from the same metadata: the request's own say on the answer cache
+# (workers/answer_cache.py): on (cache it where its route has none), off, or refresh.
+CACHE_TAG = "headrace_cache"
+CACHE_MODES = ("on", "off", "refresh")
 
 
 class TagError(ValueError):
@@ -40,10 +44,17 @@ def tag_text(key: str, value: object) -> str:
 
 
 def attribution_tags(metadata: Mapping[str, Any] | None, keys: Sequence[str]) -> dict[str, str]:
-    """The tags ``metadata`` sets among ``keys`` (other keys are not tags); TagError on a bad value."""
+    """The tags ``metadata`` sets among ``keys`` (other keys are not tags), and its ``CACHE_TAG``;
+    TagError on a bad value."""
     if not metadata:
         return {}
-    return {key: tag_text(key, metadata[key]) for key in keys if metadata.get(key) is not None}
+    tags = {key: tag_text(key, metadata[key]) for key in keys if metadata.get(key) is not None}
+    mode = metadata.get(CACHE_TAG)
+    if mode is not None:
+        if mode not in CACHE_MODES:
+            raise TagError(CACHE_TAG, f"must be one of {', '.join(CACHE_MODES)}, not {mode!r}")
+        tags[CACHE_TAG] = mode
+    return tags
 
 
 def lenient_tags(metadata: Mapping[str, Any] | None, keys: Sequence[str]) -> dict[str, str]:

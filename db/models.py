@@ -187,11 +187,19 @@ class LlmRequest(Base):
     lease: Mapped[str | None] = mapped_column(String(64))
     input_tokens: Mapped[int] = mapped_column(Integer, default=0)
     output_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    # Of input_tokens, what its calls read from and wrote to the provider's prompt cache (the sums
+    # of its attempts'), kept here so that usage reports read requests only.
+    cache_read_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    cache_write_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     cost_usd: Mapped[Decimal] = mapped_column(Money, default=Decimal(0))
     # Of cost_usd, what its calls that did not answer cost (retried, fell back, refused, lost); and
     # its calls that ended with no price known. Kept so that usage reports read requests only.
     overhead_cost_usd: Mapped[Decimal] = mapped_column(Money, default=Decimal(0), server_default="0")
     unpriced_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Answered without a call of its own (cache, semantic_cache, coalesced: workers/answer_cache.py),
+    # and what the call that first gave its answer cost.
+    served_from: Mapped[str | None] = mapped_column(String(20))
+    saved_cost_usd: Mapped[Decimal] = mapped_column(Money, default=Decimal(0), server_default="0")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     published_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
@@ -224,10 +232,15 @@ class Attempt(Base):
     generation_ms: Mapped[int | None] = mapped_column(Integer)
     input_tokens: Mapped[int] = mapped_column(Integer, default=0)
     output_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    # Of input_tokens, those the provider read from / wrote to its prompt cache (priced at its
+    # cache rates: workers/costing.py).
+    cache_read_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    cache_write_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # NULL when no price is known for the model (recorded with a warning, never a crash).
     cost_usd: Mapped[Decimal | None] = mapped_column(Money)
     cost_estimated: Mapped[bool] = mapped_column(Boolean, default=False)
     estimated_input_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    saved_cost_usd: Mapped[Decimal | None] = mapped_column(Money)  # cache_hit/coalesced: the call not made
     provider_request_id: Mapped[str | None] = mapped_column(String(200))
     worker: Mapped[str | None] = mapped_column(Text)  # for people: which worker process made the call
     lease: Mapped[str | None] = mapped_column(String(64))  # the run that made it (in flight: alive?)

@@ -49,6 +49,8 @@ class AttemptOutcome(StrEnum):
     FALL_BACK = "fallback"  # failed; the next deployment of the chain is tried
     FAIL = "fail"  # failed; the request's own fault, not retried anywhere: it ends failed
     LOST = "lost"  # its run died mid-call; cost estimated
+    CACHE_HIT = "cache_hit"  # no call: a cached answer served (workers/answer_cache.py), cost 0
+    COALESCED = "coalesced"  # no call: the answer of an identical request in flight, cost 0
 
 
 FAILED_CALL_DECISIONS = (AttemptOutcome.RETRY, AttemptOutcome.FALL_BACK, AttemptOutcome.FAIL)

@@ -75,15 +75,22 @@ class UsageGroup:
     attempts: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
+    cache_read_tokens: int = 0  # of input_tokens, read from the provider's prompt cache
+    cache_write_tokens: int = 0  # of input_tokens, written to it
     cost_usd: Decimal = Decimal(0)
     overhead_cost_usd: Decimal = Decimal(0)  # calls that did not answer: retried, fell back, lost
     unpriced_attempts: int = 0
+    # Requests answered without a call of their own (answer cache, coalesced), and what the calls
+    # that first gave those answers cost: what the cache saved.
+    served_from_cache: int = 0
+    saved_cost_usd: Decimal = Decimal(0)
     input_per_request: TokenStats = field(default_factory=TokenStats)
     output_per_request: TokenStats = field(default_factory=TokenStats)
 
     def add(self, other: UsageGroup) -> None:
-        for name in ("requests", "succeeded", "failed", "cancelled", "expired"):
+        for name in ("requests", "succeeded", "failed", "cancelled", "expired", "served_from_cache"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.saved_cost_usd += other.saved_cost_usd
         self.add_calls(other)
         self.input_per_request.per_request += other.input_per_request.per_request
         self.output_per_request.per_request += other.output_per_request.per_request
@@ -92,6 +99,8 @@ class UsageGroup:
         self.attempts += other.attempts
         self.input_tokens += other.input_tokens
         self.output_tokens += other.output_tokens
+        self.cache_read_tokens += other.cache_read_tokens
+        self.cache_write_tokens += other.cache_write_tokens
         self.cost_usd += other.cost_usd
         self.overhead_cost_usd += other.overhead_cost_usd
         self.unpriced_attempts += other.unpriced_attempts
@@ -135,6 +144,9 @@ def usage_report(session: Session, query: UsageQuery, tag_keys: Sequence[str]) -
         if status_field:
             setattr(found, status_field, getattr(found, status_field) + 1)
         found.input_per_request.per_request.append(row.input_tokens)
+        if row.served_from is not None:
+            found.served_from_cache += 1
+            found.saved_cost_usd += row.saved_cost_usd
         found.output_per_request.per_request.append(row.output_tokens)
     for row in _rows(session, _attempts(query)):
         dims = _dims(row, row.attempt_deployment, tag_keys)
@@ -142,6 +154,8 @@ def usage_report(session: Session, query: UsageQuery, tag_keys: Sequence[str]) -
         found.attempts += 1
         found.input_tokens += row.attempt_input_tokens
         found.output_tokens += row.attempt_output_tokens
+        found.cache_read_tokens += row.attempt_cache_read_tokens
+        found.cache_write_tokens += row.attempt_cache_write_tokens
         if row.attempt_cost is None:
             found.unpriced_attempts += row.outcome != AttemptOutcome.IN_FLIGHT  # not ended: no cost yet
             continue
@@ -175,6 +189,8 @@ def _aggregated(session: Session, query: UsageQuery, columns: tuple[str, ...]) -
         found.cancelled, found.expired = row.cancelled, row.expired
         found.input_per_request.known = (_float(row.in_mean), row.in_p50, row.in_p95)
         found.output_per_request.known = (_float(row.out_mean), row.out_p50, row.out_p95)
+        found.served_from_cache = int(row.served_from_cache)
+        found.saved_cost_usd = usage_sql.as_decimal(row.saved)
         if not by_call:
             _calls(found, row)
     for row in usage_sql.attempts_pass(session, scope, columns) if by_call else ():
@@ -190,6 +206,10 @@ def _aggregated(session: Session, query: UsageQuery, columns: tuple[str, ...]) -
 def _calls(found: UsageGroup, row: Any) -> None:
     found.attempts, found.unpriced_attempts = int(row.attempts), int(row.unpriced)
     found.input_tokens, found.output_tokens = int(row.input_tokens), int(row.output_tokens)
+    found.cache_read_tokens, found.cache_write_tokens = (
+        int(row.cache_read_tokens),
+        int(row.cache_write_tokens),
+    )
     found.cost_usd = usage_sql.as_decimal(row.cost)
     found.overhead_cost_usd = usage_sql.as_decimal(row.overhead)
 
@@ -205,6 +225,8 @@ def _requests(query: UsageQuery) -> Select[Any]:
             LlmRequest.deployment,
             LlmRequest.input_tokens,
             LlmRequest.output_tokens,
+            LlmRequest.served_from,
+            LlmRequest.saved_cost_usd,
             *_DIM_COLUMNS,
         ),
         query,
@@ -217,6 +239,8 @@ def _attempts(query: UsageQuery) -> Select[Any]:
         Attempt.outcome,
         Attempt.input_tokens.label("attempt_input_tokens"),
         Attempt.output_tokens.label("attempt_output_tokens"),
+        Attempt.cache_read_tokens.label("attempt_cache_read_tokens"),
+        Attempt.cache_write_tokens.label("attempt_cache_write_tokens"),
         Attempt.cost_usd.label("attempt_cost"),
         *_DIM_COLUMNS,
     ).join(LlmRequest, LlmRequest.id == Attempt.request_id)
@@ -283,10 +307,15 @@ def as_json(report: UsageReport) -> dict[str, Any]:
             "attempts": group.attempts,
             "input_tokens": group.input_per_request.summary(group.input_tokens),
             "output_tokens": group.output_per_request.summary(group.output_tokens),
+            "cache_read_tokens": group.cache_read_tokens,
+            "cache_write_tokens": group.cache_write_tokens,
             "cost_usd": format_usd(group.cost_usd),
             "overhead_cost_usd": format_usd(group.overhead_cost_usd),
             "cost_per_success_usd": per_success_text,
             "unpriced_attempts": group.unpriced_attempts,
+            "served_from_cache": group.served_from_cache,
+            "cache_hit_rate": round(group.served_from_cache / group.requests, 4) if group.requests else None,
+            "saved_cost_usd": format_usd(group.saved_cost_usd),
         }
 
     query = report.query

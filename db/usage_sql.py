@@ -88,9 +88,13 @@ def requests_statement(scope: Any, columns: Sequence[str]) -> Select[Any]:
         func.coalesce(func.sum(LlmRequest.attempt_count), 0).label("attempts"),
         func.coalesce(func.sum(LlmRequest.input_tokens), 0).label("input_tokens"),
         func.coalesce(func.sum(LlmRequest.output_tokens), 0).label("output_tokens"),
+        func.coalesce(func.sum(LlmRequest.cache_read_tokens), 0).label("cache_read_tokens"),
+        func.coalesce(func.sum(LlmRequest.cache_write_tokens), 0).label("cache_write_tokens"),
         func.coalesce(func.sum(LlmRequest.cost_usd), 0).label("cost"),
         func.coalesce(func.sum(LlmRequest.overhead_cost_usd), 0).label("overhead"),
         func.coalesce(func.sum(LlmRequest.unpriced_attempts), 0).label("unpriced"),
+        func.count().filter(LlmRequest.served_from.is_not(None)).label("served_from_cache"),
+        func.coalesce(func.sum(LlmRequest.saved_cost_usd), 0).label("saved"),
     )
     return _grouped(scope(statement), dims)
 
@@ -104,6 +108,8 @@ def attempts_statement(scope: Any, columns: Sequence[str]) -> Select[Any]:
         func.count().label("attempts"),
         func.coalesce(func.sum(Attempt.input_tokens), 0).label("input_tokens"),
         func.coalesce(func.sum(Attempt.output_tokens), 0).label("output_tokens"),
+        func.coalesce(func.sum(Attempt.cache_read_tokens), 0).label("cache_read_tokens"),
+        func.coalesce(func.sum(Attempt.cache_write_tokens), 0).label("cache_write_tokens"),
         func.coalesce(func.sum(cost), 0).label("cost"),
         func.coalesce(func.sum(cost).filter(Attempt.outcome != AttemptOutcome.SUCCESS.value), 0).label(
             "overhead"

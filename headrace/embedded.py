@@ -58,6 +58,7 @@ class ManagedProcess:
     ) -> None:
         self.name = name
         self.argv = list(argv)
+        self._terminated = False
         self.log_path = log_dir / f"{name}.log"
         log_dir.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
@@ -102,12 +103,15 @@ class ManagedProcess:
     def signal(self, sig: int) -> None:
         if self.alive():
             os.killpg(self.proc.pid, sig)
+            self._terminated = self._terminated or sig == signal.SIGTERM
 
     def stop(self, *, timeout_s: float = 10.0) -> None:
-        """SIGTERM the process group; SIGKILL what is left after ``timeout_s``."""
+        """SIGTERM the process group (unless it was sent already: a second one makes Celery stop
+        cold); SIGKILL what is left after ``timeout_s``."""
         try:
             if self.alive():
-                os.killpg(self.proc.pid, signal.SIGTERM)
+                if not self._terminated:
+                    os.killpg(self.proc.pid, signal.SIGTERM)
                 try:
                     self.proc.wait(timeout_s)
                 except subprocess.TimeoutExpired:

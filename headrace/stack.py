@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,8 +134,11 @@ class EmbeddedStack:
         api_port = free_port()
         self.api_url = f"http://127.0.0.1:{api_port}"
         api = self._spawn("api", ["api", "--port", str(api_port)], logs)
-        for index in range(self.workers):
-            self.start_worker(f"worker{index + 1}")
+        # Started together, then waited for: each takes seconds to import and connect, and one at a
+        # time that added up to most of a four-worker stack's start.
+        workers = [self.start_worker(f"worker{index + 1}", wait=False) for index in range(self.workers)]
+        for worker in workers:
+            _wait_ready(worker)
         if self.with_flower:
             flower_port = free_port()
             self.flower_url = f"http://127.0.0.1:{flower_port}"
@@ -155,7 +160,7 @@ class EmbeddedStack:
         args = ["worker", "--concurrency", threads, "--name", f"{name}@%h"]
         proc = self._spawn(name, [*args, "--metrics-port", str(metrics_port)], self.home / "logs", env)
         if wait:
-            proc.wait_until(lambda: " ready." in proc.log_tail(200), timeout_s=60, what="ready")
+            _wait_ready(proc)
         return proc
 
     def _spawn(
@@ -179,7 +184,22 @@ class EmbeddedStack:
     def workers_running(self) -> list[ManagedProcess]:
         return [p for p in self.processes if p.name.startswith("worker") and p.alive()]
 
-    def stop(self) -> None:
-        """Stop everything started, newest first (workers before the broker they need)."""
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop everything started: first the processes that need Redis and the simulator, all told
+        at once and then waited for together (four workers cost one timeout, not four), then those,
+        newest first."""
+        needed = ("redis", "simulator")
+        users = [p for p in self.processes if not p.name.startswith(needed)]
+        for proc in users:
+            with suppress(ProcessLookupError):
+                proc.signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for proc in users:
+            proc.stop(timeout_s=max(0.1, deadline - time.monotonic()))
+            self.processes.remove(proc)
         while self.processes:
             self.processes.pop().stop()
+
+
+def _wait_ready(worker: ManagedProcess) -> None:
+    worker.wait_until(lambda: " ready." in worker.log_tail(200), timeout_s=60, what="ready")

@@ -35,7 +35,8 @@ TPM = 60_000  # the provider's token limit on route smart's deployment (and the 
 OUTPUT = 40
 IN_PRICE, OUT_PRICE = Decimal(10), Decimal(30)
 PER_SECOND = 2
-PHASE_S = 8
+STEADY_S = 8
+DOUBLED_S = 12  # long enough that throttling engages first and the ladder's step while it lasts
 
 # Route smart's deployment (OpenAI dialect: the simulator enforces TPM on it) and the cheaper one
 # the budget's first step sends it to (Anthropic dialect: limits of its own).
@@ -109,9 +110,12 @@ def ask_the_seed_question(stack: EmbeddedStack) -> None:
     # bucket first, so that the doubled phase soon finds no room left.
     per_warmup = count_prompt_tokens(warm["messages"]) + OUTPUT  # type: ignore[arg-type]
     warmups = math.ceil(TPM * 1.05 / per_warmup)
-    before = warmups * _cost(warm) + PHASE_S * PER_SECOND * _cost(steady)
-    # The first step is met about 70% into the doubled phase's spend.
-    limit = (before + Decimal("0.7") * PHASE_S * PER_SECOND * _cost(doubled)) / Decimal("0.8")
+    before = warmups * _cost(warm) + STEADY_S * PER_SECOND * _cost(steady)
+    # The first step is met about half way into the doubled phase's spend, after throttling has
+    # engaged and while its requests still arrive: the ladder applies from a request's next run
+    # on, so a step met only after the last had arrived (70% in, 8 s long) was seen by none of
+    # them unless one happened to park; met 30% in (8 s), too few had waited for room yet.
+    limit = (before + Decimal("0.5") * DOUBLED_S * PER_SECOND * _cost(doubled)) / Decimal("0.8")
     set_budget(db, "seed", "daily", limit_usd=limit, period="day", ladder="downgrade@0.8:smart>fast,refuse@1")
     budgets_changed(redis_lib.Redis.from_url(stack.env["HEADRACE_REDIS_URL"]))
     _sim(stack, latency_ms=300, fault_rate=0.0, min_output_tokens=OUTPUT, max_output_tokens=OUTPUT)
@@ -128,9 +132,9 @@ def ask_the_seed_question(stack: EmbeddedStack) -> None:
 
         submit("warmup", warm, warmups, feature="warmup")
         wait_ended(http, list(batches), timeout_s=60)
-        for phase, body in (("steady", steady), ("doubled", doubled)):
+        for phase, body, phase_s in (("steady", steady, STEADY_S), ("doubled", doubled, DOUBLED_S)):
             started = time.monotonic()
-            for tick in range(PHASE_S):
+            for tick in range(phase_s):
                 submit(phase, body, PER_SECOND)
                 time.sleep(max(0.0, started + tick + 1 - time.monotonic()))
         wait_ended(http, list(batches), timeout_s=180)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any
 
 import anthropic
+import genai_prices
 import httpx
 import pytest
 from anthropic.types.messages import MessageBatch
@@ -156,3 +158,38 @@ def test_older_sdks_x_api_key_is_accepted(stack: EmbeddedStack) -> None:
         "type": "invalid_request_error",
         "message": "anthropic-version: header is required",
     }
+
+
+def test_prompt_caching_and_thinking_reach_the_anthropic_deployment(
+    client: anthropic.Anthropic, http: httpx.Client
+) -> None:
+    """cache_control on the system prompt reaches the deployment (Anthropic's first on route smart):
+    the second batch reads what the first wrote, and is costed at genai-prices' cache-read rate;
+    the thinking asked for comes back as a thinking block, signed."""
+    system = [{"type": "text", "text": "You know mill races. " * 300, "cache_control": {"type": "ephemeral"}}]
+    thinking = {"type": "enabled", "budget_tokens": 1024}
+    found = []
+    for i in range(2):  # one after the other: the second finds the first's prefix cached
+        line = request(f"cached-{i}", f"Question {i}?", system=system, max_tokens=2048, thinking=thinking)
+        batch = client.messages.batches.create(requests=[line])
+        wait(client, batch.id)
+        (result,) = client.messages.batches.results(batch.id)
+        assert result.result.type == "succeeded", result.result
+        found.append((batch.id, result.result.message))
+    (_, first), (batch_id, second) = found
+    written = first.usage.cache_creation_input_tokens
+    assert written and written > 1024 and not first.usage.cache_read_input_tokens
+    assert second.usage.cache_read_input_tokens == written and not second.usage.cache_creation_input_tokens
+    assert second.content[0].type == "thinking" and second.content[0].signature
+    assert second.content[-1].type == "text"
+    usage = second.usage
+    price = genai_prices.calc_price(
+        genai_prices.Usage(
+            input_tokens=usage.input_tokens + written,
+            output_tokens=usage.output_tokens,
+            cache_read_tokens=written,
+        ),
+        model_ref="claude-sonnet-4-5",
+        provider_id="anthropic",
+    )
+    assert Decimal(http.get(f"/v1/batches/{batch_id}").json()["cost_usd"]) == price.total_price

@@ -707,17 +707,18 @@ def test_text_reply_becomes_a_chat_completion() -> None:
     )
 
 
-def test_text_blocks_are_concatenated_and_thinking_is_dropped() -> None:
-    """Text blocks are concatenated in order; thinking blocks have no place in a chat.completion."""
+def test_text_blocks_are_concatenated_and_thinking_kept_beside_them() -> None:
+    """Text blocks are concatenated in order; thinking blocks, which Chat has no field for, come back
+    as the message's thinking_blocks (as sent, signatures included) and reasoning_content."""
+    thinking = {"type": "thinking", "thinking": "Let me think.", "signature": "sig"}
+    redacted = {"type": "redacted_thinking", "data": "opaque"}
     message = anthropic_message(
-        [
-            {"type": "thinking", "thinking": "Let me think.", "signature": "sig"},
-            {"type": "text", "text": "Paris "},
-            {"type": "redacted_thinking", "data": "opaque"},
-            {"type": "text", "text": "is 18C."},
-        ]
+        [thinking, {"type": "text", "text": "Paris "}, redacted, {"type": "text", "text": "is 18C."}]
     )
     assert to_chat(message).choices[0].message.content == "Paris is 18C."
+    reply = message_to_chat(message, created=1)["choices"][0]["message"]
+    assert reply["thinking_blocks"] == [thinking, redacted]
+    assert reply["reasoning_content"] == "Let me think."
 
 
 def test_tool_use_blocks_become_typed_tool_calls() -> None:

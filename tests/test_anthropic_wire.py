@@ -14,7 +14,9 @@ from anthropic.types.shared import ErrorType
 from openai.types.chat import completion_create_params
 from pydantic import TypeAdapter, ValidationError
 
-from api.compat.anthropic_wire import WireError, chat_to_message, error_result, messages_params_to_chat
+from api.compat.anthropic_message import chat_to_message, error_result
+from api.compat.anthropic_wire import WireError, messages_params_to_chat
+from workers.providers.anthropic_parts import without_anthropic_parts
 from workers.providers.anthropic_translate import chat_to_messages, message_to_chat
 
 _ANTHROPIC_PARAMS = TypeAdapter(message_create_params.MessageCreateParamsNonStreaming)
@@ -51,9 +53,10 @@ def params(messages: list[dict[str, Any]] | None = None, **fields: Any) -> dict[
 
 
 def translate(messages: list[dict[str, Any]] | None = None, **fields: Any) -> dict[str, Any]:
-    """messages_params_to_chat on valid params; the result must fit openai's Chat params exactly."""
+    """messages_params_to_chat on valid params; the result must fit openai's Chat params exactly, once
+    the Anthropic-only parts an OpenAI deployment is never sent are left out."""
     out = messages_params_to_chat(params(messages, **fields))
-    assert_valid_chat_body(out)
+    assert_valid_chat_body(dict(without_anthropic_parts(out)))
     return out
 
 
@@ -215,9 +218,7 @@ def test_malformed_metadata_is_rejected(metadata: Any, path: str) -> None:
     ("key", "value"),
     [
         ("top_k", 5),
-        ("thinking", {"type": "enabled", "budget_tokens": 2048}),
         ("service_tier", "auto"),
-        ("cache_control", {"type": "ephemeral"}),
         ("container", "container_1"),
         ("inference_geo", "us"),
         ("speed", "fast"),
@@ -227,8 +228,31 @@ def test_malformed_metadata_is_rejected(metadata: Any, path: str) -> None:
     ],
 )
 def test_params_without_a_chat_equivalent_are_dropped(key: str, value: Any) -> None:
-    """top_k, thinking, service_tier, cache_control and the other Anthropic-only keys are dropped."""
+    """top_k, service_tier and the other Anthropic-only keys with no use in Headrace are dropped."""
     assert translate(**{key: value}) == translate()
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("thinking", {"type": "enabled", "budget_tokens": 2048}), ("cache_control", {"type": "ephemeral"})],
+)
+def test_thinking_and_the_automatic_cache_breakpoint_are_kept_for_anthropic_deployments(
+    key: str, value: Any
+) -> None:
+    """thinking and a top-level cache_control ride in the canonical body, as given."""
+    assert translate(**{key: value}) == {**translate(), key: value}
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "path"),
+    [
+        ("thinking", "on", "params.thinking:"),
+        ("cache_control", {"type": "persistent"}, "params.cache_control:"),
+        ("cache_control", {"type": "ephemeral", "ttl": "2h"}, "params.cache_control:"),
+    ],
+)
+def test_a_malformed_thinking_or_cache_control_is_rejected_naming_it(key: str, value: Any, path: str) -> None:
+    assert wire_error(raw_params(**{key: value})).startswith(path)
 
 
 def test_unknown_keys_are_dropped() -> None:
@@ -252,13 +276,19 @@ def test_string_system_becomes_the_first_message() -> None:
     assert out["messages"] == [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}]
 
 
-def test_system_text_blocks_are_joined_with_blank_lines_and_cache_control_dropped() -> None:
-    """System text blocks join with "\\n\\n" into one string; their cache_control markers are dropped."""
-    system = [_text("You are terse."), _text("Answer in French.", cache_control={"type": "ephemeral"})]
+def test_system_text_blocks_are_joined_with_blank_lines() -> None:
+    """System text blocks without a cache breakpoint join with "\\n\\n" into one string."""
+    system = [_text("You are terse."), _text("Answer in French.")]
     assert translate(system=system)["messages"][0] == {
         "role": "system",
         "content": "You are terse.\n\nAnswer in French.",
     }
+
+
+def test_system_blocks_with_a_cache_breakpoint_stay_parts_with_their_cache_control() -> None:
+    """A breakpoint on a system block keeps the blocks as text parts, the marker where it was."""
+    system = [_text("You are terse."), _text("Answer in French.", cache_control={"type": "ephemeral"})]
+    assert translate(system=system)["messages"][0] == {"role": "system", "content": system}
 
 
 def test_empty_system_is_omitted() -> None:
@@ -305,7 +335,16 @@ def test_message_that_is_not_an_object_is_rejected() -> None:
 
 def test_lone_text_block_becomes_a_plain_string() -> None:
     """A content list of one text block becomes the plain-string shorthand."""
-    assert translate([_user([_text("Hi", cache_control={"type": "ephemeral"})])]) == translate()
+    assert translate([_user([_text("Hi")])]) == translate()
+
+
+def test_a_block_with_a_cache_breakpoint_keeps_it_and_is_never_shortened() -> None:
+    """cache_control on a text or image block stays on its Chat part; a lone text part stays a part."""
+    marked = _text("Hi", cache_control={"type": "ephemeral", "ttl": "1h"})
+    assert translate([_user([marked])])["messages"] == [{"role": "user", "content": [marked]}]
+    image = {**_image_b64(), "cache_control": {"type": "ephemeral"}}
+    (part,) = translate([_user([image])])["messages"][0]["content"]
+    assert part["type"] == "image_url" and part["cache_control"] == {"type": "ephemeral"}
 
 
 def test_several_text_blocks_stay_separate_text_parts() -> None:
@@ -514,30 +553,36 @@ def test_tool_results_chat_cannot_take_are_rejected(result: dict[str, Any], path
     assert wire_error(raw_params([_user([result])])).startswith(path)
 
 
-def test_thinking_blocks_are_dropped_and_a_thinking_only_turn_is_skipped() -> None:
-    """thinking and redacted_thinking blocks are dropped; an assistant turn left empty disappears."""
+def test_thinking_blocks_ride_on_their_assistant_turn_and_a_thinking_only_turn_is_skipped() -> None:
+    """An assistant turn's thinking and redacted_thinking blocks become its thinking_blocks, in order
+    and unmodified; a turn of thinking blocks only disappears (Chat rejects an empty message)."""
     thinking = {"type": "thinking", "thinking": "hmm", "signature": "sig"}
     redacted = {"type": "redacted_thinking", "data": "opaque"}
     out = translate(
-        [_user("a"), _assistant([thinking, redacted]), _user("b"), _assistant([thinking, _text("c")])]
+        [
+            _user("a"),
+            _assistant([thinking, redacted]),
+            _user("b"),
+            _assistant([thinking, redacted, _text("c")]),
+        ]
     )
     assert out["messages"] == [
         {"role": "user", "content": "a"},
         {"role": "user", "content": "b"},
-        {"role": "assistant", "content": "c"},
+        {"role": "assistant", "content": "c", "thinking_blocks": [thinking, redacted]},
     ]
 
 
 # tools and tool_choice
 
 
-def test_tools_become_function_tools_dropping_anthropic_only_fields() -> None:
-    """name/description/input_schema become a function tool; cache_control and strict are dropped."""
+def test_tools_become_function_tools_keeping_cache_control_and_dropping_strict() -> None:
+    """name/description/input_schema become a function tool; cache_control stays on it, strict goes."""
     no_description = {"name": "ping", "input_schema": {"type": "object"}, "type": "custom", "strict": True}
     tools = [{**WEATHER_TOOL, "cache_control": {"type": "ephemeral"}}, no_description]
     out = translate(tools=tools)
     assert out["tools"] == [
-        CHAT_WEATHER_TOOL,
+        {**CHAT_WEATHER_TOOL, "cache_control": {"type": "ephemeral"}},
         {"type": "function", "function": {"name": "ping", "parameters": {"type": "object"}}},
     ]
 
@@ -640,14 +685,15 @@ def _conversation() -> dict[str, Any]:
 
 
 def test_conversation_with_system_tools_tool_exchange_and_image_becomes_a_valid_chat_body() -> None:
-    """The full feature set translates into one openai-valid Chat body, field by field."""
+    """The full feature set translates into one Chat body, field by field, openai-valid once the
+    Anthropic-only parts an OpenAI deployment is never sent are left out."""
     out = messages_params_to_chat(_conversation())
-    assert_valid_chat_body(out)
+    assert_valid_chat_body(dict(without_anthropic_parts(out)))
     assert out == {
         "model": MODEL,
         "max_tokens": 100,
         "messages": [
-            {"role": "system", "content": "You are terse."},
+            {"role": "system", "content": [_text("You are terse.", cache_control={"type": "ephemeral"})]},
             {
                 "role": "user",
                 "content": [
@@ -669,16 +715,16 @@ def test_conversation_with_system_tools_tool_exchange_and_image_becomes_a_valid_
         "tools": [CHAT_WEATHER_TOOL],
         "tool_choice": "auto",
         "parallel_tool_calls": False,
+        "thinking": {"type": "enabled", "budget_tokens": 1024},
     }
 
 
 def test_worker_translation_of_the_chat_body_gives_back_the_anthropic_params() -> None:
-    """Going on through the worker's Chat -> Anthropic translator restores the params (minus dropped keys)."""
+    """Going on through the worker's Chat -> Anthropic translator restores the params, cache_control
+    and thinking included."""
     original = _conversation()
     back = chat_to_messages(messages_params_to_chat(original), model=MODEL, default_max_tokens=1)
-    expected = {k: v for k, v in original.items() if k != "thinking"}
-    expected["system"] = "You are terse."  # cache_control is dropped, so the shorthand string remains
-    assert back == expected
+    assert back == original
 
 
 # chat_to_message

@@ -232,11 +232,18 @@ def test_results_stream_one_line_per_request_in_input_order(client: TestClient, 
     ]
 
 
-def test_health_and_readiness(client: TestClient) -> None:
-    """/healthz always answers; /readyz checks the database and Redis."""
+def test_health_and_readiness(client: TestClient, redis: redis_lib.Redis) -> None:
+    """/healthz always answers; /readyz checks the database and Redis, and warns while the answer
+    cache's Redis (here the broker's server, db + 1) would never evict."""
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["checks"] == {"database": "ok", "redis": "ok"}
+    assert "noeviction" in ready.json()["warnings"]["cache_redis"]
+    redis.config_set("maxmemory-policy", "allkeys-lru")
+    try:
+        assert client.get("/readyz").json()["warnings"] == {}
+    finally:
+        redis.config_set("maxmemory-policy", "noeviction")
 
 
 def test_redis_down_the_batch_is_still_accepted_and_readyz_says_so(settings: Settings) -> None:

@@ -3,8 +3,10 @@ processes, the simulator. Fifty requests at once against a budget with room for 
 spend stays within the limit plus the pinned bound (what calls cost beyond their reserved worst
 case: a prompt estimated low), every request has its result line, and the ones the budget had no
 room for end ``expired`` saying so; the same with a worker SIGKILLed while its calls are in flight.
-And the seed question (tests/seed_question.py), on the same stack: one start, and one test, so that
-no stack of four workers idles beside a pace test that must run alone.
+And, on the same stack, the seed question (tests/seed_question.py) and single flight: twenty
+identical requests at once make one call, and with their leader's worker SIGKILLed mid-call one
+more at most. One start, and one test, so that no stack of four workers idles beside a pace test
+that must run alone.
 """
 
 from __future__ import annotations
@@ -53,6 +55,11 @@ output_price_per_mtok = {OUT_PRICE}
 name = "capped"
 deployments = ["priced"]
 deadline_s = 10
+
+[[routes]]
+name = "cached"
+deployments = ["priced"]
+cache = "exact"
 """
 
 
@@ -173,7 +180,9 @@ def _assert_redis_agrees(stack: EmbeddedStack, rule: BudgetRule, spent: Decimal,
         assert count.spent >= float(spent) - 1e-9
 
 
-def test_budgets_hold_under_fifty_at_once_a_killed_worker_and_doubled_prompts(stack: EmbeddedStack) -> None:
+def test_budgets_hold_under_fifty_at_once_a_killed_worker_and_doubled_prompts_and_one_call_is_made(
+    stack: EmbeddedStack,
+) -> None:
     """The seed question first (four healthy workers), then fifty requests at once against a budget
     with room for ten, then the same with a worker SIGKILLed while its calls are in flight."""
     seed_question.ask_the_seed_question(stack)
@@ -196,3 +205,54 @@ def test_budgets_hold_under_fifty_at_once_a_killed_worker_and_doubled_prompts(st
         raise AssertionError("no worker with a call in flight to kill")
 
     _run(stack, "proof-killed", during=kill_one, killed=True)
+    _coalescing_leader_killed(stack)
+
+
+def _coalescing_leader_killed(stack: EmbeddedStack) -> None:
+    """Twenty identical requests on four workers: one leads the call (4 s long), the others wait
+    for its answer holding no room. Its worker is SIGKILLed mid-call: within a lease TTL one
+    follower finds it dead and calls; every request ends succeeded, the provider sees two calls
+    at most, and the killed call's row is costed as lost, not forgotten."""
+    db = get_database(stack.env["HEADRACE_DATABASE_URL"])
+    key = create_api_key(db, "coalesce").key
+    _sim(stack, latency_ms=10, fault_rate=0.0)
+    received = _received(stack)
+    body = {
+        "model": "cached",
+        "messages": [{"role": "user", "content": "[[sim:latency_ms=4000]] What is a lease?"}],
+        "max_tokens": 50,
+        "temperature": 0,
+    }
+    lines = [{"custom_id": f"same-{i}", "body": body} for i in range(20)]
+    with httpx.Client(base_url=stack.api_url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as http:
+        created = http.post("/v1/batches", json={"requests": lines, "priority": "interactive"})
+        assert created.status_code == 201, created.text
+        batch_id = created.json()["id"]
+        ids = select(LlmRequest.id).where(LlmRequest.batch_id == batch_id)
+        in_flight = select(Attempt.worker).where(Attempt.request_id.in_(ids), Attempt.outcome == "in_flight")
+        deadline = time.monotonic() + 30
+        killed = None
+        while killed is None and time.monotonic() < deadline:
+            with db.session() as session:
+                calling = set(session.scalars(in_flight))
+            busy = [w for w in stack.workers_running() if any(str(w.pid) in (c or "") for c in calling)]
+            if busy:
+                killed = busy[0]
+                killed.kill()
+            time.sleep(0.05)
+        assert killed is not None, "the leader's call never started"
+        wait_ended(http, [batch_id], timeout_s=90)
+        results = _results(http, batch_id)
+    calls = _received(stack) - received
+    with db.session() as session:
+        outcomes = sorted(session.scalars(select(Attempt.outcome).where(Attempt.request_id.in_(ids))))
+    served = sorted(r.get("coalesced", False) or r.get("cached", False) for r in results)
+    print(f"\n20 identical requests, their leader killed: {calls} provider calls, outcomes {outcomes}")
+    assert [r["status"] for r in results] == ["succeeded"] * 20
+    assert calls <= 2 and outcomes.count("success") == calls - outcomes.count("lost")
+    assert outcomes.count("lost") == 1 and served.count(True) == 20 - outcomes.count("success")
+
+
+def _received(stack: EmbeddedStack) -> int:
+    stats = httpx.get(f"{stack.simulator_url}/_sim/stats", params={"records": 0}, timeout=10).json()
+    return int(sum(stats["received"].values()))

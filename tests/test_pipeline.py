@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from dataclasses import replace
 from datetime import timedelta
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,22 +19,17 @@ from sqlalchemy import select
 
 from api.batch_input import BatchLine
 from api.batch_service import BatchSpec, create_batch, result_line
-from broker_config.celery_app import configure
-from broker_config.deployments import parse_config
-from broker_config.settings import Settings
 from db.batch_state import load_counted
 from db.engine import Database
 from db.models import Attempt, Batch, LlmRequest
 from db.states import Priority
 from db.tenants import create_api_key
 from headrace.embedded import free_port
+from tests.pipeline_deps import pipeline_deps
 from tests.simulator_fixture import SimControl
 from workers.admission import Bucket
-from workers.breaker import Breaker, BreakerPolicy, FallbackCounter
-from workers.delays import DelayQueue
-from workers.leases import Leases
+from workers.breaker import Breaker, BreakerPolicy
 from workers.pipeline import Deps, run_request
-from workers.providers import default_adapters
 
 KEY_ENV = "HEADRACE_TEST_SIM_KEY"
 
@@ -130,20 +124,8 @@ def deps(
     db: Database, sim: SimControl, monkeypatch: pytest.MonkeyPatch, compat_url: str, redis: redis_lib.Redis
 ) -> Deps:
     monkeypatch.setenv(KEY_ENV, "sk-test")
-    configure(Settings(redis_url="redis://127.0.0.1:1/0"))  # publishing is not under test here
-    settings = Settings(database_url=db.url, max_attempts_per_deployment=3, call_timeout_s=2)
-    return Deps(
-        db=db,
-        config=parse_config(_config(sim.url, compat_url), Path("t.toml")),
-        settings=settings,
-        adapters=default_adapters(),
-        bucket=Bucket(redis, breaker=BreakerPolicy()),
-        delays=DelayQueue(redis),
-        leases=Leases(redis, 15),
-        fallbacks=FallbackCounter(redis),
-        worker="test",
-        sleep=lambda _s: None,
-    )
+    config = _config(sim.url, compat_url)
+    return pipeline_deps(db, config, redis, max_attempts_per_deployment=3, call_timeout_s=2)
 
 
 def _submit(deps: Deps, route: str, text: str = "hello", n: int = 1, max_tokens: int = 20) -> list[str]:

@@ -15,24 +15,19 @@ import redis as redis_lib
 from kombu import Consumer
 
 from broker_config import keys
-from broker_config.celery_app import app, configure
-from broker_config.deployments import parse_config
+from broker_config.celery_app import app
 from broker_config.publisher import publish_requests
 from broker_config.queues import ALL_QUEUES, broker_lists, broker_unacked_key
-from broker_config.settings import Settings
 from db.engine import Database
 from db.models import LlmRequest
 from headrace.embedded import start_redis
+from tests.pipeline_deps import pipeline_deps
 from tests.simulator_fixture import SimControl
 from tests.test_pipeline import KEY_ENV, _config, _state, _submit
 from workers import ledger
-from workers.admission import Bucket
-from workers.breaker import BreakerPolicy, FallbackCounter
-from workers.delays import DelayQueue
 from workers.housekeeping import LostMessageSweep, OrphanSweep
 from workers.leases import LeaseKeeper, Leases
 from workers.pipeline import Deps, recovery_claim, run_request
-from workers.providers import default_adapters
 
 
 class PrivateRedis:
@@ -74,20 +69,8 @@ def deps(
     private_redis: PrivateRedis,
 ) -> Deps:
     monkeypatch.setenv(KEY_ENV, "sk-test")
-    configure(Settings(redis_url=private_redis.url))
-    settings = Settings(database_url=db.url, redis_url=private_redis.url, call_timeout_s=10, lease_ttl_s=3)
-    return Deps(
-        db=db,
-        config=parse_config(_config(sim.url), Path("t.toml")),
-        settings=settings,
-        adapters=default_adapters(),
-        bucket=Bucket(client, breaker=BreakerPolicy()),
-        delays=DelayQueue(client),
-        leases=Leases(client, settings.lease_ttl_s),
-        fallbacks=FallbackCounter(client),
-        worker="test",
-        sleep=lambda _s: None,
-    )
+    config = _config(sim.url)
+    return pipeline_deps(db, config, client, broker_url=private_redis.url, call_timeout_s=10, lease_ttl_s=3)
 
 
 def _calls(sim: SimControl) -> int:

@@ -209,6 +209,17 @@ def test_anthropic_reserves_max_tokens_up_front(sim: SimControl) -> None:
         message(client, max_tokens=1001)  # larger than the whole bucket: can never fit
 
 
+def test_anthropic_otpm_may_count_only_the_output_produced(sim: SimControl) -> None:
+    """otpm_counts = "output": a provider counting output as generated takes a short answer's
+    real length, whatever its max_tokens (bench/short_answers.py)."""
+    sim.configure(otpm=1_000, otpm_counts="output")
+    client = ant(sim)
+    for _ in range(3):
+        assert message(client, "[[sim:output_tokens=300]]", max_tokens=4096).usage.output_tokens == 300
+    with pytest.raises(anthropic.RateLimitError):
+        message(client, "[[sim:output_tokens=300]]", max_tokens=4096)  # 900 taken, 300 more do not fit
+
+
 def test_buckets_are_separate_per_api_key_and_model(sim: SimControl) -> None:
     sim.configure(rpm=1)
     chat(oai(sim, api_key="sk-a"))

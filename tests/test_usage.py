@@ -79,6 +79,7 @@ def _run_calls(settings: Settings, batch_id: str, days_ago: int = 0) -> None:
             calls = CALLS[request.line_no % len(CALLS)]
             request.created_at -= timedelta(days=days_ago)
             for number, (deployment, outcome, tokens_in, tokens_out, cost) in enumerate(calls, start=1):
+                cache_read = tokens_in // 2 if outcome == "success" else 0  # half its prompt cached
                 session.add(
                     Attempt(
                         request_id=request.id,
@@ -90,11 +91,13 @@ def _run_calls(settings: Settings, batch_id: str, days_ago: int = 0) -> None:
                         outcome=outcome,
                         input_tokens=tokens_in,
                         output_tokens=tokens_out,
+                        cache_read_tokens=cache_read,
                         cost_usd=Decimal(cost) if cost else None,
                     )
                 )
                 request.input_tokens += tokens_in
                 request.output_tokens += tokens_out
+                request.cache_read_tokens += cache_read
                 request.cost_usd += Decimal(cost) if cost else Decimal(0)
                 request.attempt_count += 1
                 request.unpriced_attempts += cost is None
@@ -146,6 +149,7 @@ def test_a_report_grouped_by_tags_is_the_ledgers_cost_rows_exactly(
     assert Decimal(total["overhead_cost_usd"]) == 2 * Decimal("0.0057")
     assert Decimal(total["cost_per_success_usd"]) == (2 * Decimal("0.0099") / 6).quantize(Decimal("1e-10"))
     assert total["input_tokens"]["sum"] == 2 * (10 + 20 + 24 + 20 + 30)
+    assert total["cache_read_tokens"] == 2 * (5 + 5 + 6) and total["cache_write_tokens"] == 0
     per_request_in = sorted([10, 20, 24, 20, 30] * 2)
     assert total["input_tokens"]["p50"] == per_request_in[4] and total["input_tokens"]["p95"] == 30
     assert total["input_tokens"]["mean"] == sum(per_request_in) / 10
@@ -166,6 +170,8 @@ def test_by_route_deployment_and_day_and_what_each_key_may_see(
     by_deployment = client.get("/v1/usage", params={"group_by": "deployment"}, headers=beta).json()
     calls = {g["group"]["deployment"]: (g["attempts"], Decimal(g["cost_usd"])) for g in by_deployment["data"]}
     assert calls == {"openai-mini": (4, Decimal("0.0029")), "claude-haiku": (3, Decimal("0.0070"))}
+    cached = {g["group"]["deployment"]: g["cache_read_tokens"] for g in by_deployment["data"]}
+    assert cached == {"openai-mini": 5 + 5, "claude-haiku": 6}
 
     refused = client.get("/v1/usage", params={"group_by": "tenant"}, headers=acme)
     assert refused.status_code == 403 and refused.json()["error"]["type"] == "permission_error"

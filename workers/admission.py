@@ -3,7 +3,9 @@ that from the shared bucket in one atomic step (or waiting, or never), and settl
 call has ended.
 
     estimate_call(deployment, body)            estimated prompt + output cap x n
-    admit(bucket, deployment, estimate, ...)   Bucket.take -> lua/bucket_take.lua, all or nothing
+    admit(bucket, deployment, estimate, ...)   Bucket.take -> lua/bucket_take.lua, all or nothing;
+                                               OTPM may reserve the learned output instead of the
+                                               cap (learn_output: workers/output_estimate.py)
         -> Ticket | Wait (how long, and why) | TooLarge (can never fit there)
     ... the provider call ...
     settlement(deployment, estimate, outcome)  what the call really counted, limit by limit, and
@@ -23,7 +25,9 @@ only the head of the line asks, the others wait without Redis or CPU. What peopl
 (``broker_config/bucket_state.py``). How each provider counts (which tokens count against which
 limit, the offline prompt estimate, what a call that ended counted) is ``workers/metering.py``,
 and how its headers read as a forecast ``workers/forecast.py``, kept apart only so that this
-module stays one readable page.
+module stays one readable page. Which limits may reserve a learned output rather than max_tokens
+(only where the provider counts the output really produced; never OpenAI's TPM, which takes
+max_tokens at the door), and how it is learned: ``workers/output_estimate.py``.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from workers.metering import (
     estimate_prompt_tokens,
     settlement_of,
 )
+from workers.output_estimate import Sampling, learnable_limits
 from workers.providers.base import CallFailed, ProviderReply, requested_max_tokens
 from workers.waiting_line import Place, WaitingLine
 
@@ -73,6 +78,7 @@ __all__ = [
     "admit",
     "estimate_call",
     "estimate_prompt_tokens",
+    "learned_charges",
     "requested_max_tokens",
     "settle",
     "settlement",
@@ -89,7 +95,9 @@ class Estimate:
     """A call's size before it is made: estimated prompt tokens, and the output it may produce."""
 
     prompt_tokens: int
-    output_tokens: int  # max_tokens x n: what the provider reserves
+    output_tokens: int  # max_tokens x n: what the provider may produce (budgets reserve its cost)
+    completions: int = 1  # n
+    route: str = ""  # the model the request asked for: whose outputs a learned reservation reads
 
 
 def estimate_call(deployment: Deployment, body: Mapping[str, Any], default_max_tokens: int) -> Estimate:
@@ -98,13 +106,32 @@ def estimate_call(deployment: Deployment, body: Mapping[str, Any], default_max_t
     n = body.get("n")
     completions = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
     max_tokens = requested_max_tokens(body, deployment.max_output_tokens or default_max_tokens)
-    return Estimate(estimate_prompt_tokens(body), max_tokens * completions)
+    model = body.get("model")
+    route = model if isinstance(model, str) else ""
+    return Estimate(estimate_prompt_tokens(body), max_tokens * completions, completions, route)
 
 
-def admission_charges(deployment: Deployment, estimate: Estimate) -> list[Charge]:
-    """What the call takes from each of the deployment's limits, before it is made."""
+def admission_charges(
+    deployment: Deployment, estimate: Estimate, learned_output: int | None = None
+) -> list[Charge]:
+    """What the call takes from each of the deployment's limits, before it is made.
+    ``learned_output``: the output reserved instead of the cap on the limits that count real
+    output (``output_estimate.learnable_limits``); None: the cap everywhere."""
     costs = by_limit(1, estimate.prompt_tokens, estimate.output_tokens)
-    return [Charge(name, limit, costs[name] or 0.0) for name, limit in deployment.limits().items()]
+    learned = costs if learned_output is None else by_limit(1, estimate.prompt_tokens, learned_output)
+    learnable = learnable_limits(deployment)
+    return [
+        Charge(name, limit, (learned if name in learnable else costs)[name] or 0.0)
+        for name, limit in deployment.limits().items()
+    ]
+
+
+def learned_charges(bucket: Bucket, deployment: Deployment, estimate: Estimate) -> list[Charge]:
+    """``admission_charges`` with the route's learned output where the deployment learns it (the
+    figure is the process's own copy, refreshed every few seconds: no round trip per call)."""
+    cap = estimate.output_tokens // max(1, estimate.completions)
+    learned = bucket.outputs.reservation(deployment, estimate.route, cap, estimate.completions)
+    return admission_charges(deployment, estimate, learned)
 
 
 def tenant_charges(tenant: TenantLimits | None, estimate: Estimate) -> list[Charge]:
@@ -129,6 +156,7 @@ class Ticket:
     tenant_charges: list[Charge]
     probe: bool = False  # the half-open breaker's probe: its outcome decides whether it closes
     budgets: tuple[BudgetCharge, ...] = ()  # the worst-case cost reserved from each budget
+    sampling: Sampling | None = None  # where its real output is recorded, when its deployment learns
 
 
 @dataclass(frozen=True)
@@ -164,8 +192,9 @@ def admit(
     chain or parks the request in the delay queue for about as long as its turn would take.
     ``budgets``: the call's worst-case cost, reserved in the same step; a budget without room is
     never waited for in place."""
-    charges = admission_charges(deployment, estimate)
+    charges = learned_charges(bucket, deployment, estimate)
     ceiling = tenant_charges(tenant, estimate)
+    sampling = bucket.outputs.sampling(deployment, estimate.route, estimate.completions)
     tenant_name = tenant.name if tenant else None
     ttl_s = bucket.policy.reservation_ttl_s(deployment)
     line = line if line is not None else WaitingLine()  # alone in a line of its own: always the head
@@ -196,7 +225,9 @@ def admit(
                 line.granted(deployment.name, place)
                 place = None
                 probe = admission.probe
-                return Ticket(deployment, reservation_id, charges, tenant_name, ceiling, probe, budgets)
+                return Ticket(
+                    deployment, reservation_id, charges, tenant_name, ceiling, probe, budgets, sampling
+                )
             if admission.status in ("open", "budget"):  # not worth waiting for in place
                 return Wait(admission.wait_s, admission.reason)
             if admission.status == "never":
@@ -253,7 +284,8 @@ def settle(
     cost_usd: Decimal | None = None,
 ) -> Settled:
     """Never raises: a paid call's ledger row must not depend on the bucket. A bucket we cannot
-    reach only loses the refund (it over-throttles until the reservation expires). ``failed``:
+    reach only loses the refund (it over-throttles until the reservation expires) and the call's
+    sample of its route's output (when its deployment learns one). ``failed``:
     whether the call says the deployment is unhealthy (None: no call was made, the breaker is not
     told). ``cost_usd``: what the call cost as the ledger recorded it, spent from the budgets
     (an unsettled budget reservation expires and counts at its worst case)."""
@@ -265,6 +297,8 @@ def settle(
                 "could not settle budgets of %s (%s); it expires and counts", ticket.reservation_id, exc
             )
     call = None if failed is None else BreakerCall(call_id, failed=failed, probe=ticket.probe)
+    answered = settlement.output_tokens
+    sample = None if ticket.sampling is None or answered is None else ticket.sampling.sample(answered)
     try:
         return bucket.settle(
             ticket.deployment.name,
@@ -274,6 +308,7 @@ def settle(
             tenant=ticket.tenant,
             tenant_charges=ticket.tenant_charges,
             call=call,
+            sample=sample,
         )
     except redis.RedisError as exc:
         log.warning("could not settle reservation %s (%s); it expires on its own", ticket.reservation_id, exc)

@@ -1,32 +1,27 @@
 """Attempts on one deployment of a route's chain, one call at a time: reserve room in its bucket,
 write the attempt row, call, record the call in the ledger first, then tell Redis (best-effort).
 
-``Deps`` (everything a run needs) and ``Walk`` (what a run's walk down its chain has learned) live
-here, below ``workers.pipeline``, which walks the chain.
+What a run carries (``Deps``, ``Walk``) is ``workers/run_deps.py``; ``workers.pipeline`` walks the
+chain.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
-from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
 
 import redis
 import structlog
 
-from broker_config.deployments import Deployment, DeploymentsConfig, Route
-from broker_config.settings import Settings
-from db.engine import Database
+from broker_config.deployments import Deployment
 from db.states import AttemptOutcome, RequestStatus
 from db.types import utcnow
 from workers import ledger, observe, spans
 from workers.admission import (
     DEFAULT_PAUSE_S,
     MAX_PAUSE_S,
-    Bucket,
-    BudgetCharge,
     Estimate,
     Ticket,
     TooLarge,
@@ -36,77 +31,15 @@ from workers.admission import (
     settle,
     settlement,
 )
-from workers.breaker import FallbackCounter, is_provider_failure
+from workers.breaker import is_provider_failure
 from workers.costing import call_cost_usd
-from workers.delays import DelayQueue
-from workers.leases import Lease, Leases
+from workers.leases import Lease
 from workers.policy import FAIL, FALL_BACK, RETRY, Decision, backoff_s, decide, outcome_error
-from workers.providers.base import CallFailed, ProviderAdapter, ProviderCall, ProviderReply, call_provider
-from workers.waiting_line import WaitingLine
-
-if TYPE_CHECKING:  # workers.budgets builds on this module
-    from workers.budgets import Budgets
+from workers.providers.anthropic_parts import dropped_for_openai
+from workers.providers.base import CallFailed, ProviderCall, ProviderReply, call_provider
+from workers.run_deps import Deps, Walk
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class Deps:
-    """Everything a run needs; tests build their own."""
-
-    db: Database
-    config: DeploymentsConfig
-    settings: Settings
-    adapters: Mapping[str, ProviderAdapter]
-    bucket: Bucket
-    delays: DelayQueue
-    leases: Leases
-    fallbacks: FallbackCounter
-    worker: str  # this process's name on the attempts it makes
-    sleep: Callable[[float], None] = field(default=time.sleep)
-    # This process's threads waiting for room on a deployment take turns to ask its bucket.
-    line: WaitingLine = field(default_factory=WaitingLine)
-    budgets: Budgets | None = None  # the tenants' budgets (None: none are enforced)
-
-
-@dataclass
-class Walk:
-    """One run's walk down its route's chain, and what it has learned so far."""
-
-    run: ledger.RunStart
-    lease: Lease
-    route: Route
-    deadline: datetime  # no call starts after this: the batch's window, or the route's deadline
-    over: bool = False  # the request ended, or this run no longer owns it: stop here
-    failures: list[dict[str, Any]] = field(default_factory=list)  # this run's, in order
-    soonest_room_s: float | None = None  # the shortest wait a busy deployment asked for
-    expected_room_s: float | None = None  # the shortest a busy deployment's line expects
-    attempts: int = 0  # the request's attempts so far, all runs included
-    billed: int = 0  # calls the provider may have charged for, all runs included
-    # What a call reserves from the request's budgets, at its worst case (workers/budgets.py).
-    budgets: Callable[[Deployment, Estimate], tuple[BudgetCharge, ...]] = lambda deployment, estimate: ()
-    held_by_budget: bool = False  # a budget has no room: the chain stops, the request waits
-
-    def __post_init__(self) -> None:
-        self.billed = self.run.billed_attempts
-
-    def busy(self, wait: Wait, deployment: str | None = None) -> None:
-        """A deployment cannot take the request for ``wait``; noted as its last error when named."""
-        if self.soonest_room_s is None or wait.seconds < self.soonest_room_s:
-            self.soonest_room_s = wait.seconds
-        expected = max(wait.seconds, wait.expected_s or 0.0)
-        if self.expected_room_s is None or expected < self.expected_room_s:
-            self.expected_room_s = expected
-        if deployment is not None:
-            message = f"{wait.reason.replace('_', ' ')}: room again in {wait.seconds:.1f}s"
-            self.failures.append(
-                {"kind": wait.reason, "deployment": deployment, "message": message, "passes": True}
-            )
-
-    def last_errors(self) -> list[dict[str, Any]]:
-        """Each deployment's last error, earlier runs' included, in the order they came."""
-        by_deployment = {e.get("deployment"): e for e in [*self.run.last_errors, *self.failures]}
-        return list(by_deployment.values())
 
 
 def end_without_call(
@@ -306,9 +239,13 @@ def _record(
             first_chunk_ms=first_ms,
             generation_ms=None if first_ms is None else latency_ms - first_ms,
         )
-        end = ledger.RequestEnd(RequestStatus.SUCCEEDED, response=outcome.body, deployment=deployment.name)
+        dropped = dropped_for_openai(deployment.provider, walk.run.body)  # the parts it was not sent
+        end = ledger.RequestEnd(
+            RequestStatus.SUCCEEDED, response=outcome.body, deployment=deployment.name, notes=dropped
+        )
         owned = ledger.finish_attempt(deps.db, walk.run.request_id, walk.lease.token, attempt_no, result, end)
         _observe_attempt(walk, deployment, result, ended=RequestStatus.SUCCEEDED if owned else None)
+        walk.answered = (outcome, deployment, result.cost_usd) if owned else None
         walk.over = True
         return None
     decision = decide(outcome)

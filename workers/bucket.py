@@ -21,6 +21,7 @@ from db.states import Priority
 from workers.breaker import BreakerCall, BreakerPolicy, count_keys, log_transition
 from workers.forecast import Forecast
 from workers.metering import Settlement
+from workers.output_estimate import OutputEstimates, OutputPolicy, OutputSample
 
 __all__ = ["Admission", "Bucket", "BucketPolicy", "BudgetCharge", "Charge", "Settled"]
 
@@ -76,6 +77,8 @@ class BucketPolicy:
     # A new bucket starts its refill this much after its first take: the provider's starts when
     # that call reaches it (client set-up, connection), and ours must not run ahead of it.
     first_call_s: float = 0.25
+    # Learned output reservations (workers/output_estimate.py), on deployments with learn_output.
+    outputs: OutputPolicy = field(default_factory=OutputPolicy)
 
     def reservation_ttl_s(self, deployment: Deployment) -> float:
         """How long a reservation on ``deployment`` lives unsettled. It must outlive the call: an
@@ -122,6 +125,8 @@ class Bucket:
         self.policy = policy or BucketPolicy()
         self.breaker = breaker
         self._clock_ms = clock_ms
+        # The learned output of each deployment and route, read at most every few seconds.
+        self.outputs = OutputEstimates(client, self.policy.outputs)
         self._take = client.register_script(lua_source("bucket_take.lua", BREAKER_AND_BUDGET))
         self._settle = client.register_script(lua_source("bucket_settle.lua", BREAKER_AND_BUDGET))
         self._budget_take = client.register_script(lua_source("budget_take.lua", BUDGET))
@@ -221,9 +226,11 @@ class Bucket:
         tenant: str | None = None,
         tenant_charges: Sequence[Charge] = (),
         call: BreakerCall | None = None,
+        sample: OutputSample | None = None,
     ) -> Settled:
         """Give back (or take) the difference between reserved and used; learn from headers; with
-        a breaker policy and the ``call``, count it in the deployment's breaker."""
+        a breaker policy and the ``call``, count it in the deployment's breaker; push the call's
+        real output on its route's ``sample`` list (learned output reservations)."""
         policy = self.policy
         args: list[str | float | int] = [
             self._clock(),
@@ -251,6 +258,13 @@ class Bucket:
         script_keys = self._keys(deployment, tenant)
         if self.breaker is not None and call is not None:
             script_keys += count_keys(deployment)
+        if sample is not None:
+            script_keys.append(sample.key)
+            kept = self.policy.outputs.samples_kept
+            args += [len(script_keys), kept, int(self.policy.outputs.keep_s * 1000), sample.tokens]
+        else:
+            args += [0, 0, 0, 0]
+        if self.breaker is not None and call is not None:
             args += self.breaker.count_args(call)
         found, transition = self._settle(keys=script_keys, args=args)
         transition = transition.decode() if isinstance(transition, bytes) else str(transition)

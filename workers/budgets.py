@@ -36,13 +36,13 @@ from db.states import Priority
 from db.types import utcnow
 from workers import ledger
 from workers.admission import Estimate
-from workers.attempts import Deps
 from workers.bucket import BudgetCharge
 from workers.costing import call_cost_usd
 from workers.holds import Hold, hold
 from workers.leases import Lease
 from workers.ledger_records import RunStart
 from workers.providers.base import Usage
+from workers.run_deps import Deps
 
 log = structlog.get_logger(__name__)
 

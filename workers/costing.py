@@ -21,10 +21,9 @@ _warned_lock = threading.Lock()
 def call_cost_usd(deployment: Deployment, usage: Usage) -> Decimal | None:
     """Cost of one call in USD, exact; None when no price is known (warned once per model)."""
     if deployment.input_price_per_mtok is not None and deployment.output_price_per_mtok is not None:
-        return (
-            usage.input_tokens * deployment.input_price_per_mtok
-            + usage.output_tokens * deployment.output_price_per_mtok
-        ) / MTOK
+        return _override_cost_usd(
+            deployment, deployment.input_price_per_mtok, deployment.output_price_per_mtok, usage
+        )
     try:
         price = genai_prices.calc_price(
             genai_prices.Usage(
@@ -40,6 +39,22 @@ def call_cost_usd(deployment: Deployment, usage: Usage) -> Decimal | None:
         _warn_unknown(deployment)
         return None
     return Decimal(price.total_price)
+
+
+def _override_cost_usd(
+    deployment: Deployment, input_price: Decimal, output_price: Decimal, usage: Usage
+) -> Decimal:
+    # usage.input_tokens counts cache reads and writes too; each is priced at its own rate, the
+    # input price when the deployment names none.
+    read_price = deployment.cache_read_price_per_mtok
+    write_price = deployment.cache_write_price_per_mtok
+    uncached = usage.input_tokens - usage.cache_read_tokens - usage.cache_write_tokens
+    return (
+        uncached * input_price
+        + usage.cache_read_tokens * (input_price if read_price is None else read_price)
+        + usage.cache_write_tokens * (input_price if write_price is None else write_price)
+        + usage.output_tokens * output_price
+    ) / MTOK
 
 
 def _warn_unknown(deployment: Deployment) -> None:

@@ -15,8 +15,9 @@ import structlog
 from db.states import RequestStatus
 from db.types import utcnow
 from workers import ledger, observe
-from workers.attempts import Deps, end_without_call
+from workers.attempts import end_without_call
 from workers.leases import Lease
+from workers.run_deps import Deps
 
 log = structlog.get_logger(__name__)
 

@@ -245,6 +245,7 @@ def finish_attempt(
         delta = BatchDelta()
         added = BatchDelta()  # what the request's own counters get: the delta's usage part
         overhead = Decimal(0)  # of added.cost_usd, what calls that did not answer cost
+        cache_read = cache_write = 0  # a lost call's estimate had none: nothing to take back
         if attempt.lease == lease and attempt.outcome in (AttemptOutcome.IN_FLIGHT, AttemptOutcome.LOST):
             if attempt.outcome == AttemptOutcome.LOST:
                 # Declared lost too early; the real figures replace the estimate.
@@ -252,6 +253,7 @@ def finish_attempt(
                     counts.usage(attempt.input_tokens, attempt.output_tokens, attempt.cost_usd, -1)
                 overhead -= attempt.cost_usd or Decimal(0)
             usage = result.usage or Usage(0, 0)
+            cache_read, cache_write = usage.cache_read_tokens, usage.cache_write_tokens
             # A failed call before any tokens were used costs nothing; with usage, its price.
             cost = result.cost_usd if result.usage is not None else Decimal(0)
             session.execute(
@@ -267,6 +269,8 @@ def finish_attempt(
                     "generation_ms": result.generation_ms,
                     "input_tokens": usage.input_tokens,
                     "output_tokens": usage.output_tokens,
+                    "cache_read_tokens": cache_read,
+                    "cache_write_tokens": cache_write,
                     "error": result.error,
                     "provider_request_id": result.provider_request_id,
                     "cost_estimated": False,
@@ -281,6 +285,8 @@ def finish_attempt(
             "b_request_id": request_id,
             "d_in": added.input_tokens,
             "d_out": added.output_tokens,
+            "d_cache_read": cache_read,
+            "d_cache_write": cache_write,
             "d_cost": added.cost_usd,
             "d_overhead": overhead,
             "d_unpriced": added.unpriced_attempts,
@@ -295,6 +301,10 @@ def finish_attempt(
                 "ended_at": now,
             }
             session.execute(sql.END_REQUEST, usage_params | end_params)
+            if end.notes:  # e.g. what an OpenAI deployment that answered was not sent
+                noted = session.execute(sql.REQUEST_NOTES, {"request_id": request_id}).scalar()
+                notes = {**(noted or {}), **end.notes}
+                session.execute(sql.SET_NOTES, {"b_request_id": request_id, "v_notes": notes})
             delta.ended(end.status)
         elif added.changes() or overhead:
             session.execute(sql.ADD_USAGE, usage_params)

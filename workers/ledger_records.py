@@ -48,3 +48,4 @@ class RequestEnd:
     response: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     deployment: str | None = None
+    notes: dict[str, Any] | None = None  # added to the request's notes, for its result line

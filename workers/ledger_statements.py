@@ -91,6 +91,8 @@ ADD_USAGE = (
     .values(
         input_tokens=_requests.c.input_tokens + bindparam("d_in", type_=Integer),
         output_tokens=_requests.c.output_tokens + bindparam("d_out", type_=Integer),
+        cache_read_tokens=_requests.c.cache_read_tokens + bindparam("d_cache_read", type_=Integer),
+        cache_write_tokens=_requests.c.cache_write_tokens + bindparam("d_cache_write", type_=Integer),
         cost_usd=_requests.c.cost_usd + bindparam("d_cost", type_=Money),
         overhead_cost_usd=_requests.c.overhead_cost_usd + bindparam("d_overhead", type_=Money),
         unpriced_attempts=_requests.c.unpriced_attempts + bindparam("d_unpriced", type_=Integer),
@@ -104,4 +106,11 @@ END_REQUEST = ADD_USAGE.values(
     deployment=func.coalesce(bindparam("deployment", type_=String), _requests.c.deployment),
     ended_at=bindparam("ended_at", type_=_requests.c.ended_at.type),
     lease=None,
+)
+# What a request's end adds to its notes (rare: read, merged in Python, written back).
+REQUEST_NOTES = select(_requests.c.notes).where(_requests.c.id == bindparam("request_id"))
+SET_NOTES = (
+    update(_requests)
+    .where(_requests.c.id == bindparam("b_request_id"))
+    .values(notes=bindparam("v_notes", type_=_requests.c.notes.type))
 )

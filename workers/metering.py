@@ -3,7 +3,9 @@ it (``settlement``: what it really counted, and what the provider's headers fore
 
 OpenAI charges prompt tokens (its own offline estimate) + max_tokens x n against TPM at
 admission. Anthropic charges input tokens against ITPM and reserves max_tokens against OTPM,
-adjusting to the real output at the end; cache reads do not count against ITPM. A request counts
+adjusting to the real output at the end; cache reads do not count against ITPM. On a deployment
+with ``learn_output``, the OTPM reservation is the route's learned output instead
+(``workers/output_estimate.py``), and the settlement records what the call really produced. A request counts
 against RPM once admitted. A 429 counted nothing. The decision flow that uses this is
 ``workers/admission.py``; this part stands apart only to keep that module one readable page.
 """
@@ -61,6 +63,9 @@ class Settlement:
     rate_limited: bool = False
     pause_s: float = 0.0
     age_s: float = 0.0
+    # A call that answered: the output it really produced, a sample of its route's (None: it did
+    # not answer; workers/output_estimate.py).
+    output_tokens: int | None = None
 
 
 def settlement_of(
@@ -72,7 +77,7 @@ def settlement_of(
     if isinstance(outcome, ProviderReply):
         usage = outcome.usage
         used = by_limit(1, counted_input_tokens(deployment, usage), usage.output_tokens)
-        return Settlement(used=used, tenant_used=used, observed=observed)
+        return Settlement(used=used, tenant_used=used, observed=observed, output_tokens=usage.output_tokens)
     if outcome.status == 429:
         # Refused at the door: nothing counted. Everyone pauses for the provider's retry-after.
         nothing = by_limit(0, 0, 0)

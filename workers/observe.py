@@ -52,6 +52,10 @@ def configure(enabled: bool, config: DeploymentsConfig | None = None) -> None:
         metrics.webhook_deliveries.labels(delivery)
     for kind in EventKind:
         metrics.anomalies.labels(kind.value)
+    for route in config.routes:
+        if route.cache != "off":
+            for result in ("hit", "semantic_hit", "coalesced", "miss"):
+                metrics.cache_lookups.labels(route.name, result)
 
 
 @dataclass(frozen=True)
@@ -204,3 +208,14 @@ def anomaly(kind: str) -> None:
     """An anomaly event the ledger has just recorded (not one a cooldown folded into an earlier)."""
     if _enabled:
         metrics.anomalies.labels(kind).inc()
+
+
+def cache_lookup(route: str, result: str) -> None:
+    if _enabled:
+        metrics.cache_lookups.labels(route, result).inc()
+
+
+def served(route: str, served_from: str | None, saved_usd: Decimal | None) -> None:
+    """A request the ledger has just ended with an answer it did not pay for again."""
+    if _enabled and served_from is not None:
+        metrics.cache_saved.labels(route, served_from).inc(float(saved_usd or 0))

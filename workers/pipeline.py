@@ -27,15 +27,16 @@ from broker_config.deployments import DeploymentsConfig, Route
 from broker_config.settings import Settings
 from db.states import Priority, RequestStatus
 from db.types import utcnow
-from workers import budgets, ledger, lost_calls, observe, spans
+from workers import budgets, cached_runs, ledger, lost_calls, observe, spans
 from workers.admission import estimate_call, estimate_prompt_tokens, requested_max_tokens
-from workers.attempts import Deps, Walk, best_effort, end_without_call, try_deployment
+from workers.attempts import best_effort, end_without_call, try_deployment
 from workers.costing import call_cost_usd
 from workers.holds import Hold, hold
 from workers.input_budget import fit
 from workers.leases import Lease
 from workers.policy import busy_park_s, park_s
 from workers.providers.base import Usage
+from workers.run_deps import Deps, Walk
 
 __all__ = ["Deps", "longest_call_s", "longest_run_s", "recovery_claim", "run_request"]
 
@@ -129,11 +130,25 @@ def _walk_chain(run: ledger.RunStart, lease: Lease, deps: Deps) -> None:
         if fitted is None:
             return
         run = fitted
+    if cached_runs.serve_stored(run, lease, route, deps):  # a cached answer, budgets or not
+        return
     gated = budgets.gate(run, lease, route, deps)  # held, downgraded, or what calls reserve
     if gated is None:
         return
     route, charges = gated
+    flight = cached_runs.take_flight(run, lease, route, deps, _deadline(run, route))
+    if isinstance(flight, str):  # answered by an identical request in flight, or waiting for it
+        return
     walk = Walk(run, lease, route, deadline=_deadline(run, route), budgets=charges)
+    try:
+        _walk(walk, deps)
+    finally:
+        cached_runs.land(flight, walk, deps)  # the answer stored, the flight let go
+
+
+def _walk(walk: Walk, deps: Deps) -> None:
+    """Down the chain until a deployment answers or the request ends; else fail, or wait."""
+    route = walk.route
     for position, name in enumerate(route.deployments):
         if position:
             observe.fell_back(route.name, route.deployments[position - 1], name)

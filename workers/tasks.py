@@ -16,10 +16,10 @@ from redis.retry import Retry
 
 from broker_config import keys, metrics, tracing
 from broker_config.celery_app import app
-from broker_config.deployments import load_config
+from broker_config.deployments import DeploymentsConfig, load_config
 from broker_config.publisher import publish_requests
 from broker_config.queues import RUN_REQUEST_TASK
-from broker_config.redis_clients import settings_client, state_client
+from broker_config.redis_clients import cache_client, settings_client, state_client
 from broker_config.settings import Settings, get_settings
 from db.engine import DEFAULT_HOLD_S, settings_database
 from db.retention import SUGGESTED_INTERVAL_S
@@ -27,8 +27,10 @@ from db.states import Priority
 from workers import observe, spans
 from workers.admission import Bucket, BucketPolicy
 from workers.anomalies import AnomalyDetector
+from workers.answer_cache import AnswerCache
 from workers.breaker import BreakerPolicy, FallbackCounter
 from workers.budgets import Budgets
+from workers.cached_runs import CacheDeps
 from workers.delays import DelayPublisher, DelayQueue
 from workers.housekeeping import (
     Housekeeper,
@@ -40,8 +42,11 @@ from workers.housekeeping import (
     sweep_unpublished,
 )
 from workers.leases import LeaseKeeper, Leases
-from workers.pipeline import Deps, recovery_claim, run_request
+from workers.output_estimate import OutputPolicy
+from workers.pipeline import Deps, longest_run_s, recovery_claim, run_request
 from workers.providers import default_adapters
+from workers.semantic_cache import SemanticCache
+from workers.single_flight import Flights
 from workers.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
@@ -92,6 +97,7 @@ def bucket_policy(settings: Settings) -> BucketPolicy:
         factor_drop=settings.rate_factor_on_429,
         factor_min=settings.rate_factor_min,
         factor_recovery_per_s=settings.rate_factor_recovery_per_s,
+        outputs=OutputPolicy.from_settings(settings),
     )
 
 
@@ -138,7 +144,20 @@ def default_deps() -> Deps:
         fallbacks=FallbackCounter(client),
         worker=settings.worker_id or f"{socket.gethostname()}:{os.getpid()}",
         budgets=Budgets(db, client, refresh_s=settings.budget_refresh_s),
+        cache=cache_deps(settings, config, client),
     )
+
+
+def cache_deps(settings: Settings, config: DeploymentsConfig, state: redis.Redis) -> CacheDeps:
+    """The answer cache (any request may ask for it: ``headrace_cache: on``), its flights on the
+    state Redis, and the semantic search where a route has one (its model loads on first use)."""
+    answers = AnswerCache(cache_client(settings, **QUICK))
+    semantic = (
+        SemanticCache(answers, settings, config)
+        if any(r.cache == "semantic" for r in config.routes)
+        else None
+    )
+    return CacheDeps(answers, Flights(state, longest_run_s(config, settings)), semantic)
 
 
 @app.task(name=RUN_REQUEST_TASK)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from api.compat.anthropic_wire import chat_to_message, error_result
+from api.compat.anthropic_message import chat_to_message, error_result
 from db.models import Batch, LlmRequest
 from db.states import RequestStatus
 

@@ -1,38 +1,41 @@
-"""Anthropic Message Batches wire <-> Headrace's canonical Chat Completions forms.
+"""Anthropic Message Batches ``params`` -> Headrace's canonical Chat Completions body.
 
 Pure functions, no I/O. ``messages_params_to_chat`` turns a batch request's ``params`` (an
 Anthropic ``MessageCreateParams`` body) into the Chat Completions body Headrace stores and runs;
-``chat_to_message`` turns the stored ``chat.completion`` into the Anthropic ``Message`` a
-``succeeded`` result carries; ``error_result`` builds an ``errored`` result. This is the reverse
-of ``workers.providers.anthropic_translate`` (reference api-compat.md §4.3), which ``api/`` must
-not import. Choices:
+the way back (``chat.completion`` -> ``Message``, ``errored`` results) is
+``api.compat.anthropic_message``. This is the reverse of ``workers.providers.anthropic_translate``
+(reference api-compat.md §4.3), which ``api/`` must not import. Choices:
 
 - ``temperature`` (Anthropic 0..1) and ``top_p`` pass through unchanged: OpenAI's 0..2 range
   contains Anthropic's. ``max_tokens`` stays ``max_tokens``; ``stop_sequences`` become ``stop``
   as given (more than 4 is left for the provider to judge: an Anthropic deployment takes them).
+- Prompt caching and thinking are kept for Anthropic deployments, in the canonical body's
+  Anthropic-only parts (``workers.providers.anthropic_parts``; OpenAI deployments are not sent
+  them, and the result line says so): ``cache_control`` (checked: ephemeral, ttl 5m or 1h) on
+  system, text and image blocks, on a tool_result (on its one text part), on tools and at the
+  top level; ``thinking`` as given; an assistant turn's ``thinking``/``redacted_thinking`` blocks
+  as its ``thinking_blocks``, in order and unmodified (Anthropic checks their signatures). A system
+  prompt with a breakpoint stays a list of text parts, a block with one is never shortened to a
+  plain string.
 - Dropped without error, because Chat Completions has no equivalent and the answer is still a
-  valid answer without them: ``top_k``, ``thinking``, ``service_tier``, ``cache_control``
-  (top-level and on every block and tool), ``container``, ``diagnostics``, ``inference_geo``,
-  ``output_config``, ``speed``, ``user_profile_id``, ``workspace_id``, ``stream: false``; on
-  blocks ``citations``, image ``transformations``, tool_result ``is_error`` (the content alone is
-  passed); on tools ``strict``, ``input_examples``, ``defer_loading``, ``allowed_callers``,
-  ``eager_input_streaming``; ``thinking``/``redacted_thinking`` blocks; and any key not named here.
+  valid answer without them: ``top_k``, ``service_tier``, ``container``, ``diagnostics``,
+  ``inference_geo``, ``output_config``, ``speed``, ``user_profile_id``, ``workspace_id``,
+  ``stream: false``; on blocks ``citations``, image ``transformations``, tool_result ``is_error``
+  (the content alone is passed), ``cache_control`` on tool_use blocks; on tools ``strict``,
+  ``input_examples``, ``defer_loading``, ``allowed_callers``, ``eager_input_streaming``; thinking
+  blocks in user turns; and any key not named here.
 - WireError (a ValueError naming the JSON path at fault; the request's fault, so the batch result
   is ``invalid_request_error``) for ``stream: true``, missing ``model``/``max_tokens``/``messages``,
   ``document`` and server-tool blocks, file image sources, images inside ``tool_result``, server
-  tools (``web_search_...``, ``bash_...``), and ``tool_choice`` any/tool without tools.
+  tools (``web_search_...``, ``bash_...``), ``tool_choice`` any/tool without tools, and a
+  ``cache_control`` or ``thinking`` that is not an object of a known type.
 - Messages with ``role: "system"`` are accepted (anthropic 2.12's ``MessageParam`` includes
   ``SystemMessageParam``) and become Chat system messages in place; the top-level ``system``
   comes first, text blocks joined with "\\n\\n".
 - A user turn's ``tool_result`` blocks become ``role: "tool"`` messages placed before the rest
   of that turn. A lone text block becomes a plain string; several stay separate text parts.
-  An assistant turn left empty once thinking blocks are dropped is skipped (Chat rejects it).
-- Message ids: "msg_" + the completion id without "chatcmpl-", unless that already starts with
-  "msg_" (a completion Headrace translated from an Anthropic reply keeps its original id).
-- A reply's ``refusal`` (with no content) becomes its text, with ``stop_reason: "refusal"``.
-  ``stop`` maps to ``end_turn`` (which stop string matched is unknown), ``stop_sequence`` is null.
-- A completion that is not readable raises plain ValueError, never WireError: it is not the
-  producer's fault. Only the first choice is read (Anthropic params have no ``n``).
+  An assistant turn of thinking blocks only is skipped (Chat rejects a message with neither
+  content nor tool calls).
 """
 
 from __future__ import annotations
@@ -48,31 +51,9 @@ class WireError(ValueError):
 
 
 _IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
-_DROPPED_BLOCKS = frozenset({"thinking", "redacted_thinking"})  # Chat input has no reasoning parts
+_THINKING_BLOCKS = frozenset({"thinking", "redacted_thinking"})
+_DROPPED_BLOCKS = _THINKING_BLOCKS  # in user turns
 _TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none"}
-_STOP_REASONS = {
-    "stop": "end_turn",  # the matched stop string is unknown, so never "stop_sequence"
-    "length": "max_tokens",
-    "tool_calls": "tool_use",
-    "function_call": "tool_use",
-    "content_filter": "refusal",
-}
-# anthropic 2.12's ErrorType minus memory_precondition_failed_error, memory_path_conflict_error and
-# conflict_error, which ErrorResponse's discriminated union (what the SDK parses a result line with)
-# rejects. Written out, not imported: importing the SDK costs the API process ~0.9 s at start.
-_ERROR_KINDS = frozenset(
-    {
-        "invalid_request_error",
-        "authentication_error",
-        "billing_error",
-        "permission_error",
-        "not_found_error",
-        "rate_limit_error",
-        "timeout_error",
-        "api_error",
-        "overloaded_error",
-    }
-)
 
 
 def messages_params_to_chat(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -110,60 +91,18 @@ def messages_params_to_chat(params: Mapping[str, Any]) -> dict[str, Any]:
     if metadata and metadata.get("user_id") is not None:
         body["user"] = _string("params.metadata.user_id", metadata["user_id"], empty_ok=True)
     body.update(_tools(params.get("tools"), params.get("tool_choice")))
+    thinking = params.get("thinking")
+    if thinking is not None:
+        if not isinstance(thinking, Mapping) or not isinstance(thinking.get("type"), str):
+            raise WireError("params.thinking: must be an object with a string 'type'")
+        body["thinking"] = copy.deepcopy(dict(thinking))
+    body.update(_cache_control("params", params))  # the automatic breakpoint
     return body
-
-
-def chat_to_message(completion: Mapping[str, Any], *, message_id: str | None = None) -> dict[str, Any]:
-    """The Anthropic ``Message`` JSON for a canonical ``chat.completion``.
-
-    ``message_id`` defaults to one derived from the completion's id. Raises ValueError if the
-    completion has no model, no choices, or (without ``message_id``) no id.
-    """
-    choices, model = completion.get("choices"), completion.get("model")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], Mapping):
-        raise ValueError("not a chat.completion: needs a non-empty choices list")
-    if not isinstance(model, str):
-        raise ValueError("not a chat.completion: needs a string model")
-    if message_id is None:
-        completion_id = completion.get("id")
-        if not isinstance(completion_id, str) or not completion_id:
-            raise ValueError("not a chat.completion: needs a string id (or pass message_id)")
-        bare = completion_id.removeprefix("chatcmpl-")
-        message_id = bare if bare.startswith("msg_") else f"msg_{bare}"
-    choice = choices[0]
-    reply = choice.get("message")
-    reply = reply if isinstance(reply, Mapping) else {}
-    finish_reason = choice.get("finish_reason")
-    stop_reason = _STOP_REASONS.get(finish_reason if isinstance(finish_reason, str) else "", "end_turn")
-    text, refusal = reply.get("content"), reply.get("refusal")
-    text = text if isinstance(text, str) else ""
-    if not text and isinstance(refusal, str) and refusal:
-        # OpenAI puts a refusal in its own field; Anthropic says it as text with stop_reason "refusal".
-        text, stop_reason = refusal, "refusal"
-    content: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
-    content.extend(_tool_uses(reply))
-    return {
-        "id": message_id,
-        "type": "message",
-        "role": "assistant",
-        "model": model,
-        "content": content,
-        "stop_reason": stop_reason,
-        "stop_sequence": None,
-        "usage": _usage(completion.get("usage")),
-    }
-
-
-def error_result(kind: str, message: str) -> dict[str, Any]:
-    """The ``result`` of an errored batch request; a ``kind`` the SDK cannot parse becomes ``api_error``."""
-    if kind not in _ERROR_KINDS:
-        kind = "api_error"
-    return {"type": "errored", "error": {"type": "error", "error": {"type": kind, "message": message}}}
 
 
 def _messages(params: Mapping[str, Any]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
-    system = _joined_text("params.system", params.get("system"))
+    system = _system("params.system", params.get("system"))
     if system:
         out.append({"role": "system", "content": system})
     raw = params.get("messages")
@@ -179,7 +118,7 @@ def _messages(params: Mapping[str, Any]) -> list[dict[str, Any]]:
         elif role == "assistant":
             out.extend(_assistant_turn(f"{where}.content", content))
         elif role == "system":
-            text = _joined_text(f"{where}.content", content)
+            text = _system(f"{where}.content", content)
             if text:
                 out.append({"role": "system", "content": text})
         else:
@@ -215,9 +154,11 @@ def _user_turn(path: str, content: Any) -> list[dict[str, Any]]:
     parts: list[dict[str, Any]] = []
     for block_path, kind, block in _blocks(path, content):
         if kind == "text":
-            parts.append({"type": "text", "text": _text(block_path, block)})
+            parts.append(
+                {"type": "text", "text": _text(block_path, block), **_cache_control(block_path, block)}
+            )
         elif kind == "image":
-            parts.append(_image(block_path, block))
+            parts.append({**_image(block_path, block), **_cache_control(block_path, block)})
         elif kind == "tool_result":
             tool_messages.append(_tool_result(block_path, block))
         elif kind not in _DROPPED_BLOCKS:
@@ -225,31 +166,73 @@ def _user_turn(path: str, content: Any) -> list[dict[str, Any]]:
     # Chat wants each tool answer right after the assistant's calls, before any new user text.
     out = tool_messages
     if parts:
-        lone_text = len(parts) == 1 and parts[0]["type"] == "text"
-        out.append({"role": "user", "content": parts[0]["text"] if lone_text else parts})
+        out.append({"role": "user", "content": _content(parts)})
     return out
+
+
+def _content(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+    """A lone text part (with no cache breakpoint) as the plain string; else the parts."""
+    lone_text = len(parts) == 1 and parts[0]["type"] == "text" and "cache_control" not in parts[0]
+    return parts[0]["text"] if lone_text else parts
 
 
 def _assistant_turn(path: str, content: Any) -> list[dict[str, Any]]:
     if isinstance(content, str):
         return [{"role": "assistant", "content": content}]
-    texts: list[str] = []
+    texts: list[dict[str, Any]] = []
     calls: list[dict[str, Any]] = []
+    thinking: list[dict[str, Any]] = []
     for block_path, kind, block in _blocks(path, content):
         if kind == "text":
-            texts.append(_text(block_path, block))
+            texts.append(
+                {"type": "text", "text": _text(block_path, block), **_cache_control(block_path, block)}
+            )
         elif kind == "tool_use":
             calls.append(_tool_call(block_path, block))
-        elif kind not in _DROPPED_BLOCKS:
+        elif kind in _THINKING_BLOCKS:
+            thinking.append(_thinking_block(block_path, kind, block))
+        else:
             raise _unsupported(block_path, kind, "assistant")
     if not texts and not calls:
         return []  # only thinking blocks: Chat rejects an assistant message with neither
-    reply: dict[str, Any] = {"role": "assistant", "content": None}
-    if texts:
-        reply["content"] = texts[0] if len(texts) == 1 else [{"type": "text", "text": t} for t in texts]
+    reply: dict[str, Any] = {"role": "assistant", "content": _content(texts) if texts else None}
     if calls:
         reply["tool_calls"] = calls
+    if thinking:
+        reply["thinking_blocks"] = thinking  # an Anthropic deployment gets them back, in order
     return [reply]
+
+
+def _thinking_block(path: str, kind: str, block: Mapping[str, Any]) -> dict[str, Any]:
+    # Passed back unmodified: Anthropic checks each thinking block's signature.
+    fields = ("thinking", "signature") if kind == "thinking" else ("data",)
+    return {"type": kind, **{f: _string(f"{path}.{f}", block.get(f), empty_ok=True) for f in fields}}
+
+
+def _cache_control(path: str, source: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"cache_control": ...}`` for the canonical part made from ``source``, or ``{}``."""
+    value = source.get("cache_control")
+    if value is None:
+        return {}
+    ttl = value.get("ttl") if isinstance(value, Mapping) else None
+    if not isinstance(value, Mapping) or value.get("type") != "ephemeral" or ttl not in (None, "5m", "1h"):
+        raise WireError(
+            f"{path}.cache_control: must be {{'type': 'ephemeral'}}, with an optional ttl 5m or 1h"
+        )
+    return {"cache_control": dict(value)}
+
+
+def _system(path: str, value: Any) -> str | list[dict[str, Any]]:
+    """A system prompt: joined text, or its text blocks as parts when one has a cache breakpoint."""
+    if not isinstance(value, list) or not any(isinstance(b, Mapping) and "cache_control" in b for b in value):
+        return _joined_text(path, value)
+    _joined_text(path, value)  # the same checks
+    parts = [
+        {"type": "text", "text": block["text"], **_cache_control(f"{path}[{j}]", block)}
+        for j, block in enumerate(value)
+        if block["text"]  # Anthropic rejects empty text blocks, breakpoint or not
+    ]
+    return _content(parts)
 
 
 def _string(path: str, value: Any, *, empty_ok: bool = False) -> str:
@@ -295,7 +278,15 @@ def _image(path: str, block: Mapping[str, Any]) -> dict[str, Any]:
 def _tool_result(path: str, block: Mapping[str, Any]) -> dict[str, Any]:
     call_id = _string(f"{path}.tool_use_id", block.get("tool_use_id"))
     # Chat tool messages carry text only, so images or documents here cannot be expressed.
-    content = _joined_text(f"{path}.content", block.get("content"))
+    text = _joined_text(f"{path}.content", block.get("content"))
+    # A breakpoint on the result or on its last block marking one: the same prefix ends there.
+    inner: list[Any] = block["content"] if isinstance(block.get("content"), list) else []
+    marks = [_cache_control(path, block)]
+    marks += [
+        _cache_control(f"{path}.content[{j}]", b) for j, b in enumerate(inner) if isinstance(b, Mapping)
+    ]
+    cached: dict[str, Any] = next((m for m in reversed(marks) if m), {})
+    content = [{"type": "text", "text": text, **cached}] if cached and text else text
     return {"role": "tool", "tool_call_id": call_id, "content": content}
 
 
@@ -352,49 +343,4 @@ def _tool(path: str, tool: Any) -> dict[str, Any]:
     if description is not None:
         function["description"] = _string(f"{path}.description", description, empty_ok=True)
     function["parameters"] = copy.deepcopy(dict(schema))  # the stored body must not alias the input
-    return {"type": "function", "function": function}
-
-
-def _tool_uses(reply: Mapping[str, Any]) -> list[dict[str, Any]]:
-    calls = reply.get("tool_calls")
-    calls = calls if isinstance(calls, list) else []
-    out: list[dict[str, Any]] = []
-    for call in calls:
-        # Custom (free-text) tool calls have no JSON input to offer as a tool_use block.
-        if not isinstance(call, Mapping) or call.get("type", "function") != "function":
-            continue
-        function = call.get("function")
-        function = function if isinstance(function, Mapping) else {}
-        call_id, name = call.get("id"), function.get("name")
-        if not isinstance(call_id, str) or not isinstance(name, str):
-            raise ValueError("chat.completion tool call needs a string id and function name")
-        out.append({"type": "tool_use", "id": call_id, "name": name, "input": _arguments(function)})
-    return out
-
-
-def _arguments(function: Mapping[str, Any]) -> dict[str, Any]:
-    arguments = function.get("arguments")
-    try:
-        parsed = json.loads(arguments) if isinstance(arguments, str) and arguments else {}
-    except ValueError:
-        return {}  # models do emit broken JSON; the Message stays valid and the caller sees {}
-    return parsed if isinstance(parsed, dict) else {}  # Anthropic's input must be an object
-
-
-def _usage(raw: Any) -> dict[str, int]:
-    usage = raw if isinstance(raw, Mapping) else {}
-    details = usage.get("prompt_tokens_details")
-    details = details if isinstance(details, Mapping) else {}
-
-    def count(source: Mapping[str, Any], key: str) -> int:
-        value = source.get(key)
-        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
-
-    cached, written = count(details, "cached_tokens"), count(details, "cache_write_tokens")
-    # OpenAI's prompt_tokens includes cache traffic; Anthropic's input_tokens excludes it.
-    return {
-        "input_tokens": max(count(usage, "prompt_tokens") - cached - written, 0),
-        "output_tokens": count(usage, "completion_tokens"),
-        "cache_read_input_tokens": cached,
-        "cache_creation_input_tokens": written,
-    }
+    return {"type": "function", "function": function, **_cache_control(path, tool)}

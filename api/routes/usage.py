@@ -61,8 +61,9 @@ async def usage(
     tenant: Annotated[str | None, Query(description="Admin keys: only this tenant.")] = None,
 ) -> dict[str, Any]:
     """Per group: requests and how they ended, calls, input and output tokens (sum, and mean, p50
-    and p95 per request), cost, the overhead spent on calls that did not answer (retried, fallen
-    back, refused, lost), and cost per successful request; with the totals."""
+    and p95 per request), of the input the tokens read from and written to the providers' prompt
+    caches, cost, the overhead spent on calls that did not answer (retried, fallen back, refused,
+    lost), and cost per successful request; with the totals."""
     now = utcnow()
     tags = context.settings.attribution_tags
     dimensions = [d.strip() for d in group_by.split(",") if d.strip()]

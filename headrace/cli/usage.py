@@ -18,9 +18,12 @@ FIGURES = (
     ("attempts", "calls"),
     ("input_tokens.sum", "tok in"),
     ("input_tokens.p95", "in p95/req"),
+    ("cache_read_tokens", "cache read"),
     ("output_tokens.sum", "tok out"),
     ("output_tokens.p95", "out p95/req"),
     ("cost_usd", "cost USD"),
+    ("served_from_cache", "cached"),
+    ("saved_cost_usd", "saved USD"),
     ("overhead_cost_usd", "overhead USD"),
     ("cost_per_success_usd", "USD/success"),
 )

@@ -50,6 +50,7 @@ _FIELD_TYPES: dict[str, Callable[[str], Any]] = {
     "anthropic_rpm": _optional_int,
     "itpm": _optional_int,
     "otpm": _optional_int,
+    "otpm_counts": str,
     "limiter": str,
     "window_s": float,
     "sub_window_s": _optional_float,
@@ -59,6 +60,9 @@ _FIELD_TYPES: dict[str, Callable[[str], Any]] = {
     "min_output_tokens": int,
     "max_output_tokens": int,
     "require_api_key": _bool,
+    "anthropic_cache_min_tokens": int,
+    "openai_cache_min_tokens": int,
+    "prompt_cache_entries": int,
 }
 
 _SWITCHES = ("echo_in_errors",)  # flags without a value

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import math
 import secrets
 import string
@@ -22,6 +24,7 @@ from headrace.simulator.dialect import (
     string_list,
     text_of_last_user_message,
 )
+from headrace.simulator.prompt_cache import CacheUse, PromptCache, anthropic_points
 from headrace.simulator.streams import anthropic_sends
 from headrace.simulator.tokens import count_prompt_tokens
 
@@ -70,6 +73,7 @@ def rfc3339_after(seconds: float) -> str:
 class AnthropicDialect:
     name = "anthropic"
     output_bucket = "output_tokens"
+    cache_free_bucket: str | None = "input_tokens"  # cache-aware ITPM: cache reads do not count
 
     def new_request_id(self) -> str:
         return _random_id("req_011C")
@@ -113,6 +117,13 @@ class AnthropicDialect:
         if stream is not None and not isinstance(stream, bool):
             raise FieldError("stream: Input should be a valid boolean", "stream")
         check_number(payload, "temperature", 0.0, 1.0)
+        thinking = _thinking(payload.get("thinking"), max_tokens)
+        _check_cache_controls(payload)
+        _check_thinking_history(messages)
+        try:
+            cache_points = anthropic_points(payload)
+        except ValueError as error:
+            raise FieldError(str(error), None) from None
         return CallSpec(
             model=model,
             prompt={"system": system, "messages": messages},
@@ -122,7 +133,12 @@ class AnthropicDialect:
             last_user_text=text_of_last_user_message(messages),
             stream=bool(stream),
             tool=_forced_tool(payload),
+            cache_points=cache_points,
+            thinking=thinking,
         )
+
+    def cache_use(self, cache: PromptCache, scope: Any, spec: CallSpec, config: SimConfig) -> CacheUse:
+        return cache.settle(scope, spec.cache_points, min_tokens=config.anthropic_cache_min_tokens, step=0)
 
     def limits(self, config: SimConfig) -> dict[str, int | None]:
         return {"requests": config.anthropic_rpm, "input_tokens": config.itpm, "output_tokens": config.otpm}
@@ -173,6 +189,10 @@ class AnthropicDialect:
             call_id = _random_id("toolu_01")
             content = [{"type": "tool_use", "id": call_id, "name": spec.tool, "input": {"text": answer.text}}]
             stop_reason, stop_sequence = "tool_use", None
+        if spec.thinking:  # not billed here: the answer's tokens stay the answer's words
+            thought = f"The user asks {spec.last_user_text[:80]!r}; a short answer will do."
+            content.insert(0, {"type": "thinking", "thinking": thought, "signature": signature(thought)})
+        cache = spec.cache
         return {
             "id": _random_id("msg_01"),
             "type": "message",
@@ -182,10 +202,11 @@ class AnthropicDialect:
             "stop_reason": stop_reason,
             "stop_sequence": stop_sequence,
             "usage": {
-                "input_tokens": spec.prompt_tokens,
+                # As Anthropic counts: input_tokens leaves the cache's reads and writes out.
+                "input_tokens": spec.prompt_tokens - cache.read_tokens - cache.write_tokens,
                 "output_tokens": answer.output_tokens,
-                "cache_creation_input_tokens": 0,
-                "cache_read_input_tokens": 0,
+                "cache_creation_input_tokens": cache.write_tokens,
+                "cache_read_input_tokens": cache.read_tokens,
                 "service_tier": "standard",
             },
         }
@@ -226,6 +247,59 @@ def _forced_tool(payload: Mapping[str, Any]) -> str | None:
     elif choice.get("type") == "tool":
         name = choice.get("name")
     return name if isinstance(name, str) else None
+
+
+def signature(thinking: str) -> str:
+    """The simulator's signature of a thinking block's text, checked when it comes back."""
+    return base64.b64encode(hashlib.sha256(f"headrace-sim:{thinking}".encode()).digest()).decode()
+
+
+def _thinking(raw: Any, max_tokens: int) -> bool:
+    """Whether the request asks for thinking; FieldError for a config Anthropic refuses."""
+    if raw is None:
+        return False
+    kind = raw.get("type") if isinstance(raw, dict) else None
+    if kind not in ("enabled", "disabled", "adaptive"):
+        raise FieldError("thinking.type: Input should be 'enabled', 'disabled' or 'adaptive'", "thinking")
+    if kind == "enabled":
+        budget = raw.get("budget_tokens")
+        if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1024:
+            raise FieldError("thinking.enabled.budget_tokens: Input should be >= 1024", "thinking")
+        if max_tokens <= budget:
+            raise FieldError("`max_tokens` must be greater than `thinking.budget_tokens`.", "max_tokens")
+    return bool(kind != "disabled")
+
+
+def _check_cache_controls(payload: Mapping[str, Any]) -> None:
+    system, tools = payload.get("system"), payload.get("tools")
+    blocks: list[Any] = [payload, *(tools if isinstance(tools, list) else [])]
+    blocks += system if isinstance(system, list) else []
+    for message in payload.get("messages") or []:
+        content = message.get("content")
+        blocks += content if isinstance(content, list) else []
+    for block in blocks:
+        control = block.get("cache_control") if isinstance(block, dict) else None
+        if control is None:
+            continue
+        ttl = control.get("ttl") if isinstance(control, dict) else None
+        if (
+            not isinstance(control, dict)
+            or control.get("type") != "ephemeral"
+            or ttl not in (None, "5m", "1h")
+        ):
+            raise FieldError("cache_control: Input should be {'type': 'ephemeral'} with ttl 5m or 1h", None)
+
+
+def _check_thinking_history(messages: list[Any]) -> None:
+    """Thinking blocks passed back must be unmodified, as the real API checks their signature."""
+    for index, message in enumerate(messages):
+        content = message.get("content")
+        for block in content if isinstance(content, list) else []:
+            if not isinstance(block, dict) or block.get("type") != "thinking":
+                continue
+            thought = block.get("thinking")
+            if not isinstance(thought, str) or block.get("signature") != signature(thought):
+                raise FieldError(f"messages.{index}.content: Invalid `signature` in `thinking` block", None)
 
 
 def _valid_system(system: Any) -> bool:

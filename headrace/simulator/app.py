@@ -1,4 +1,6 @@
-"""The simulator's HTTP surface: two provider endpoints and the /_sim control plane.
+"""The simulator's HTTP surface: two provider endpoints, OpenAI's embeddings and the /_sim control plane.
+
+POST /v1/embeddings answers deterministic pseudo-embeddings (headrace/simulator/embeddings.py).
 
 Control plane (plain JSON, no auth):
     GET  /_sim/health            {"status": "ok"}
@@ -21,6 +23,7 @@ from headrace.simulator.anthropic_dialect import AnthropicDialect
 from headrace.simulator.calls import SimState, handle_call
 from headrace.simulator.config import SimConfig
 from headrace.simulator.dialect import Dialect, SimError
+from headrace.simulator.embeddings import embeddings_body
 from headrace.simulator.openai_dialect import OpenAIDialect
 
 _ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
@@ -40,6 +43,23 @@ def create_app(config: SimConfig) -> FastAPI:
     @app.post("/v1/messages")
     async def messages(request: Request) -> Response:
         return await handle_call(anthropic_dialect, state, request)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        request_id = openai_dialect.new_request_id()
+        headers = openai_dialect.response_headers(request_id, 0)
+        try:
+            openai_dialect.authenticate(request.headers, state.config.require_api_key)
+            try:
+                payload = json.loads(await request.body())
+            except ValueError:
+                payload = None
+            body = embeddings_body(payload)
+        except SimError as error:
+            return JSONResponse(
+                openai_dialect.error_body(error, request_id), status_code=error.status, headers=headers
+            )
+        return JSONResponse(body, headers=headers)
 
     @app.get("/_sim/health")
     async def health() -> Response:

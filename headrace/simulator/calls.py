@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
@@ -25,6 +25,7 @@ from headrace.simulator.buckets import BucketScope, Grant, Limiter, Rules
 from headrace.simulator.config import SimConfig
 from headrace.simulator.dialect import CallSpec, Dialect, SimError
 from headrace.simulator.faults import DirectiveError, Directives, FaultDice, parse_directives
+from headrace.simulator.prompt_cache import PromptCache
 from headrace.simulator.stats import CallRecord, Stats
 
 logger = logging.getLogger(__name__)
@@ -40,18 +41,21 @@ class SimState:
         self.limiter = Limiter()
         self.stats = Stats()
         self.dice = FaultDice(config.seed)
+        self.prompt_cache = PromptCache(config.prompt_cache_entries)
 
     def reconfigure(self, patch: dict[str, Any]) -> SimConfig:
         config = SimConfig.model_validate({**self.config.model_dump(), **patch})
         if config.seed != self.config.seed:
             self.dice = FaultDice(config.seed)
         self.config = config
+        self.prompt_cache.max_entries = config.prompt_cache_entries
         return config
 
     def reset(self) -> None:
         self.limiter.clear()
         self.stats = Stats()
         self.dice = FaultDice(self.config.seed)
+        self.prompt_cache.clear()
 
 
 def limiter_rules(config: SimConfig) -> Rules:
@@ -74,6 +78,7 @@ class _Trace:
     input_tokens: int = 0
     output_tokens: int = 0
     reserved_tokens: int = 0
+    cache_read_tokens: int = 0  # of input_tokens, read from the prompt cache
     attempt: str | None = None
     credential: str = ""  # the Authorization or x-api-key header as sent (echoed by echo_in_errors)
     text: str = ""  # the last user message (echoed by echo_in_errors)
@@ -168,8 +173,10 @@ async def _serve(
         cap_tokens=spec.max_tokens,
         stops=spec.stops,
     )
-    # Without max_tokens the admission charge is the answer's real length (known up front here).
-    reserve = spec.max_tokens if spec.max_tokens is not None else answer.output_tokens
+    # Without max_tokens the admission charge is the answer's real length (known up front here);
+    # so it is on an OTPM told to count only the output really produced.
+    counts_output = dialect.output_bucket == "output_tokens" and config.otpm_counts == "output"
+    reserve = answer.output_tokens if spec.max_tokens is None or counts_output else spec.max_tokens
     scope = (dialect.name, trace.api_key, spec.model)
     rules = limiter_rules(config)
     verdict = state.limiter.admit(
@@ -187,6 +194,10 @@ async def _serve(
         # Settle the output reservation to what was actually produced (nothing, on any error).
         unused = reserve - trace.output_tokens
         state.limiter.refund(verdict, dialect.output_bucket, unused, time.monotonic())
+        if dialect.cache_free_bucket is not None:  # Anthropic's ITPM does not count cache reads
+            state.limiter.refund(
+                verdict, dialect.cache_free_bucket, trace.cache_read_tokens, time.monotonic()
+            )
 
 
 async def _answer(
@@ -228,6 +239,9 @@ async def _answer(
     if fault is not None:
         raise dialect.status_error(int(fault), spec.model)
     trace.output_tokens = answer.output_tokens
+    cache = dialect.cache_use(state.prompt_cache, trace.scope(dialect.name), spec, config)
+    spec = replace(spec, cache=cache)
+    trace.cache_read_tokens = cache.read_tokens
     body = dialect.success_body(spec, answer)
     if spec.stream:
         trace.sends = dialect.stream_chunks(spec, body)
@@ -280,4 +294,5 @@ def _record(dialect: str, trace: _Trace, status: int) -> CallRecord:
         output_tokens=trace.output_tokens,
         reserved_tokens=trace.reserved_tokens,
         attempt=trace.attempt,
+        cache_read_tokens=trace.cache_read_tokens,
     )

@@ -32,6 +32,12 @@ class SimConfig(BaseModel):
     anthropic_rpm: int | None = Field(None, ge=1, description="Anthropic dialect: requests per minute")
     itpm: int | None = Field(None, ge=1, description="Anthropic dialect: input tokens per minute")
     otpm: int | None = Field(None, ge=1, description="Anthropic dialect: output tokens per minute")
+    otpm_counts: Literal["max_tokens", "output"] = Field(
+        "max_tokens",
+        description="Anthropic dialect: what a call takes from OTPM when it arrives: its max_tokens, "
+        "the unused part given back when it ends (Anthropic's documented way), or only the output "
+        "it will really produce (a provider counting output as it is generated)",
+    )
     limiter: LimiterShape = Field(
         "token-bucket",
         description="limiter shape: token-bucket (continuous refill), rolling (sliding window) or "
@@ -53,6 +59,19 @@ class SimConfig(BaseModel):
     min_output_tokens: int = Field(5, ge=1, description="shortest natural answer, tokens")
     max_output_tokens: int = Field(60, ge=1, description="longest natural answer, tokens")
     require_api_key: bool = Field(True, description="answer 401 when no API key is sent")
+    anthropic_cache_min_tokens: int = Field(
+        1024,
+        ge=0,
+        description="Anthropic dialect: the shortest prompt prefix a cache_control breakpoint caches",
+    )
+    openai_cache_min_tokens: int = Field(
+        1024,
+        ge=1,
+        description="OpenAI dialect: the shortest prompt cached automatically (then 128-token steps)",
+    )
+    prompt_cache_entries: int = Field(
+        10_000, ge=0, description="prompt prefixes remembered (least recently used out first)"
+    )
     echo_in_errors: bool = Field(
         False,
         description="error bodies echo the credential header and the last user message the call "

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from headrace.simulator.answers import Answer
 from headrace.simulator.buckets import BucketState, Denial
 from headrace.simulator.config import SimConfig
+from headrace.simulator.prompt_cache import CachePoint, CacheUse, PromptCache
 from headrace.simulator.tokens import message_text
 
 
@@ -25,6 +26,11 @@ class CallSpec:
     stream: bool = False  # answer as server-sent events (headrace/simulator/streams.py)
     stream_usage: bool = False  # OpenAI's stream_options.include_usage: a last chunk with usage
     tool: str | None = None  # the tool the request forces a call to: the answer is that call
+    cache_points: tuple[CachePoint, ...] = ()  # where its prompt may be cached (prompt_cache.py)
+    cache: CacheUse = field(
+        default_factory=CacheUse
+    )  # what its answer read from and wrote to the prompt cache
+    thinking: bool = False  # Anthropic extended thinking asked: the answer starts with a thinking block
 
 
 class SimError(Exception):
@@ -52,6 +58,7 @@ class SimError(Exception):
 class Dialect(Protocol):
     name: str
     output_bucket: str  # the bucket charged for output, refunded when the answer is shorter
+    cache_free_bucket: str | None  # the bucket prompt-cache reads are not charged to (None: all are)
 
     def new_request_id(self) -> str: ...
     def authenticate(self, headers: Mapping[str, str], require_key: bool) -> str: ...
@@ -64,6 +71,7 @@ class Dialect(Protocol):
     def retry_headers(self, wait_s: float) -> dict[str, str]: ...
     def rate_limited(self, denial: Denial, model: str) -> SimError: ...
     def error_body(self, error: SimError, request_id: str) -> dict[str, Any]: ...
+    def cache_use(self, cache: PromptCache, scope: Any, spec: CallSpec, config: SimConfig) -> CacheUse: ...
     def success_body(self, spec: CallSpec, answer: Answer) -> dict[str, Any]: ...
     def stream_chunks(self, spec: CallSpec, body: dict[str, Any]) -> list[str]: ...
     def response_headers(self, request_id: str, processing_ms: int) -> dict[str, str]: ...

@@ -22,6 +22,7 @@ from headrace.simulator.dialect import (
     string_list,
     text_of_last_user_message,
 )
+from headrace.simulator.prompt_cache import OPENAI_STEP_TOKENS, CacheUse, PromptCache, openai_points
 from headrace.simulator.streams import openai_sends
 from headrace.simulator.tokens import count_prompt_tokens
 
@@ -97,9 +98,28 @@ def _forced_tool(payload: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _anthropic_field(payload: Mapping[str, Any]) -> str | None:
+    """The path of an Anthropic-only field (cache_control, thinking) in a Chat request, if any."""
+    for key in ("thinking", "cache_control"):
+        if key in payload:
+            return key
+    for i, tool in enumerate(payload.get("tools") or []):
+        if isinstance(tool, dict) and "cache_control" in tool:
+            return f"tools[{i}].cache_control"
+    for i, message in enumerate(payload.get("messages") or []):
+        if "thinking_blocks" in message:
+            return f"messages[{i}].thinking_blocks"
+        content = message.get("content")
+        for j, part in enumerate(content if isinstance(content, list) else []):
+            if isinstance(part, dict) and "cache_control" in part:
+                return f"messages[{i}].content[{j}].cache_control"
+    return None
+
+
 class OpenAIDialect:
     name = "openai"
     output_bucket = "tokens"
+    cache_free_bucket: str | None = None  # cached prompt tokens count against TPM
 
     def new_request_id(self) -> str:
         return f"req_{uuid.uuid4().hex}"
@@ -138,6 +158,9 @@ class OpenAIDialect:
             )
         if options is not None and not isinstance(options, dict):
             raise self.invalid("stream_options: expected an object", "stream_options")
+        unknown = _anthropic_field(payload)
+        if unknown is not None:  # as OpenAI answers a field it does not know
+            raise self.invalid(f"Unrecognized request argument supplied: {unknown}", unknown)
         n = payload.get("n")
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n != 1):
             raise self.invalid("Only n=1 is supported by the Headrace simulator.", "n")
@@ -155,7 +178,12 @@ class OpenAIDialect:
             stream=bool(stream),
             stream_usage=bool(options and options.get("include_usage")),
             tool=_forced_tool(payload),
+            cache_points=openai_points(payload),
         )
+
+    def cache_use(self, cache: PromptCache, scope: Any, spec: CallSpec, config: SimConfig) -> CacheUse:
+        min_tokens = config.openai_cache_min_tokens
+        return cache.settle(scope, spec.cache_points, min_tokens=min_tokens, step=OPENAI_STEP_TOKENS)
 
     def limits(self, config: SimConfig) -> dict[str, int | None]:
         return {"requests": config.rpm, "tokens": config.tpm}
@@ -229,7 +257,8 @@ class OpenAIDialect:
                 "prompt_tokens": spec.prompt_tokens,
                 "completion_tokens": answer.output_tokens,
                 "total_tokens": spec.prompt_tokens + answer.output_tokens,
-                "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+                # prompt_tokens includes them, as OpenAI counts.
+                "prompt_tokens_details": {"cached_tokens": spec.cache.read_tokens, "audio_tokens": 0},
                 "completion_tokens_details": {
                     "reasoning_tokens": 0,
                     "audio_tokens": 0,

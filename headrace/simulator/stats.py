@@ -24,6 +24,7 @@ class CallRecord:
     output_tokens: int
     reserved_tokens: int  # output tokens reserved at admission (max_tokens, or the answer's length)
     attempt: str | None = None  # the caller's X-Headrace-Attempt header: which attempt this call was
+    cache_read_tokens: int = 0  # of input_tokens, read from the prompt cache
 
 
 class Stats:

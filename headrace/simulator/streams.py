@@ -8,8 +8,9 @@ replies of one seeded request carry the same content, tool calls, finish reason 
   finish_reason, with ``stream_options.include_usage`` a last chunk with ``choices: []`` and the
   usage (every chunk then carries ``usage: null``), and ``data: [DONE]``.
 - Anthropic Messages: ``event: message_start`` (usage.input_tokens), per content block a
-  ``content_block_start``, ``content_block_delta`` events (text_delta, or input_json_delta for a
-  tool_use block) and a ``content_block_stop``, then ``message_delta`` (stop_reason and
+  ``content_block_start``, ``content_block_delta`` events (text_delta; input_json_delta for a
+  tool_use block; thinking_delta then one signature_delta for a thinking block) and a
+  ``content_block_stop``, then ``message_delta`` (stop_reason and
   usage.output_tokens) and ``message_stop``. One ``ping`` follows the first block's start.
 
 Pacing (``headrace.simulator.calls``): a "send" is the events written at once. The first send,
@@ -87,6 +88,10 @@ def anthropic_sends(body: dict[str, Any]) -> list[str]:
             opened = {**block, "input": {}}
             arguments = pieces(json.dumps(block["input"]))
             deltas = [{"type": "input_json_delta", "partial_json": p} for p in arguments]
+        elif block["type"] == "thinking":  # its text in pieces, then its signature
+            opened = {**block, "thinking": "", "signature": ""}
+            deltas = [{"type": "thinking_delta", "thinking": p} for p in pieces(block["thinking"])]
+            deltas.append({"type": "signature_delta", "signature": block["signature"]})
         else:
             opened = {**block, "text": ""}
             deltas = [{"type": "text_delta", "text": p} for p in pieces(block.get("text") or "")]

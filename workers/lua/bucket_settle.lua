@@ -12,6 +12,9 @@
 -- ARGV[10] n, then n groups of 6: name, configured limit/min, actual used (-1: keep the charge),
 --         provider's limit, remaining, and reset (ms after its answer) (-1 each: not said)
 -- then m, then m triples for the tenant bucket: name, limit/min, actual used (-1: keep)
+-- then the learned output's sample (workers/output_estimate.py): the index in KEYS of the route's
+--         samples list (0: no sample), how many it keeps, its TTL (ms), and the call's real
+--         output tokens per completion, pushed on its head
 -- KEYS[5..7] (optional) the deployment's breaker hash, calls and failures {dep}: the call is
 --         counted there in the same step (breaker.lua), with the last BREAKER_COUNT_ARGS ARGV
 --
@@ -238,8 +241,17 @@ redis.call('HSET', bucket, 'factor', num(factor), 'factor_ts', num(now))
 for _, key in ipairs(m > 0 and {bucket, tenant} or {bucket}) do
   if redis.call('PTTL', key) < 3600000 then redis.call('PEXPIRE', key, 3600000) end
 end
+-- The call's real output, a sample of its route's: never at the cost of the settlement (pcall).
+i = i + 3 * m + 1
+local samples_at = tonumber(ARGV[i])
+if samples_at > 0 then
+  local samples = KEYS[samples_at]
+  redis.pcall('LPUSH', samples, ARGV[i + 3])
+  redis.pcall('LTRIM', samples, 0, tonumber(ARGV[i + 1]) - 1)
+  redis.pcall('PEXPIRE', samples, ARGV[i + 2])
+end
 local transition = ''
-if KEYS[5] then
+if KEYS[5] and samples_at ~= 5 then
   transition = breaker_count_from(KEYS[5], KEYS[6], KEYS[7], monotonic_now(KEYS[5], ARGV[1]),
     #ARGV - BREAKER_COUNT_ARGS + 1)
 end

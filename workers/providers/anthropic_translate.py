@@ -1,9 +1,8 @@
 """Translate the canonical request (an OpenAI Chat Completions body) to Anthropic Messages and back.
 
 Pure functions, no I/O: ``chat_to_messages`` builds the HTTP JSON body for ``POST /v1/messages``
-(wire format, not SDK kwargs), ``message_to_chat`` turns the Message it returns into a
-``chat.completion`` object, ``usage_from_message`` reads the tokens billed. Mapping: reference
-api-compat.md §4.3. Choices where that table leaves room:
+(wire format, not SDK kwargs); the reply goes back through ``workers.providers.anthropic_reply``.
+Mapping: reference api-compat.md §4.3. Choices where that table leaves room:
 
 - ``temperature`` is *clamped* from OpenAI's 0..2 into Anthropic's 0..1, not scaled: 0.2 means
   much the same on both, and halving would shift every low temperature a prompt was tuned with.
@@ -23,11 +22,14 @@ api-compat.md §4.3. Choices where that table leaves room:
   role ``function``), non-function tools, and content parts Anthropic cannot take.
 - ``system``/``developer`` messages are hoisted in order from anywhere: one string joined with
   "\\n\\n" if all are strings, else text blocks, one per part (keeps the caller's boundaries).
+- The Anthropic-only parts of the canonical body (``workers.providers.anthropic_parts``) go back
+  where Messages wants them: ``cache_control`` from a content part to its block (system blocks
+  included: a system message with a breakpoint makes ``system`` a list of blocks), from a tool to
+  its tool, and at the top level; ``thinking`` top-level; an assistant message's
+  ``thinking_blocks`` first in its turn. A block with ``cache_control`` is never shortened to the
+  plain-string form.
 - Empty text is dropped and a message left empty is skipped: Anthropic rejects empty text blocks.
   Same-role neighbours (``tool`` counts as user) merge; ``tool_result`` blocks lead a user turn.
-
-A reply we cannot read raises plain ValueError, never TranslationError, so the adapter reports
-``invalid_reply`` instead of blaming the request.
 """
 
 from __future__ import annotations
@@ -37,7 +39,11 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from workers.providers.base import TranslationError, Usage
+from workers.providers.anthropic_parts import CACHE_CONTROL, THINKING, cache_control, thinking_blocks
+from workers.providers.anthropic_reply import message_to_chat, usage_from_message
+from workers.providers.base import TranslationError
+
+__all__ = ["chat_to_messages", "message_to_chat", "usage_from_message"]
 
 _IMAGE_MEDIA_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
 # OpenAI allows images only in user content; assistant content may hold refusal parts.
@@ -45,15 +51,6 @@ _USER_PARTS = frozenset({"text", "image_url"})
 _ASSISTANT_PARTS = frozenset({"text", "refusal"})
 _TEXT_PARTS = frozenset({"text"})
 _TOOL_CHOICES = {"auto": "auto", "required": "any", "none": "none"}
-_FINISH_REASONS = {
-    "end_turn": "stop",
-    "stop_sequence": "stop",
-    "pause_turn": "stop",  # no equivalent: a server-tool loop paused
-    "max_tokens": "length",
-    "model_context_window_exceeded": "length",
-    "tool_use": "tool_calls",
-    "refusal": "content_filter",
-}
 
 
 def chat_to_messages(body: Mapping[str, Any], *, model: str, default_max_tokens: int) -> dict[str, Any]:
@@ -81,79 +78,13 @@ def chat_to_messages(body: Mapping[str, Any], *, model: str, default_max_tokens:
             raise TranslationError(f"user must be a string, got {type(user).__name__}")
         out["metadata"] = {"user_id": user}
     out.update(_tools(body))
+    thinking = body.get(THINKING)
+    if thinking is not None:
+        if not isinstance(thinking, Mapping):
+            raise TranslationError(f"thinking must be an object, got {type(thinking).__name__}")
+        out[THINKING] = dict(thinking)
+    out.update(cache_control("the request", body))  # Anthropic's automatic breakpoint
     return out
-
-
-def message_to_chat(
-    message: Mapping[str, Any], *, created: int, request_model: str | None = None
-) -> dict[str, Any]:
-    """The ``chat.completion`` object for an Anthropic Message (``POST /v1/messages`` reply).
-
-    ``model`` is the model the Message names; ``request_model`` is used only if it names none.
-    Raises ValueError (not TranslationError) if the Message cannot be read.
-    """
-    msg_id, content = message.get("id"), message.get("content")
-    model = message.get("model") or request_model
-    if not isinstance(msg_id, str) or not isinstance(content, list) or not isinstance(model, str):
-        raise ValueError("Anthropic reply is not a Message: needs string id and model, and a content list")
-    texts: list[str] = []
-    tool_calls: list[dict[str, Any]] = []
-    for block in content:
-        if not isinstance(block, Mapping):
-            raise ValueError(f"Anthropic reply content block is not an object: {block!r}")
-        if block.get("type") == "text":
-            texts.append(str(block.get("text") or ""))
-        elif block.get("type") == "tool_use":
-            call_id, name = block.get("id"), block.get("name")
-            if not isinstance(call_id, str) or not isinstance(name, str):
-                raise ValueError("Anthropic tool_use block needs a string id and name")
-            function = {"name": name, "arguments": json.dumps(block.get("input") or {})}
-            tool_calls.append({"id": call_id, "type": "function", "function": function})
-        # thinking, redacted_thinking and server-tool blocks have no Chat Completions equivalent.
-    text = "".join(texts) if texts else None
-    reply: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
-    if tool_calls:
-        reply["tool_calls"] = tool_calls
-    usage = usage_from_message(message)
-    # Anthropic's input_tokens excludes cache traffic; OpenAI's prompt_tokens includes it.
-    prompt_tokens = usage.input_tokens + usage.cache_write_tokens + usage.cache_read_tokens
-    finish_reason = _FINISH_REASONS.get(str(message.get("stop_reason")), "stop")
-    choice = {"index": 0, "message": reply, "finish_reason": finish_reason, "logprobs": None}
-    return {
-        "id": f"chatcmpl-{msg_id}",
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [choice],
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": usage.output_tokens,
-            "total_tokens": prompt_tokens + usage.output_tokens,
-            "prompt_tokens_details": {
-                "cached_tokens": usage.cache_read_tokens,
-                "cache_write_tokens": usage.cache_write_tokens,
-            },
-            "completion_tokens_details": {"reasoning_tokens": 0},
-        },
-    }
-
-
-def usage_from_message(message: Mapping[str, Any]) -> Usage:
-    """The tokens an Anthropic Message was billed for; missing or null counts are 0."""
-    usage = message.get("usage")
-    if not isinstance(usage, Mapping):
-        usage = {}
-
-    def count(key: str) -> int:
-        value = usage.get(key)
-        return value if isinstance(value, int) and not isinstance(value, bool) else 0
-
-    return Usage(
-        input_tokens=count("input_tokens"),
-        output_tokens=count("output_tokens"),
-        cache_read_tokens=count("cache_read_input_tokens"),
-        cache_write_tokens=count("cache_creation_input_tokens"),
-    )
 
 
 def _reject_unsupported(body: Mapping[str, Any]) -> None:
@@ -234,6 +165,7 @@ def _tool(index: int, tool: Any) -> dict[str, Any]:
     if description:
         out["description"] = str(description)
     out["input_schema"] = copy.deepcopy(dict(schema))  # the caller's body stays its own
+    out.update(cache_control(f"tools[{index}]", tool))
     return out
 
 
@@ -252,7 +184,7 @@ def _tool_choice(choice: Any) -> dict[str, Any] | None:
 def _convert_messages(raw: Any) -> tuple[str | list[dict[str, Any]] | None, list[dict[str, Any]]]:
     if not isinstance(raw, list) or not raw:
         raise TranslationError("messages must be a non-empty list")
-    system: list[str] = []
+    system: list[dict[str, Any]] = []
     system_is_plain = True
     turns: list[dict[str, Any]] = []
     first_index = 0
@@ -262,7 +194,7 @@ def _convert_messages(raw: Any) -> tuple[str | list[dict[str, Any]] | None, list
         role = msg.get("role")
         if role in ("system", "developer"):
             system_is_plain = system_is_plain and isinstance(msg.get("content"), str)
-            system.extend(b["text"] for b in _content_blocks(i, msg.get("content"), _TEXT_PARTS))
+            system.extend(_content_blocks(i, msg.get("content"), _TEXT_PARTS))
             continue
         if role == "user":
             blocks = _content_blocks(i, msg.get("content"), _USER_PARTS)
@@ -294,13 +226,13 @@ def _convert_messages(raw: Any) -> tuple[str | list[dict[str, Any]] | None, list
     for turn in turns:
         content = turn["content"]
         content.sort(key=lambda block: block["type"] != "tool_result")  # stable: keeps order otherwise
-        if len(content) == 1 and content[0]["type"] == "text":
+        if len(content) == 1 and content[0]["type"] == "text" and CACHE_CONTROL not in content[0]:
             turn["content"] = content[0]["text"]  # the plain-string shorthand Anthropic documents
     if not system:
         return None, turns
-    if system_is_plain:
-        return "\n\n".join(system), turns
-    return [{"type": "text", "text": text} for text in system], turns
+    if system_is_plain:  # strings only, so no cache_control to keep
+        return "\n\n".join(block["text"] for block in system), turns
+    return system, turns
 
 
 def _content_blocks(index: int, content: Any, allowed: frozenset[str]) -> list[dict[str, Any]]:
@@ -317,14 +249,15 @@ def _content_blocks(index: int, content: Any, allowed: frozenset[str]) -> list[d
             raise TranslationError(
                 f"messages[{index}]: content part type {kind!r} is not supported on Anthropic"
             )
+        cached = cache_control(f"messages[{index}]", part)  # the caller's breakpoint, kept
         if kind == "image_url":
-            blocks.append(_image(index, part.get("image_url")))
+            blocks.append({**_image(index, part.get("image_url")), **cached})
             continue
         text = part.get(kind)  # a text part's "text", a refusal part's "refusal"
         if not isinstance(text, str):
             raise TranslationError(f"messages[{index}]: {kind} part has no string {kind!r}")
         if text:
-            blocks.append({"type": "text", "text": text})
+            blocks.append({"type": "text", "text": text, **cached})
     return blocks
 
 
@@ -350,7 +283,10 @@ def _assistant_blocks(index: int, msg: Mapping[str, Any]) -> list[dict[str, Any]
     if msg.get("function_call") is not None:
         raise TranslationError(f"messages[{index}]: legacy function_call is not supported: use tool_calls")
     content = msg.get("content")
-    blocks = [] if content is None else _content_blocks(index, content, _ASSISTANT_PARTS)
+    # Thinking blocks lead the turn, passed back unmodified (Anthropic checks their signatures).
+    blocks = thinking_blocks(index, msg)
+    if content is not None:
+        blocks.extend(_content_blocks(index, content, _ASSISTANT_PARTS))
     calls = msg.get("tool_calls")
     if calls is not None:
         if not isinstance(calls, list):
@@ -386,5 +322,6 @@ def _tool_result(index: int, msg: Mapping[str, Any]) -> dict[str, Any]:
     blocks = _content_blocks(index, msg.get("content"), _TEXT_PARTS)
     result: dict[str, Any] = {"type": "tool_result", "tool_use_id": call_id}
     if blocks:  # content is optional on a tool_result, and Anthropic rejects empty text
-        result["content"] = blocks[0]["text"] if len(blocks) == 1 else blocks
+        lone_text = len(blocks) == 1 and CACHE_CONTROL not in blocks[0]
+        result["content"] = blocks[0]["text"] if lone_text else blocks
     return result

@@ -16,6 +16,7 @@ from openai.types import CompletionUsage
 from openai.types.chat import ChatCompletionChunk
 from pydantic import ValidationError
 
+from workers.providers.anthropic_parts import without_anthropic_parts
 from workers.providers.base import (
     CallFailed,
     ClientCache,
@@ -43,7 +44,9 @@ class OpenAIAdapter:
 
     def complete(self, call: ProviderCall) -> ProviderReply:
         client = self._clients.get(call)
-        extra = {k: v for k, v in call.body.items() if k not in _TYPED}
+        # cache_control and thinking are Anthropic's: OpenAI answers 400 to fields it does not know.
+        request = without_anthropic_parts(call.body)
+        extra = {k: v for k, v in request.items() if k not in _TYPED}
         if requested_max_tokens(call.body, 0) == 0:
             # Admission reserved this cap for an uncapped request (workers.admission.estimate_call);
             # sent, it bounds the output to what was reserved instead of the model's own maximum.
@@ -51,10 +54,10 @@ class OpenAIAdapter:
         timeout = openai.Timeout(call.timeout_s, connect=call.connect_timeout_s)
         try:
             if call.deployment.stream:
-                return _streamed(client, call, extra, timeout)
+                return _streamed(client, call, request["messages"], extra, timeout)
             raw = client.chat.completions.with_raw_response.create(
                 model=call.deployment.model,
-                messages=call.body["messages"],
+                messages=request["messages"],
                 extra_body=extra,
                 extra_headers=call.headers(),
                 # Per call, not per client: the pipeline clips it to the request's deadline.
@@ -86,7 +89,11 @@ class OpenAIAdapter:
 
 
 def _streamed(
-    client: openai.OpenAI, call: ProviderCall, extra: dict[str, Any], timeout: openai.Timeout
+    client: openai.OpenAI,
+    call: ProviderCall,
+    messages: Any,
+    extra: dict[str, Any],
+    timeout: openai.Timeout,
 ) -> ProviderReply:
     """The call streamed. The SDK raises a status error before the first chunk; a stream that
     breaks after it raises APIConnectionError, APITimeoutError or (an error event) APIError."""
@@ -94,7 +101,7 @@ def _streamed(
     sent = time.monotonic()
     raw = client.chat.completions.with_raw_response.create(
         model=call.deployment.model,
-        messages=call.body["messages"],
+        messages=messages,
         stream=True,
         stream_options={"include_usage": True},
         extra_body=extra,
@@ -195,11 +202,15 @@ class ChunkAssembly:
 def _usage(usage: CompletionUsage | None) -> Usage:
     if usage is None:
         raise CallFailed("reply has no usage", kind="invalid_reply")
-    cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else None
+    details = usage.prompt_tokens_details
+    cached = details.cached_tokens if details else None
+    # Sent by endpoints that bill cache writes (Anthropic's models behind an OpenAI-compatible API).
+    written = details.cache_write_tokens if details else None
     return Usage(
         input_tokens=usage.prompt_tokens,
         output_tokens=usage.completion_tokens,
         cache_read_tokens=cached or 0,
+        cache_write_tokens=written or 0,
     )
 
 
