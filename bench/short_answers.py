@@ -105,6 +105,12 @@ def run(args: argparse.Namespace, lines: list[dict[str, Any]], learn: bool) -> d
             ).json()
         finally:
             stack.stop()
+        if args.timeline:  # the simulator's call records, and the stack's logs
+            target = Path(args.timeline) / f"short-answers-{'on' if learn else 'off'}-{args.otpm_counts}"
+            target.mkdir(parents=True, exist_ok=True)
+            (target / "records.json").write_text(json.dumps(stats["records"]))
+            for log in (Path(home) / "logs").glob("*.log"):
+                (target / log.name).write_bytes(log.read_bytes())
     succeeded = sum(r["status"] == "succeeded" for r in results)
     outputs = [
         r["response"]["body"]["usage"]["completion_tokens"] for r in results if r["status"] == "succeeded"

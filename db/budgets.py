@@ -7,8 +7,8 @@ A ladder is a list of steps, each from a share of the limit on (the highest one 
 
     defer       bulk and default work waits for the next period; interactive goes on
     downgrade   requests of the routes it maps run on the cheaper route instead (``smart>fast``)
-    cache_only  answers come from the cache where a route has one; anywhere else it is the next
-                step (no route has a cache yet: issue 14 brings it)
+    cache_only  answers the cache holds are served (routes with a cache); any other request gets
+                the next step, or is refused when it is the last
     refuse      new batches are refused (429 ``budget_exceeded``); accepted work waits for room
 
 Whatever the ladder says, no call is made whose worst-case cost the period has no room left for.

@@ -19,6 +19,7 @@ from api.batch_input import BatchLine
 from api.batch_service import BatchSpec, create_batch, result_line
 from broker_config import keys, metrics
 from broker_config.deployments import Route
+from db.budgets import period_bounds, set_budget
 from db.engine import Database
 from db.models import Attempt, LlmRequest
 from db.states import Priority
@@ -28,6 +29,7 @@ from db.usage import UsageQuery, as_json, usage_report
 from tests.pipeline_deps import pipeline_deps
 from tests.simulator_fixture import SimControl
 from workers.answer_cache import AnswerCache, plan_for, request_hash, why_not_cacheable
+from workers.budgets import Budgets
 from workers.cached_runs import CacheDeps
 from workers.pipeline import Deps, run_request
 from workers.semantic_cache import SemanticCache
@@ -261,3 +263,21 @@ def test_a_question_worded_alike_is_served_by_meaning_and_a_different_one_is_not
     (other,) = _submit(deps, "meaning", "What is the freezing point of water at sea level?")
     run_request(other, deps)
     assert _calls(sim) == 2 and _ended(deps, other)[0].served_from is None
+
+
+def test_past_a_budgets_cache_only_step_what_is_cached_is_served_and_nothing_else_runs(
+    deps: Deps, sim: SimControl, redis: redis_lib.Redis
+) -> None:
+    (first,) = _submit(deps, "cached")
+    run_request(first, deps)
+    rule = set_budget(deps.db, "t", "monthly", limit_usd=1, ladder="cache_only@0.5")
+    redis.hset(rule.keys(period_bounds("month")[0])[0], "spent", "0.6")
+    budgeted = replace(deps, budgets=Budgets(deps.db, redis, refresh_s=0.0))
+    (repeat,) = _submit(budgeted, "cached")
+    run_request(repeat, budgeted)
+    (new,) = _submit(budgeted, "cached", "A question nobody asked before?")
+    run_request(new, budgeted)
+    assert _ended(budgeted, repeat)[0].served_from == "cache"
+    held, attempts = _ended(budgeted, new)
+    assert (held.status, attempts, _calls(sim)) == ("queued", [], 1)
+    assert held.error is not None and held.error["kind"] == "budget_exhausted"

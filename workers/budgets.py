@@ -201,9 +201,10 @@ def ladder(
 ) -> LadderResult:
     """What the budgets' ladders do to a request of ``priority`` on ``route`` now. Steps add up
     as spend climbs: past ``defer`` bulk and default work waits; past ``downgrade`` the routes it
-    maps run cheaper; ``cache_only`` is the next step where no cache serves the route (none does
-    yet); past ``refuse`` every request waits for the budget to have room (a new period, or a
-    raised limit). The first budget that holds a request names itself in the reason."""
+    maps run cheaper; past ``cache_only`` what the cache holds is still served (before this gate:
+    ``workers/cached_runs.py``) and the rest gets the next step; past ``refuse`` every request
+    waits for the budget to have room (a new period, or a raised limit). The first budget that
+    holds a request names itself in the reason."""
     downgrade: tuple[Standing, str] | None = None
     for standing in standings:
         actions = _effective(standing.reached, standing.rule.ladder)
@@ -235,8 +236,9 @@ def ladder(
 
 
 def _effective(reached: Sequence[Step], ladder_steps: Sequence[Step]) -> set[str]:
-    """The actions in force: a ``cache_only`` step acts as the step after it (no route has a
-    cache), or as ``refuse`` when it is the last one (only cached answers were to be served)."""
+    """The actions in force: a ``cache_only`` step acts as the step after it, or as ``refuse``
+    when it is the last one, on what reaches this gate: a request the cache could answer was
+    answered before it."""
     actions = {s.action for s in reached}
     if "cache_only" in actions:
         last_cache_only = max(i for i, s in enumerate(ladder_steps) if s.action == "cache_only")
