@@ -209,17 +209,18 @@ def test_budgets_hold_under_fifty_at_once_a_killed_worker_and_doubled_prompts_an
 
 
 def _coalescing_leader_killed(stack: EmbeddedStack) -> None:
-    """Twenty identical requests on four workers: one leads the call (4 s long), the others wait
-    for its answer holding no room. Its worker is SIGKILLed mid-call: within a lease TTL one
-    follower finds it dead and calls; every request ends succeeded, the provider sees two calls
-    at most, and the killed call's row is costed as lost, not forgotten."""
+    """Twenty identical requests on four workers: one leads the call (2 s, within the stack's 3 s
+    call timeout), the others wait for its answer holding no room. Its worker is SIGKILLed
+    mid-call: within a lease TTL one follower finds it dead and calls; every request ends
+    succeeded, the provider sees two calls at most, and the killed call's row is costed as lost,
+    not forgotten."""
     db = get_database(stack.env["HEADRACE_DATABASE_URL"])
     key = create_api_key(db, "coalesce").key
     _sim(stack, latency_ms=10, fault_rate=0.0)
     received = _received(stack)
     body = {
         "model": "cached",
-        "messages": [{"role": "user", "content": "[[sim:latency_ms=4000]] What is a lease?"}],
+        "messages": [{"role": "user", "content": "[[sim:latency_ms=2000]] What is a lease?"}],
         "max_tokens": 50,
         "temperature": 0,
     }

@@ -23,7 +23,7 @@ from typing import Any
 from broker_config.deployments import DeploymentsConfig
 from broker_config.settings import Settings
 from workers.answer_cache import AnswerCache, CachedAnswer, CachePlan
-from workers.embeddings import Embedder, EmbeddingFailed, OpenAIEmbedder, WordLlamaEmbedder
+from workers.embeddings import Embedder, OpenAIEmbedder, WordLlamaEmbedder
 from workers.semantic_index import Scope, SemanticIndex
 from workers.semantic_key import semantic_key
 
@@ -87,7 +87,7 @@ class SemanticCache:
         try:
             embedder = self.embedder()
             vector = embedder.embed([key.text])[0]
-        except (EmbeddingFailed, KeyError) as exc:
+        except Exception as exc:  # EmbeddingFailed, a missing deployment, a model that fails to load
             log.warning("question not embedded (%s): the exact cache only", exc)
             return None
         return Scope(plan.scope, key.params_hash, embedder.name), vector
