@@ -96,19 +96,17 @@ def take_flight(
     ours = flight_value(run.request_id, lease.token)
     give_up = time.monotonic() + deps.settings.coalesce_wait_s
     poll_s = FIRST_POLL_S
-    followed = False
     while True:
         holder = cache.flights.holder(plan.key)
         if holder is None or not cache.flights.alive(holder):
             if not cache.flights.claim(plan.key, ours, holder):
                 continue  # another follower took it first: follow that one
-            # The answer may have come just as the last leader let go.
-            answer = cache.answers.get(plan.key) if followed or holder is not None else None
+            # The answer may have come since it was looked up: a leader that let go just now.
+            answer = cache.answers.get(plan.key)
             if answer is None:
                 return Flight(plan, leads=ours)
             cache.flights.release(plan.key, ours)
             return _coalesced(run, lease, route, deps, answer)
-        followed = True
         answer = cache.answers.get(plan.key)
         if answer is not None:
             return _coalesced(run, lease, route, deps, answer)
