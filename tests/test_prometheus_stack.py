@@ -74,6 +74,11 @@ tpm = 2000000
 [[routes]]
 name = "trickle"
 deployments = ["openai-trickle"]
+
+[[routes]]
+name = "cached"
+deployments = ["openai-mini"]
+cache = "exact"
 """
 )
 SIMULATOR_ARGS = ("--latency-ms", "10", "--latency-jitter-ms", "5", "--seed", "7")
@@ -281,6 +286,16 @@ def _value(prometheus: str, expr: str) -> float:
     return float(result[0]["value"][1]) if result else 0.0
 
 
+def _same(n: int, prefix: str, route: str) -> list[dict[str, object]]:
+    body = {
+        "model": route,
+        "messages": [{"role": "user", "content": "Why?"}],
+        "max_tokens": 8,
+        "temperature": 0,
+    }
+    return [{"custom_id": f"{prefix}-{i}", "body": body} for i in range(n)]
+
+
 def _lines(n: int, prefix: str, route: str, text: str = "") -> list[dict[str, object]]:
     return [
         {
@@ -313,6 +328,8 @@ def test_every_panel_and_every_alert_query_returns_data_from_a_real_run(
     batches = [
         ({"feature": "search"}, "interactive", _lines(30, "s", "fast"), gone),
         ({"feature": "chat"}, "bulk", _lines(30, "c", "smart"), None),
+        # Ten identical questions at temperature 0: one call, the rest coalesced or cached.
+        ({"feature": "faq"}, "default", _same(10, "q", "cached"), None),
         # Every call of these fails with a 500: both deployments of "smart" trip their breakers.
         ({"feature": "broken"}, "default", _lines(10, "x", "smart", "[[sim:status=500]] "), None),
         # The provider answers every call of these with a 429 (a plain limit would meet few or
