@@ -307,7 +307,9 @@ def _after_call(
     durations count from)."""
     deployment = ticket.deployment
     if isinstance(outcome, ProviderReply):
-        observe.reservation(deployment.name, estimate.prompt_tokens + estimate.output_tokens, outcome.usage)
+        # What admission really held: a learned output reservation holds less than the cap.
+        held = sum(c.cost for c in ticket.charges if c.name != "requests")
+        observe.reservation(deployment.name, round(held), outcome.usage)
     age_s = time.monotonic() - answered
     settled = settle(
         deps.bucket,
