@@ -155,3 +155,19 @@ def budgets_version() -> str:
 def flight(answer_key: str) -> str:
     """Who leads the call for an answer identical requests wait on: "<request id> <lease token>"."""
     return f"{PREFIX}:flight:{answer_key}"
+
+
+# The answer cache's keys live in the cache Redis (HEADRACE_CACHE_REDIS_URL), which may evict them.
+CACHE_PREFIX = "hrc"
+
+
+def answer(scope: str, request_hash: str) -> str:
+    """A cached answer (workers/answer_cache.py): its scope ("tenant:<name>:<route>" or
+    "global:<route>") and its request's canonical hash. One key: valid on any node of a cluster."""
+    return f"{CACHE_PREFIX}:ans:{scope}:{request_hash}"
+
+
+def semantic_index(digest: str, part: str) -> str:
+    """One of a semantic index's keys (``vec``, ``map``, ``exp``, ``free``:
+    workers/semantic_index.py), all under its scope's hash tag, so its scripts run on a cluster."""
+    return f"{CACHE_PREFIX}:sem:{{{digest}}}:{part}"

@@ -27,12 +27,12 @@ from typing import Any
 
 import redis
 
+from broker_config import keys
 from broker_config.deployments import Route
 from db.attribution import CACHE_TAG
 
 log = logging.getLogger(__name__)
 
-KEY_PREFIX = "hrc:ans"
 # Fields that say who asked or how the answer travels, not what it is.
 NOT_IN_KEY = frozenset(
     {
@@ -76,7 +76,7 @@ def plan_for(route: Route, tenant: str, tags: Mapping[str, str], body: Mapping[s
     namespace = "global" if route.cache_scope == "global" else f"tenant:{tenant}"
     scope = f"{namespace}:{route.name}"
     return CachePlan(
-        key=f"{KEY_PREFIX}:{scope}:{request_hash(body)}",
+        key=keys.answer(scope, request_hash(body)),
         scope=scope,
         lookup=asked != "refresh",
         coalesce=route.coalesce and asked != "refresh",

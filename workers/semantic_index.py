@@ -38,11 +38,11 @@ import numpy as np
 import numpy.typing as npt
 import redis
 
+from broker_config import keys
 from broker_config.scripts import lua_source
 
 log = logging.getLogger(__name__)
 
-KEY_PREFIX = "hrc:sem"
 DEFAULT_MAX_ENTRIES = 2000
 # Best candidates whose answers are checked in one round trip: beyond the first, they stand in
 # for answers the cache Redis evicted before their index entries expired.
@@ -65,22 +65,22 @@ class Scope:
 
 def vectors_key(scope: Scope) -> str:
     """String: one record per slot, the entry's expiry (8-byte double, ms; 0 empty) and vector."""
-    return f"{KEY_PREFIX}:{{{scope.digest()}}}:vec"
+    return keys.semantic_index(scope.digest(), "vec")
 
 
 def slots_key(scope: Scope) -> str:
     """Hash: 'k:<entry key>' -> slot, 's:<slot>' -> entry key, 'next' -> slots ever used."""
-    return f"{KEY_PREFIX}:{{{scope.digest()}}}:map"
+    return keys.semantic_index(scope.digest(), "map")
 
 
 def expiries_key(scope: Scope) -> str:
     """Sorted set: entry key -> expiry (ms, Redis time); orders pruning and eviction."""
-    return f"{KEY_PREFIX}:{{{scope.digest()}}}:exp"
+    return keys.semantic_index(scope.digest(), "exp")
 
 
 def free_slots_key(scope: Scope) -> str:
     """Set: slots emptied and not yet reused."""
-    return f"{KEY_PREFIX}:{{{scope.digest()}}}:free"
+    return keys.semantic_index(scope.digest(), "free")
 
 
 def index_keys(scope: Scope) -> list[str]:
