@@ -1,5 +1,6 @@
 """The answer cache's place in a run (``workers/pipeline.py``), in three steps:
 
+    plan           what the run may do with the cache on its route (None: nothing)
     serve_stored   before the budgets' gate: an answer already in the cache ends the request at no
                    cost (so a budget's ``cache_only`` step still serves what is cached)
     take_flight    after it: lead the call for this answer, or follow the identical request that
@@ -56,12 +57,16 @@ class Flight:
     leads: str | None = None  # its flight value, while it leads the call
 
 
-def serve_stored(run: ledger.RunStart, lease: Lease, route: Route, deps: Deps) -> bool:
+def plan(run: ledger.RunStart, route: Route, deps: Deps) -> CachePlan | None:
+    """What the run does with the cache on ``route`` (None: nothing)."""
+    return plan_for(route, run.tenant, run.tags, run.body) if deps.cache is not None else None
+
+
+def serve_stored(run: ledger.RunStart, lease: Lease, route: Route, plan: CachePlan, deps: Deps) -> bool:
     """End the request with a cached answer, if there is one; whether it ended (or is no longer
     this run's)."""
     cache = deps.cache
-    plan = plan_for(route, run.tenant, run.tags, run.body) if cache is not None else None
-    if cache is None or plan is None or not plan.lookup:
+    if cache is None or not plan.lookup:
         return False
     answer = cache.answers.get(plan.key)
     if answer is not None:
@@ -82,14 +87,13 @@ def serve_stored(run: ledger.RunStart, lease: Lease, route: Route, deps: Deps) -
 
 
 def take_flight(
-    run: ledger.RunStart, lease: Lease, route: Route, deps: Deps, deadline: datetime
+    run: ledger.RunStart, lease: Lease, route: Route, plan: CachePlan, deps: Deps, deadline: datetime
 ) -> Flight | Literal["ended"] | None:
-    """Before the chain: None (no cache for this run), a ``Flight`` (go on and call; it leads the
-    call when identical requests may follow), or ``ENDED`` (answered by the identical request
-    that led, ended ``expired`` waiting for it, or stepped back to the delay queue)."""
+    """Before the chain: None (no cache), a ``Flight`` (go on and call; it leads the call when
+    identical requests may follow), or ``ENDED`` (answered by the identical request that led,
+    ended ``expired`` waiting for it, or stepped back to the delay queue)."""
     cache = deps.cache
-    plan = plan_for(route, run.tenant, run.tags, run.body) if cache is not None else None
-    if cache is None or plan is None:
+    if cache is None:
         return None
     if not plan.coalesce:
         return Flight(plan)

@@ -130,13 +130,18 @@ def _walk_chain(run: ledger.RunStart, lease: Lease, deps: Deps) -> None:
         if fitted is None:
             return
         run = fitted
-    if cached_runs.serve_stored(run, lease, route, deps):  # a cached answer, budgets or not
-        return
+    plan = cached_runs.plan(run, route, deps)
+    if plan is not None and cached_runs.serve_stored(run, lease, route, plan, deps):
+        return  # a cached answer, whatever the budgets say
     gated = budgets.gate(run, lease, route, deps)  # held, downgraded, or what calls reserve
     if gated is None:
         return
-    route, charges = gated
-    flight = cached_runs.take_flight(run, lease, route, deps, _deadline(run, route))
+    if gated[0] is not route:  # downgraded: its answer is the cheaper route's
+        route, plan = gated[0], cached_runs.plan(run, gated[0], deps)
+    charges = gated[1]
+    flight = None
+    if plan is not None:
+        flight = cached_runs.take_flight(run, lease, route, plan, deps, _deadline(run, route))
     if isinstance(flight, str):  # answered by an identical request in flight, or waiting for it
         return
     walk = Walk(run, lease, route, deadline=_deadline(run, route), budgets=charges)
