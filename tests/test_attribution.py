@@ -129,6 +129,7 @@ def test_native_jsonl_upload_carries_line_metadata(client: TestClient, settings:
         ),
         ({"user": {"id": 1}}, "metadata.user", "not an object"),
         ({"user": "x" * (MAX_TAG_CHARS + 1)}, "metadata.user", f"at most {MAX_TAG_CHARS} characters"),
+        ({"headrace_cache": "always"}, "metadata.headrace_cache", "must be one of on, off, refresh"),
     ],
 )
 def test_a_bad_line_metadata_is_reported_with_its_line_and_custom_id(
@@ -147,6 +148,7 @@ def test_a_bad_batch_metadata_tag_is_a_400_naming_it(client: TestClient, setting
     for metadata, message in [
         ({"feature": {"x": 1}}, "metadata.feature: a tag must be a string, number or boolean"),
         ([1], "metadata: Input should be a valid dictionary"),
+        ({"headrace_cache": True}, "metadata.headrace_cache: must be one of on, off, refresh"),
     ]:
         body = {"requests": [_line("a")], "metadata": metadata}
         response = client.post("/v1/batches", json=body, headers=_auth(settings))
