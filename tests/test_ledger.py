@@ -330,11 +330,18 @@ def test_cancel_and_workers_share_one_lock_order(db: Database, round_no: int) ->
         except Exception as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=work, args=(rid,)) for rid in ids]
-    threads.insert(20 + 10 * round_no, threading.Thread(target=cancel))
-    for thread in threads:
+    workers = [threading.Thread(target=work, args=(rid,)) for rid in ids]
+    canceller = threading.Thread(target=cancel)
+    # The last ten begin only once the cancel has returned, so that it always finds work to end
+    # (seen: all 60 requests had succeeded before a late cancel, and the batch ended completed).
+    early, late = workers[:-10], workers[-10:]
+    early.insert(20 + 10 * round_no, canceller)
+    for thread in early:
         thread.start()
-    for thread in threads:
+    canceller.join()
+    for thread in late:
+        thread.start()
+    for thread in early + late:
         thread.join()
     no_retry.dispose()
     assert not errors, errors[:3]
